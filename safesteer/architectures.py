@@ -1,0 +1,113 @@
+"""Where decoder layers and attention modules live, per model architecture.
+
+Steering and recording only need two things from a model: its list of decoder layers and, in
+each layer, the self-attention module. This table is the single place that knows where they
+are, so supporting a new family is one line here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from .errors import SafeSteerError
+
+Site = Literal["attention", "residual"]
+SITES: tuple[Site, ...] = ("residual", "attention")
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Dotted paths from the causal-LM object to its parts."""
+
+    decoder: str  # the base model without the LM head (used for head-free forward passes)
+    layers: str  # the ModuleList of decoder layers
+    attention: str  # attribute of one decoder layer holding its self-attention
+
+
+_LLAMA_LIKE = ArchitectureSpec(decoder="model", layers="model.layers", attention="self_attn")
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    **{
+        name: _LLAMA_LIKE
+        for name in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "phi",
+            "olmo",
+            "olmo2",
+            "granite",
+            "cohere",
+            "starcoder2",
+            "smollm3",
+            "stablelm",
+            "internlm2",
+        )
+    },
+    "gpt2": ArchitectureSpec(decoder="transformer", layers="transformer.h", attention="attn"),
+    "gpt_neox": ArchitectureSpec(decoder="gpt_neox", layers="gpt_neox.layers", attention="attention"),
+    "falcon": ArchitectureSpec(decoder="transformer", layers="transformer.h", attention="self_attention"),
+}
+
+
+def _get_path(root: nn.Module, dotted: str) -> nn.Module | None:
+    node: object = root
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node if isinstance(node, nn.Module) else None
+
+
+@dataclass(frozen=True)
+class ResolvedArchitecture:
+    """The located parts of one loaded model."""
+
+    spec: ArchitectureSpec
+    decoder: nn.Module
+    layers: nn.ModuleList
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def module(self, layer: int, site: Site) -> nn.Module:
+        """The module whose output is read (recording) or shifted (steering) at a site."""
+        if not 0 <= layer < self.n_layers:
+            raise SafeSteerError(f"layer {layer} is out of range: this model has layers 0..{self.n_layers - 1}")
+        block = self.layers[layer]
+        if site == "residual":
+            return block
+        if site == "attention":
+            attention = getattr(block, self.spec.attention, None)
+            if not isinstance(attention, nn.Module):
+                raise SafeSteerError(f"layer {layer} has no attention module '{self.spec.attention}'")
+            return attention
+        raise SafeSteerError(f"unknown site '{site}': use one of {', '.join(SITES)}")
+
+
+def resolve_architecture(model: nn.Module) -> ResolvedArchitecture:
+    """Locate decoder and layers of a causal LM, by its `model_type` or by the common layouts."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    candidates = [ARCHITECTURES[model_type]] if model_type in ARCHITECTURES else []
+    candidates += [spec for spec in dict.fromkeys(ARCHITECTURES.values()) if spec not in candidates]
+    for spec in candidates:
+        decoder = _get_path(model, spec.decoder)
+        layers = _get_path(model, spec.layers)
+        found = decoder is not None and isinstance(layers, nn.ModuleList) and len(layers) > 0
+        if found and hasattr(layers[0], spec.attention):
+            return ResolvedArchitecture(spec=spec, decoder=decoder, layers=layers)
+    raise SafeSteerError(
+        f"unsupported model architecture '{model_type}': add its layer paths to safesteer.architectures.ARCHITECTURES"
+    )

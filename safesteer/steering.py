@@ -1,0 +1,98 @@
+"""Applying steering vectors at inference time, without leaks between requests.
+
+`steer(lm, specs)` adds `strength * vector` to a layer's output (residual stream or attention
+block) at every position while the block is active. Two properties matter for a shared model:
+
+- Hooks never outlive the block: they are removed in `finally`, exceptions included.
+- Hooks only act for the code that installed them: each block registers a token in a
+  `ContextVar`, and a hook whose token is not active in the calling thread does nothing.
+  So one user's steered generation and another's plain one can run at the same time on the
+  same model object and each gets exactly what it would get alone.
+
+A strength can be one number or one number per batch row, so naive and steered outputs (or a
+range of strengths) come out of a single `generate` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+from .architectures import Site
+from .errors import SafeSteerError
+from .models import LoadedModel
+
+_ACTIVE_BLOCKS: ContextVar[frozenset[int]] = ContextVar("safesteer_active_blocks", default=frozenset())
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """One vector added at one layer and site, with a strength per batch row or for all rows."""
+
+    vector: torch.Tensor  # [hidden]
+    layer: int
+    strength: float | Sequence[float] = 1.0
+    site: Site = "residual"
+
+    def strengths(self) -> tuple[float, ...]:
+        if isinstance(self.strength, (int, float)):
+            return (float(self.strength),)
+        return tuple(float(s) for s in self.strength)
+
+    def is_noop(self) -> bool:
+        return all(s == 0.0 for s in self.strengths())
+
+
+def _shift_hook(block: int, vector: torch.Tensor, strengths: tuple[float, ...]):
+    per_row = torch.tensor(strengths, dtype=torch.float32)
+    cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(module: torch.nn.Module, args: object, output: object) -> object:
+        if block not in _ACTIVE_BLOCKS.get():
+            return None  # another caller's forward pass: leave it untouched
+        hidden = output[0] if isinstance(output, tuple) else output
+        key = (hidden.dtype, hidden.device)
+        if key not in cache:
+            cache[key] = (vector.to(hidden.device, hidden.dtype), per_row.to(hidden.device, hidden.dtype))
+        direction, rows = cache[key]
+        if rows.numel() == 1:
+            shifted = hidden + rows[0] * direction
+        elif rows.numel() == hidden.shape[0]:
+            shifted = hidden + rows.view(-1, 1, 1) * direction
+        else:
+            raise SafeSteerError(f"{rows.numel()} strengths given for a batch of {hidden.shape[0]} rows")
+        return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
+
+    return hook
+
+
+@contextmanager
+def steer(lm: LoadedModel, specs: Sequence[SteeringSpec]) -> Iterator[None]:
+    """Apply the specs to `lm` inside the block, for the calling thread only; always clean up."""
+    hidden = lm.identity.hidden_size
+    for spec in specs:
+        if tuple(spec.vector.shape) != (hidden,):
+            raise SafeSteerError(
+                f"a steering vector of shape {tuple(spec.vector.shape)} does not fit this model (hidden size {hidden})"
+            )
+        lm.architecture.module(spec.layer, spec.site)  # validates layer and site before anything is installed
+    token = object()
+    block = id(token)
+    with ExitStack() as stack:
+        for spec in specs:
+            if spec.is_noop():
+                continue  # strength 0 everywhere: no hook, so output is exactly the unsteered one
+            module = lm.architecture.module(spec.layer, spec.site)
+            handle = module.register_forward_hook(
+                _shift_hook(block, spec.vector.detach().float().cpu(), spec.strengths())
+            )
+            stack.callback(handle.remove)
+        reset = _ACTIVE_BLOCKS.set(_ACTIVE_BLOCKS.get() | {block})
+        try:
+            yield
+        finally:
+            _ACTIVE_BLOCKS.reset(reset)

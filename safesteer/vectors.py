@@ -1,0 +1,336 @@
+"""Category steering vectors: computing them from activations, judging each layer, saving them.
+
+A category vector at layer l points from the category's harmful prompts toward safe prompts:
+`v[l] = mean(safe[l]) - mean(harmful[l])` (method.md, step 1). Its length is kept, so strength
+1.0 moves a typical harmful activation by the whole harmful-to-safe distance at that layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .activations import TOKENS, Token, record_activations
+from .architectures import SITES, Site
+from .errors import SafeSteerError
+from .models import LoadedModel, ModelIdentity
+from .progress import ProgressCallback, scaled
+
+Method = Literal["mean-diff", "pruned", "guided"]
+METHODS: tuple[Method, ...] = ("mean-diff", "pruned", "guided")
+MIN_PROMPTS_PER_SIDE = 4
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How vectors were made; stored with them so a result can be reproduced and compared."""
+
+    site: Site = "residual"
+    token: Token = "last"
+    method: Method = "mean-diff"
+    prune_fraction: float = 0.5  # share of harmful examples kept by `pruned`
+    heldout_fraction: float = 0.25  # share of each side kept out to score the layers
+    seed: int = 0
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        if self.site not in SITES:
+            raise SafeSteerError(f"unknown site '{self.site}': use one of {', '.join(SITES)}")
+        if self.token not in TOKENS:
+            raise SafeSteerError(f"unknown token choice '{self.token}': use one of {', '.join(TOKENS)}")
+        if self.method not in METHODS:
+            raise SafeSteerError(f"unknown method '{self.method}': use one of {', '.join(METHODS)}")
+        if not 0.0 < self.prune_fraction <= 1.0:
+            raise SafeSteerError("the pruning fraction must be in (0, 1]")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise SafeSteerError("the held-out fraction must be in (0, 1)")
+        if self.batch_size < 1:
+            raise SafeSteerError("the batch size must be at least 1")
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """How well one layer's vector separates held-out harmful from safe prompts."""
+
+    layer: int
+    auroc: float  # chance the projection ranks a held-out safe prompt above a harmful one
+    effect_size: float  # gap between the two projection means in pooled standard deviations
+    norm: float  # length of the final vector at this layer
+
+
+# --- vector methods ------------------------------------------------------------------------
+
+VectorMethod = Callable[[torch.Tensor, torch.Tensor, ExtractionSettings], torch.Tensor]
+"""(harmful `[n, L, d]`, safe `[m, L, d]`, settings) -> vectors `[L, d]`."""
+
+
+def mean_difference(harmful: torch.Tensor, safe: torch.Tensor, settings: ExtractionSettings) -> torch.Tensor:
+    """Unsupervised: safe centroid minus harmful centroid, per layer."""
+    return safe.mean(0) - harmful.mean(0)
+
+
+def pruned_mean_difference(harmful: torch.Tensor, safe: torch.Tensor, settings: ExtractionSettings) -> torch.Tensor:
+    """Keep, per layer, the harmful examples lying furthest along the harmful direction, then recompute.
+
+    Examples that barely differ from safe ones add noise to the centroid; dropping them gives
+    a direction that carries the category signal more purely (method.md, step 3).
+    """
+    direction = mean_difference(harmful, safe, settings)  # [L, d]
+    unit = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    safe_centroid = safe.mean(0)
+    scores = -((harmful - safe_centroid) * unit).sum(-1)  # [n, L]: larger = more harmful-looking
+    keep = max(1, math.ceil(settings.prune_fraction * harmful.shape[0]))
+    top = scores.topk(keep, dim=0).indices  # [keep, L]
+    kept = harmful.gather(0, top.unsqueeze(-1).expand(-1, -1, harmful.shape[-1]))
+    return safe_centroid - kept.mean(0)
+
+
+def _guided_needs_labels(harmful: torch.Tensor, safe: torch.Tensor, settings: ExtractionSettings) -> torch.Tensor:
+    raise SafeSteerError(
+        "guided vectors need a judge's labels of the model's own responses; choose mean-diff or pruned"
+    )
+
+
+VECTOR_METHODS: dict[str, VectorMethod] = {
+    "mean-diff": mean_difference,
+    "pruned": pruned_mean_difference,
+    "guided": _guided_needs_labels,
+}
+
+
+# --- layer statistics ----------------------------------------------------------------------
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Area under the ROC curve per column (Mann-Whitney U with ties counted half).
+
+    positive `[p, L]`, negative `[n, L]` -> `[L]`.
+    """
+    greater = (positive.unsqueeze(1) > negative.unsqueeze(0)).float().mean((0, 1))
+    ties = (positive.unsqueeze(1) == negative.unsqueeze(0)).float().mean((0, 1))
+    return greater + 0.5 * ties
+
+
+def effect_size(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Cohen's d per column, `[L]`."""
+    pooled = torch.sqrt((positive.var(0, unbiased=False) + negative.var(0, unbiased=False)) / 2).clamp(min=1e-12)
+    return (positive.mean(0) - negative.mean(0)) / pooled
+
+
+def project(activations: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Scalar projection of `[n, L, d]` activations on unit `[L, d]` directions -> `[n, L]`."""
+    unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return (activations * unit).sum(-1)
+
+
+def recommend_layer(stats: list[LayerStats]) -> tuple[int, str]:
+    """Pick the layer to steer at, and say why.
+
+    Late layers often separate best, yet the papers find middle layers steer best while early
+    and late ones break fluency. So: the best AUROC within the middle band (25%-65% of depth);
+    among layers within 0.01 of it, the largest effect size.
+    """
+    n = len(stats)
+    band = [s for s in stats if 0.25 * (n - 1) <= s.layer <= 0.65 * (n - 1)] or stats
+    best = max(s.auroc for s in band)
+    contenders = [s for s in band if s.auroc >= best - 0.01]
+    chosen = max(contenders, key=lambda s: (s.effect_size, -abs(s.layer - (n - 1) / 2)))
+    reason = (
+        f"layer {chosen.layer}: best held-out separation (AUROC {chosen.auroc:.3f}) among the middle layers "
+        f"{band[0].layer}-{band[-1].layer}, largest effect size ({chosen.effect_size:.2f}) among near-ties"
+    )
+    return chosen.layer, reason
+
+
+def _split(n: int, heldout_fraction: float, rng: random.Random) -> tuple[list[int], list[int]]:
+    indices = list(range(n))
+    rng.shuffle(indices)
+    n_heldout = min(n - 2, max(1, round(n * heldout_fraction)))
+    return indices[n_heldout:], indices[:n_heldout]
+
+
+def layer_statistics(
+    harmful: torch.Tensor, safe: torch.Tensor, final: torch.Tensor, settings: ExtractionSettings, method: VectorMethod
+) -> list[LayerStats]:
+    """Score every layer on held-out prompts with a vector computed without them."""
+    rng = random.Random(settings.seed)
+    harmful_train, harmful_test = _split(harmful.shape[0], settings.heldout_fraction, rng)
+    safe_train, safe_test = _split(safe.shape[0], settings.heldout_fraction, rng)
+    trained = method(harmful[harmful_train], safe[safe_train], settings)
+    safe_scores = project(safe[safe_test], trained)
+    harmful_scores = project(harmful[harmful_test], trained)
+    areas = auroc(safe_scores, harmful_scores)
+    sizes = effect_size(safe_scores, harmful_scores)
+    norms = final.norm(dim=-1)
+    return [
+        LayerStats(layer=i, auroc=float(areas[i]), effect_size=float(sizes[i]), norm=float(norms[i]))
+        for i in range(final.shape[0])
+    ]
+
+
+# --- the result object ---------------------------------------------------------------------
+
+
+@dataclass
+class CategoryVectors:
+    """Vectors for one harm category at every layer, with how they were made and how good they are."""
+
+    category: str
+    vectors: torch.Tensor  # [n_layers, hidden], float32
+    layer_stats: list[LayerStats]
+    recommended_layer: int
+    recommendation: str
+    settings: ExtractionSettings
+    model: ModelIdentity
+    n_harmful: int
+    n_safe: int
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def vector(self, layer: int) -> torch.Tensor:
+        if not 0 <= layer < self.n_layers:
+            raise SafeSteerError(f"layer {layer} is out of range: these vectors have layers 0..{self.n_layers - 1}")
+        return self.vectors[layer]
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the tensor, as plain JSON-able data."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "category": self.category,
+            "recommended_layer": self.recommended_layer,
+            "recommendation": self.recommendation,
+            "settings": asdict(self.settings),
+            "model": self.model.to_dict(),
+            "n_harmful": self.n_harmful,
+            "n_safe": self.n_safe,
+            "created_at": self.created_at,
+            "layer_stats": [asdict(s) for s in self.layer_stats],
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """A compact description for people and scripts (the CLI prints this)."""
+        data = self.metadata()
+        data["layers"] = data.pop("layer_stats")
+        return data
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file; the metadata rides in its header as JSON (no pickle anywhere)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"vectors": self.vectors.contiguous()}, str(path), metadata={"safesteer": json.dumps(self.metadata())}
+        )
+        return path
+
+    @classmethod
+    def from_parts(cls, vectors: torch.Tensor, metadata: dict[str, Any]) -> CategoryVectors:
+        if int(metadata.get("format_version", 0)) > FORMAT_VERSION:
+            raise SafeSteerError("these vectors were written by a newer SafeSteer; upgrade to read them")
+        settings = ExtractionSettings(**metadata["settings"])
+        model = ModelIdentity.from_dict(metadata["model"])
+        if vectors.ndim != 2 or tuple(vectors.shape) != (model.n_layers, model.hidden_size):
+            raise SafeSteerError(
+                f"vector shape {tuple(vectors.shape)} does not match the model they claim ({model.describe()})"
+            )
+        return cls(
+            category=str(metadata["category"]),
+            vectors=vectors.float(),
+            layer_stats=[LayerStats(**s) for s in metadata["layer_stats"]],
+            recommended_layer=int(metadata["recommended_layer"]),
+            recommendation=str(metadata.get("recommendation", "")),
+            settings=settings,
+            model=model,
+            n_harmful=int(metadata["n_harmful"]),
+            n_safe=int(metadata["n_safe"]),
+            created_at=str(metadata.get("created_at", "")),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> CategoryVectors:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise SafeSteerError(f"no vectors file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            tensors = load_file(str(path))
+            metadata = json.loads(header["safesteer"])
+            return cls.from_parts(tensors["vectors"], metadata)
+        except SafeSteerError:
+            raise
+        except Exception as exc:
+            raise SafeSteerError(f"{path} is not a SafeSteer vectors file ({type(exc).__name__})") from exc
+
+
+def _check_prompt_counts(harmful: list[str], safe: list[str]) -> None:
+    for side, prompts in (("harmful", harmful), ("safe", safe)):
+        if len(prompts) < MIN_PROMPTS_PER_SIDE:
+            raise SafeSteerError(
+                f"need at least {MIN_PROMPTS_PER_SIDE} {side} prompts to extract a vector, got {len(prompts)}"
+            )
+
+
+def vectors_from_activations(
+    harmful: torch.Tensor,
+    safe: torch.Tensor,
+    settings: ExtractionSettings,
+    model: ModelIdentity,
+    category: str = "category",
+    method: VectorMethod | None = None,
+) -> CategoryVectors:
+    """Turn recorded activations into scored vectors (the step after recording, and the seam for `guided`)."""
+    method = method or VECTOR_METHODS[settings.method]
+    final = method(harmful, safe, settings).float()
+    stats = layer_statistics(harmful, safe, final, settings, method)
+    layer, reason = recommend_layer(stats)
+    return CategoryVectors(
+        category=category,
+        vectors=final,
+        layer_stats=stats,
+        recommended_layer=layer,
+        recommendation=reason,
+        settings=settings,
+        model=model,
+        n_harmful=int(harmful.shape[0]),
+        n_safe=int(safe.shape[0]),
+    )
+
+
+def extract_vectors(
+    lm: LoadedModel,
+    harmful: list[str],
+    safe: list[str],
+    settings: ExtractionSettings | None = None,
+    category: str = "category",
+    progress: ProgressCallback | None = None,
+) -> CategoryVectors:
+    """Record both prompt sets at every layer and compute the category's vectors."""
+    settings = settings or ExtractionSettings()
+    settings.validate()
+    if settings.method == "guided":
+        _guided_needs_labels(torch.empty(0), torch.empty(0), settings)
+    _check_prompt_counts(harmful, safe)
+    total = len(harmful) + len(safe)
+    split = len(harmful) / total
+    kwargs = {"site": settings.site, "token": settings.token, "batch_size": settings.batch_size}
+    harmful_acts = record_activations(lm, harmful, progress=scaled(progress, 0.0, split * 0.95), **kwargs)
+    safe_acts = record_activations(lm, safe, progress=scaled(progress, split * 0.95, 0.95), **kwargs)
+    result = vectors_from_activations(harmful_acts, safe_acts, settings, lm.identity, category)
+    if progress:
+        progress(1.0, f"vectors ready; recommended layer {result.recommended_layer}")
+    return result

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+
+from safesteer.cli import main
+from tests.conftest import HARMFUL, SAFE
+
+
+@pytest.fixture()
+def prompt_files(tmp_path):
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("\n".join(HARMFUL))
+    safe = tmp_path / "safe.jsonl"
+    safe.write_text("\n".join(json.dumps({"prompt": p}) for p in SAFE))
+    return harmful, safe
+
+
+def _extract(tiny_folder, harmful, safe, out, *extra):
+    return main(
+        [
+            "extract",
+            "--harmful",
+            str(harmful),
+            "--safe",
+            str(safe),
+            "--model",
+            str(tiny_folder),
+            "--precision",
+            "fp32",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def test_extract_then_generate(tiny_folder, prompt_files, tmp_path, capsys):
+    harmful, safe = prompt_files
+    out = tmp_path / "v.safetensors"
+    assert _extract(tiny_folder, harmful, safe, out, "--method", "pruned", "--category", "crime") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["category"] == "crime" and summary["settings"]["method"] == "pruned"
+    assert len(summary["layers"]) == 4 and 0 <= summary["recommended_layer"] < 4
+    assert {"auroc", "effect_size", "norm"} <= set(summary["layers"][0])
+    assert out.is_file()
+
+    code = main(
+        [
+            "generate",
+            "--vectors",
+            str(out),
+            "--prompt",
+            HARMFUL[0],
+            "--layer",
+            "1",
+            "--strength",
+            "3",
+            "--max-new-tokens",
+            "12",
+            "--json",
+            "--precision",
+            "fp32",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"naive", "steered", "prompt", "layer", "strength"}
+    assert result["naive"] != result["steered"]
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+def test_bad_inputs_give_one_line_errors(tiny_folder, prompt_files, tmp_path, capsys):
+    harmful, safe = prompt_files
+    out = tmp_path / "v.safetensors"
+    assert _extract(tiny_folder, tmp_path / "missing.csv", safe, out) == 2
+    assert "no such file" in _error_line(capsys)
+
+    (tmp_path / "empty.txt").write_text("")
+    assert _extract(tiny_folder, tmp_path / "empty.txt", safe, out) == 2
+    assert "contains no prompts" in _error_line(capsys)
+
+    (tmp_path / "wrong.csv").write_text("text\nhello\n")
+    assert _extract(tiny_folder, tmp_path / "wrong.csv", safe, out) == 2
+    assert "no 'prompt' column" in _error_line(capsys)
+
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    assert _extract(tiny_folder, tmp_path / "three.txt", safe, out) == 2
+    assert "at least 4 harmful prompts" in _error_line(capsys)
+
+    assert _extract(tiny_folder, harmful, safe, out) == 0
+    capsys.readouterr()
+    assert main(["generate", "--vectors", str(out), "--prompt", "hi", "--layer", "9", "--precision", "fp32"]) == 2
+    assert "layer 9 is out of range" in _error_line(capsys)
+
+    assert main(["generate", "--vectors", str(tmp_path / "none.safetensors"), "--prompt", "hi"]) == 2
+    assert "no vectors file" in _error_line(capsys)
+
+
+def test_vectors_from_another_hidden_size_are_refused(tiny_folder, prompt_files, tmp_path, capsys):
+    from tests.tiny import build_tiny_model
+
+    wider = build_tiny_model(tmp_path / "wider", hidden_size=128)
+    harmful, safe = prompt_files
+    out = tmp_path / "v.safetensors"
+    assert _extract(tiny_folder, harmful, safe, out) == 0
+    capsys.readouterr()
+    code = main(["generate", "--vectors", str(out), "--prompt", "hi", "--model", str(wider), "--precision", "fp32"])
+    assert code == 2
+    line = _error_line(capsys)
+    assert "hidden size 64" in line and "hidden size 128" in line

