@@ -2,12 +2,19 @@
 
 One forward pass per batch fills a `[n_prompts, n_layers, hidden]` tensor: hooks on every
 layer reduce each sequence to one vector as it flows past (last prompt token, or the mean over
-prompt tokens), so nothing bigger than that is ever kept. The pass runs the decoder without the
-LM head, which saves the vocabulary projection that recording never needs.
+the prompt's tokens), so nothing bigger than that is ever kept. Three things make it fast:
+
+- the decoder runs without the LM head, whose vocabulary projection recording never needs;
+- the chat template's shared opening (system prompt, role markers) is run once, and its
+  key/value cache is reused by every batch, so each prompt only pays for its own tokens;
+- prompts are batched by length and right-padded, so little compute goes to padding.
+
+None of this changes results: a prompt's activations are the same alone or in any batch.
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import ExitStack
 from typing import Literal
 
@@ -26,9 +33,51 @@ def primary_tensor(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
 
 
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift a prompt's positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens all sequences start with, leaving each at least one token of its own."""
+    if not sequences:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    length = 0
+    while length < limit and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+class _Recorder:
+    """Forward hooks that reduce each layer's output to one vector per prompt."""
+
+    def __init__(self, result: torch.Tensor, token: Token) -> None:
+        self.result = result
+        self.token = token
+        self.rows: list[int] = []
+        self.last_index = torch.zeros(0, dtype=torch.long)
+        self.mask = torch.zeros(0)
+        self.prefix_sums: torch.Tensor | None = None  # [n_layers, hidden], when a prefix pass ran
+        self.prefix_length = 0
+        self.in_prefix = False
+
+    def hook(self, layer: int):
+        def capture(module: torch.nn.Module, args: object, output: object) -> None:
+            hidden = primary_tensor(output).float()
+            if self.in_prefix:
+                if self.prefix_sums is not None:
+                    self.prefix_sums[layer] = hidden[0].sum(0).cpu()
+                return
+            if self.token == "last":
+                reduced = hidden[torch.arange(hidden.shape[0]), self.last_index.to(hidden.device)]
+            else:
+                mask = self.mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+                total = (hidden * mask).sum(1)
+                count = mask.sum(1)
+                if self.prefix_sums is not None:
+                    total = total + self.prefix_sums[layer].to(hidden.device)
+                    count = count + self.prefix_length
+                reduced = total / count
+            self.result[self.rows, layer] = reduced.cpu()
+
+        return capture
 
 
 def record_activations(
@@ -39,44 +88,54 @@ def record_activations(
     batch_size: int = 16,
     progress: ProgressCallback | None = None,
 ) -> torch.Tensor:
-    """Activations of every prompt at every layer: float32 `[n_prompts, n_layers, hidden]` on the CPU.
-
-    Prompts are batched by length (less padding, same results) and written back in input order.
-    """
+    """Activations of every prompt at every layer: float32 `[n_prompts, n_layers, hidden]` on the CPU."""
     report = progress or no_progress
     n_layers, hidden = lm.architecture.n_layers, lm.identity.hidden_size
     result = torch.zeros(len(prompts), n_layers, hidden, dtype=torch.float32)
     if not prompts:
         return result
-    texts = [lm.chat_text(p) for p in prompts]
-    lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    order = sorted(range(len(prompts)), key=lengths.__getitem__)
-    batch: dict[str, torch.Tensor] = {}
-    rows: list[int] = []
-
-    def capture(layer: int):
-        def hook(module: torch.nn.Module, args: object, output: object) -> None:
-            hidden_states = primary_tensor(output).float()
-            if token == "last":
-                reduced = hidden_states[:, -1, :]  # left padding: the last position is the last prompt token
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden_states.dtype)
-                reduced = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1)
-            result[rows, layer] = reduced.to("cpu")
-
-        return hook
+    tokenizer, device, decoder = lm.tokenizer, lm.device, lm.architecture.decoder
+    ids = [tokenizer(lm.chat_text(p), add_special_tokens=False)["input_ids"] for p in prompts]
+    prefix = shared_prefix_length(ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    recorder = _Recorder(result, token)
 
     with ExitStack() as stack, torch.inference_mode():
         for layer in range(n_layers):
-            handle = lm.architecture.module(layer, site).register_forward_hook(capture(layer))
+            handle = lm.architecture.module(layer, site).register_forward_hook(recorder.hook(layer))
             stack.callback(handle.remove)
+        prefix_cache = None
+        if prefix:
+            recorder.in_prefix, recorder.prefix_length = True, prefix
+            recorder.prefix_sums = torch.zeros(n_layers, hidden) if token == "mean" else None
+            prefix_ids = torch.tensor([ids[0][:prefix]], device=device)
+            prefix_cache = decoder(input_ids=prefix_ids, use_cache=True).past_key_values
+            recorder.in_prefix = False
+        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            encoded = lm.tokenizer(
-                [texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False
+            suffixes = [ids[i][prefix:] for i in rows]
+            width = max(len(s) for s in suffixes)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for r, suffix in enumerate(suffixes):
+                input_ids[r, : len(suffix)] = torch.tensor(suffix)
+                mask[r, : len(suffix)] = 1
+            recorder.rows = rows
+            recorder.mask = mask
+            recorder.last_index = mask.sum(1) - 1
+            cache = None
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(rows))
+            full_mask = torch.cat([torch.ones(len(rows), prefix, dtype=torch.long), mask], dim=1)
+            decoder(
+                input_ids=input_ids.to(device),
+                attention_mask=full_mask.to(device),
+                position_ids=(prefix + torch.arange(width)).expand(len(rows), -1).to(device),
+                past_key_values=cache,
+                use_cache=cache is not None,
             )
-            batch = {k: v.to(lm.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
-            lm.architecture.decoder(**batch, position_ids=position_ids_for(batch["attention_mask"]), use_cache=False)
             done = min(start + batch_size, len(order))
             report(done / len(order), f"recorded {done}/{len(order)} prompts")
     return result

@@ -26,12 +26,14 @@ def generate(
     specs: Sequence[SteeringSpec] = (),
     *,
     max_new_tokens: int = 64,
+    fixed_length: bool = False,
     streamer: Any = None,
 ) -> list[str]:
     """Greedy completions of chat prompts, one per row, with the specs applied (per-row strengths allowed).
 
     Greedy decoding keeps previews reproducible: the same prompt and settings always give the
     same text, so a difference between naive and steered is the steering's doing.
+    `fixed_length` ignores end-of-text so every call makes exactly `max_new_tokens` (benchmarks).
     """
     if not prompts:
         return []
@@ -47,6 +49,7 @@ def generate(
         output = lm.model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if fixed_length else None,
             do_sample=False,
             temperature=None,
             top_p=None,

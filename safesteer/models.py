@@ -29,6 +29,7 @@ import torch
 from .architectures import ResolvedArchitecture, resolve_architecture
 from .errors import SafeSteerError
 from .progress import ProgressCallback, no_progress
+from .speedups import use_column_head
 
 log = logging.getLogger(__name__)
 # bitsandbytes warns on every CPU load that an optional kernels package is missing; NF4 works
@@ -302,6 +303,7 @@ def load_model(
         except (OSError, ValueError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SafeSteerError(f"cannot load model '{model_id}': {first_line}") from exc
+        use_column_head(model)
         revision = source.revision or getattr(model.config, "_commit_hash", None)
         loaded = wrap_model(model, tokenizer, model_id=source.model_id, precision=actual, revision=revision)
         _LOADED[key] = loaded

@@ -63,3 +63,32 @@ def test_embedded_gguf_is_found_without_importing_its_package():
     path = models.embedded_gguf_path()
     assert path.name == models.EMBEDDED_GGUF_NAME and path.stat().st_size > 50_000_000
     assert models.EMBEDDED_PACKAGE not in sys.modules
+
+
+def test_column_head_matches_the_plain_head_and_keeps_weights_tied():
+    import torch
+    from torch import nn
+
+    from safesteer.speedups import ColumnHead, use_column_head
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+            self.head = nn.Linear(8, 50, bias=False)
+            self.head.weight = self.embed.weight
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def set_output_embeddings(self, module):
+            self.head = module
+
+    toy = Toy()
+    x = torch.randn(3, 5, 8)
+    expected = toy.head(x)
+    assert use_column_head(toy)
+    assert isinstance(toy.head, ColumnHead) and toy.head.weight is toy.embed.weight
+    torch.testing.assert_close(toy.head(x), expected)
+    torch.testing.assert_close(toy.head(x[:1, :1]), expected[:1, :1])
+    assert not use_column_head(toy)  # already swapped: nothing to do

@@ -1,0 +1,126 @@
+"""Speed of the core engine on the embedded model: extraction, steering overhead, side-by-side preview.
+
+Run with `make bench`. Each figure is a median over repeats (with min-max); ratios compare
+timings taken in the same run, since absolute times drift on shared machines. Writes
+`bench/results/engine.json` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from safesteer import SteeringSpec, datasets, extract_vectors, generate, generate_side_by_side, load_model
+from safesteer.vectors import ExtractionSettings
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timed(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": repeats}
+
+
+def naive_extraction(lm, prompts: list[str]) -> torch.Tensor:
+    """What people write first: one forward per prompt with output_hidden_states, last token kept."""
+    rows = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            batch = lm.encode([prompt])
+            hidden = lm.model(**batch, output_hidden_states=True).hidden_states[1:]
+            rows.append(torch.stack([h[0, -1].float() for h in hidden]))
+    return torch.stack(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--precision", default="nf4")
+    parser.add_argument("--prompts", type=int, default=64, help="harmful and safe prompts each")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    lm = load_model(None, args.precision)
+    harmful = datasets.harmful_prompts("malicious-uses", limit=args.prompts)
+    safe = datasets.benign_prompts(limit=args.prompts)
+    both = harmful + safe
+    extract_vectors(lm, harmful[:8], safe[:8])  # warm-up
+
+    ours = timed(lambda: extract_vectors(lm, harmful, safe, ExtractionSettings()), args.repeats)
+    loop = timed(lambda: naive_extraction(lm, both), max(1, args.repeats - 1))
+
+    vectors = extract_vectors(lm, harmful, safe)
+    layer = vectors.recommended_layer
+    spec = SteeringSpec(vectors.vector(layer), layer, 4.0)
+    prompt = harmful[0]
+    n = args.new_tokens
+
+    def plain() -> None:
+        generate(lm, [prompt], max_new_tokens=n, fixed_length=True)
+
+    def steered() -> None:
+        generate(lm, [prompt], [spec], max_new_tokens=n, fixed_length=True)
+
+    def side() -> None:
+        generate(
+            lm, [prompt, prompt], [SteeringSpec(spec.vector, layer, (0.0, 4.0))], max_new_tokens=n, fixed_length=True
+        )
+
+    plain()  # warm-up
+    runs = {}
+    for _ in range(args.repeats):  # interleave, so drift hits all three alike
+        for name, fn in (("plain", plain), ("steered", steered), ("side_by_side", side)):
+            runs.setdefault(name, []).append(timed(fn, 1)["median"])
+    gen = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in runs.items()}
+    generate_side_by_side(lm, prompt, [spec], max_new_tokens=8)  # the public path works too
+
+    report = {
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "model": lm.identity.to_dict(),
+        "extraction": {
+            "prompts": len(both),
+            "ours_s": ours,
+            "naive_loop_s": loop,
+            "speedup": loop["median"] / ours["median"],
+        },
+        "generation": {
+            "new_tokens": n,
+            **{f"{k}_s": v for k, v in gen.items()},
+            "tokens_per_s_plain": n / gen["plain"]["median"],
+            "steering_overhead": gen["steered"]["median"] / gen["plain"]["median"] - 1,
+            "side_by_side_ratio": gen["side_by_side"]["median"] / gen["plain"]["median"],
+        },
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "engine.json").write_text(json.dumps(report, indent=2))
+    e, g = report["extraction"], report["generation"]
+    print(f"| measure ({lm.identity.precision}, {torch.get_num_threads()} threads) | value | target |")
+    print("| --- | --- | --- |")
+    print(
+        f"| extraction, {e['prompts']} prompts x all layers | {e['ours_s']['median']:.2f} s "
+        f"(naive loop {e['naive_loop_s']['median']:.2f} s) | |"
+    )
+    print(f"| extraction speed-up vs naive loop | {e['speedup']:.1f}x | >= 4x |")
+    print(f"| unsteered generation | {g['tokens_per_s_plain']:.1f} tokens/s | |")
+    print(f"| steering overhead per token | {100 * g['steering_overhead']:+.1f}% | <= 5% |")
+    print(f"| naive + steered in one batch vs one unsteered | {g['side_by_side_ratio']:.2f}x | <= 1.3x |")
+
+
+if __name__ == "__main__":
+    main()
