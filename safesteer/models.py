@@ -249,11 +249,16 @@ def _load_weights(location: str, precision: Precision, device: str) -> Any:
 
 
 def wrap_model(model: Any, tokenizer: Any, model_id: str, precision: str, revision: str | None = None) -> LoadedModel:
-    """Make an already-loaded transformers model usable here (the deployer's entry point)."""
+    """Make an already-loaded transformers model usable here (the deployer's entry point).
+
+    The tokenizer may be None when only steering is needed (it is used for recording and for
+    the library's own generation helpers).
+    """
     model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
     architecture = resolve_architecture(model)
     config = model.config
     identity = ModelIdentity(
@@ -265,6 +270,28 @@ def wrap_model(model: Any, tokenizer: Any, model_id: str, precision: str, revisi
         hidden_size=int(config.hidden_size),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity, architecture=architecture)
+
+
+def describe_model(model_id: str | None = None, precision: str = "nf4", cache_dir: Path | None = None) -> ModelIdentity:
+    """A model's identity from its config alone (no weights loaded): enough to check compatibility."""
+    from transformers import AutoConfig
+
+    model_id = model_id or EMBEDDED_MODEL
+    source = _resolve_source(model_id, cache_dir, no_progress)
+    try:
+        config = AutoConfig.from_pretrained(source.location)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SafeSteerError(f"cannot load model '{model_id}': {first_line}") from exc
+    config = getattr(config, "text_config", None) or config
+    return ModelIdentity(
+        model_id=source.model_id,
+        revision=source.revision or getattr(config, "_commit_hash", None),
+        precision=precision,
+        model_type=str(config.model_type),
+        n_layers=int(config.num_hidden_layers),
+        hidden_size=int(config.hidden_size),
+    )
 
 
 _LOADED: dict[tuple[str, str, str], LoadedModel] = {}

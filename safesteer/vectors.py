@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from .activations import TOKENS, Token, record_activations
 from .architectures import SITES, Site
@@ -226,13 +226,25 @@ class CategoryVectors:
         data["layers"] = data.pop("layer_stats")
         return data
 
+    def to_bytes(self) -> bytes:
+        """One safetensors blob; the metadata rides in its header as JSON (no pickle anywhere)."""
+        return save({"vectors": self.vectors.contiguous()}, metadata={"safesteer": json.dumps(self.metadata())})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "data") -> CategoryVectors:
+        try:
+            header_length = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8 : 8 + header_length])
+            metadata = json.loads(header["__metadata__"]["safesteer"])
+            vectors = load(data)["vectors"]
+        except Exception as exc:
+            raise SafeSteerError(f"{source} is not a SafeSteer vectors file ({type(exc).__name__})") from exc
+        return cls.from_parts(vectors, metadata)
+
     def save(self, path: str | Path) -> Path:
-        """One safetensors file; the metadata rides in its header as JSON (no pickle anywhere)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"vectors": self.vectors.contiguous()}, str(path), metadata={"safesteer": json.dumps(self.metadata())}
-        )
+        path.write_bytes(self.to_bytes())
         return path
 
     @classmethod
@@ -260,21 +272,10 @@ class CategoryVectors:
 
     @classmethod
     def load(cls, path: str | Path) -> CategoryVectors:
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise SafeSteerError(f"no vectors file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-            tensors = load_file(str(path))
-            metadata = json.loads(header["safesteer"])
-            return cls.from_parts(tensors["vectors"], metadata)
-        except SafeSteerError:
-            raise
-        except Exception as exc:
-            raise SafeSteerError(f"{path} is not a SafeSteer vectors file ({type(exc).__name__})") from exc
+        return cls.from_bytes(path.read_bytes(), str(path))
 
 
 def _check_prompt_counts(harmful: list[str], safe: list[str]) -> None:

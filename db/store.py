@@ -1,0 +1,395 @@
+"""Versioned policies: save, list, load, compare, roll back, archive, delete; every change audited.
+
+The store speaks in `safesteer.policy` dataclasses; database rows never leave this module.
+Saving a version is one transaction that takes SQLite's write lock first (see `db.engine`), so
+concurrent savers get consecutive numbers and a failure part-way leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from safesteer.bundles import read_bundle
+from safesteer.errors import SafeSteerError
+from safesteer.models import ModelIdentity, check_compatible
+from safesteer.policy import SIDES, PolicyCategory, PolicyVersion, check_name, cosine_by_layer
+from safesteer.vectors import CategoryVectors
+
+from .engine import make_engine, migrate
+from .schema import AuditRow, CategoryRow, ExampleRow, Policy, PolicyVersionRow
+
+
+@dataclass(frozen=True)
+class PolicySummary:
+    name: str
+    description: str
+    archived: bool
+    versions: int
+    latest: int | None
+    created_at: str
+    created_by: str
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    number: int
+    author: str
+    created_at: str
+    note: str
+    categories: list[str]
+    restored_from: int | None
+    has_evaluation: bool
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: str
+    actor: str
+    action: str
+    policy: str
+    version: int | None
+    detail: dict[str, Any]
+
+
+@dataclass
+class CategoryDiff:
+    name: str
+    status: str  # "added", "removed" or "changed"/"unchanged"
+    harmful_added: list[str] = field(default_factory=list)
+    harmful_removed: list[str] = field(default_factory=list)
+    safe_added: list[str] = field(default_factory=list)
+    safe_removed: list[str] = field(default_factory=list)
+    settings_changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    cosine_by_layer: list[float] = field(default_factory=list)
+
+
+@dataclass
+class VersionDiff:
+    policy: str
+    old: int
+    new: int
+    categories: list[CategoryDiff]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def import_bundle(
+    store: PolicyStore,
+    data: bytes,
+    target: ModelIdentity | None = None,
+    actor: str = "",
+    rename: str | None = None,
+) -> tuple[str, int]:
+    """Validate a bundle fully, check it fits the target model, then save it as a new version.
+
+    Returns (policy name, new version number). A bad bundle raises before the store is touched.
+    """
+    version = read_bundle(data)
+    if target is not None:
+        check_compatible(version.model, target)
+    name = rename or version.policy
+    note = f"imported from bundle ({version.policy} v{version.number})" + (f": {version.note}" if version.note else "")
+    number = store.save_version(
+        name,
+        version.categories,
+        author=actor,
+        note=note,
+        evaluation=version.evaluation,
+        description=version.description,
+    )
+    return name, number
+
+
+def _iso(value: Any) -> str:
+    return value.isoformat(timespec="seconds") if value is not None else ""
+
+
+class PolicyStore:
+    """The policy store over one database (SQLite file by default); migrates it on open."""
+
+    def __init__(self, url: str | None = None, engine: Engine | None = None) -> None:
+        self.engine = engine or make_engine(url)
+        migrate(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _session(self) -> Session:
+        return self._sessions()
+
+    # --- policies --------------------------------------------------------------------------
+
+    def _policy(self, session: Session, name: str) -> Policy:
+        policy = session.scalar(select(Policy).where(Policy.name == name))
+        if policy is None:
+            raise SafeSteerError(f"no policy named {name!r}")
+        return policy
+
+    def _audit(self, session: Session, actor: str, action: str, policy: str, version: int | None = None, **detail: Any):
+        session.add(AuditRow(actor=actor or "unknown", action=action, policy=policy, version=version, detail=detail))
+
+    def create_policy(self, name: str, description: str = "", actor: str = "") -> PolicySummary:
+        name = check_name("policy", name)
+        with self._session() as session, session.begin():
+            if session.scalar(select(Policy.id).where(Policy.name == name)) is not None:
+                raise SafeSteerError(f"a policy named {name!r} already exists")
+            session.add(Policy(name=name, description=description, created_by=actor))
+            self._audit(session, actor, "create", name, description=description)
+        return self.policy(name)
+
+    def policy(self, name: str) -> PolicySummary:
+        return next((p for p in self.list_policies(include_archived=True) if p.name == name), None) or self._missing(
+            name
+        )
+
+    @staticmethod
+    def _missing(name: str) -> PolicySummary:
+        raise SafeSteerError(f"no policy named {name!r}")
+
+    def list_policies(self, include_archived: bool = False) -> list[PolicySummary]:
+        with self._session() as session:
+            query = (
+                select(Policy, func.count(PolicyVersionRow.id), func.max(PolicyVersionRow.number))
+                .outerjoin(PolicyVersionRow)
+                .group_by(Policy.id)
+                .order_by(Policy.name)
+            )
+            if not include_archived:
+                query = query.where(Policy.archived.is_(False))
+            return [
+                PolicySummary(p.name, p.description, p.archived, count, latest, _iso(p.created_at), p.created_by)
+                for p, count, latest in session.execute(query)
+            ]
+
+    def archive_policy(self, name: str, actor: str = "", archived: bool = True) -> None:
+        with self._session() as session, session.begin():
+            self._policy(session, name).archived = archived
+            self._audit(session, actor, "archive" if archived else "unarchive", name)
+
+    def delete_policy(self, name: str, confirm: str, actor: str = "") -> None:
+        """Delete a policy and all its versions; `confirm` must repeat the name (there is no undo)."""
+        if confirm != name:
+            raise SafeSteerError(f"to delete policy {name!r}, confirm by typing its name exactly")
+        with self._session() as session, session.begin():
+            policy = self._policy(session, name)
+            versions = len(policy.versions)
+            session.delete(policy)
+            self._audit(session, actor, "delete", name, versions_deleted=versions)
+
+    # --- versions --------------------------------------------------------------------------
+
+    def save_version(
+        self,
+        policy: str,
+        categories: list[PolicyCategory],
+        author: str = "",
+        note: str = "",
+        evaluation: dict[str, Any] | None = None,
+        description: str = "",
+        create: bool = True,
+        restored_from: int | None = None,
+    ) -> int:
+        """Store a new immutable version and return its number (the policy is created if needed)."""
+        version = PolicyVersion(policy=policy, categories=categories, note=note, evaluation=evaluation)
+        for attempt in range(3):
+            try:
+                return self._insert_version(version, author, description, create, restored_from)
+            except IntegrityError:  # another writer won a race the write lock should prevent; try again
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _insert_version(
+        self, version: PolicyVersion, author: str, description: str, create: bool, restored_from: int | None
+    ) -> int:
+        with self._session() as session, session.begin():
+            policy = session.scalar(select(Policy).where(Policy.name == version.policy))
+            if policy is None:
+                if not create:
+                    raise SafeSteerError(f"no policy named {version.policy!r}")
+                policy = Policy(name=version.policy, description=description, created_by=author)
+                session.add(policy)
+                session.flush()
+                self._audit(session, author, "create", version.policy, description=description)
+            if policy.archived:
+                raise SafeSteerError(f"policy {version.policy!r} is archived; unarchive it before saving")
+            latest = session.scalar(
+                select(func.max(PolicyVersionRow.number)).where(PolicyVersionRow.policy_id == policy.id)
+            )
+            number = (latest or 0) + 1
+            row = PolicyVersionRow(
+                policy_id=policy.id,
+                number=number,
+                author=author,
+                note=version.note,
+                model=version.model.to_dict(),
+                evaluation=version.evaluation,
+                restored_from=restored_from,
+            )
+            session.add(row)
+            session.flush()
+            self._insert_categories(session, row, version.categories)
+            self._audit(
+                session,
+                author,
+                "rollback" if restored_from else "save",
+                version.policy,
+                number,
+                categories=[c.name for c in version.categories],
+                restored_from=restored_from,
+            )
+            return number
+
+    @staticmethod
+    def _insert_categories(session: Session, row: PolicyVersionRow, categories: list[PolicyCategory]) -> None:
+        for position, category in enumerate(categories):
+            blob = category.vectors.to_bytes()
+            record = CategoryRow(
+                version_id=row.id,
+                position=position,
+                name=category.name,
+                description=category.description,
+                settings=dict(category.vectors.metadata()["settings"]),
+                layer=category.layer,
+                strength=category.strength,
+                vectors=blob,
+                vectors_sha256=hashlib.sha256(blob).hexdigest(),
+            )
+            session.add(record)
+            session.flush()
+            for side in SIDES:
+                texts = category.harmful if side == "harmful" else category.safe
+                session.add_all(
+                    ExampleRow(category_id=record.id, side=side, position=i, text=t) for i, t in enumerate(texts)
+                )
+
+    def list_versions(self, policy: str) -> list[VersionSummary]:
+        with self._session() as session:
+            p = self._policy(session, policy)
+            rows = session.scalars(
+                select(PolicyVersionRow)
+                .where(PolicyVersionRow.policy_id == p.id)
+                .options(selectinload(PolicyVersionRow.categories))
+                .order_by(PolicyVersionRow.number)
+            )
+            return [
+                VersionSummary(
+                    r.number,
+                    r.author,
+                    _iso(r.created_at),
+                    r.note,
+                    [c.name for c in r.categories],
+                    r.restored_from,
+                    r.evaluation is not None,
+                )
+                for r in rows
+            ]
+
+    def load_version(self, policy: str, number: int | None = None) -> PolicyVersion:
+        """A saved version (the latest when `number` is None), vectors checked against their hashes."""
+        with self._session() as session:
+            p = self._policy(session, policy)
+            query = select(PolicyVersionRow).where(PolicyVersionRow.policy_id == p.id)
+            query = (
+                query.where(PolicyVersionRow.number == number)
+                if number
+                else query.order_by(PolicyVersionRow.number.desc())
+            )
+            row = session.scalars(
+                query.options(selectinload(PolicyVersionRow.categories).selectinload(CategoryRow.examples)).limit(1)
+            ).first()
+            if row is None:
+                raise SafeSteerError(
+                    f"policy {policy!r} has no version {number}" if number else f"policy {policy!r} has no versions yet"
+                )
+            categories = []
+            for c in row.categories:
+                if hashlib.sha256(c.vectors).hexdigest() != c.vectors_sha256:
+                    raise SafeSteerError(f"stored vectors of {policy!r} v{row.number} / {c.name!r} fail their checksum")
+                categories.append(
+                    PolicyCategory(
+                        name=c.name,
+                        description=c.description,
+                        harmful=[e.text for e in c.examples if e.side == "harmful"],
+                        safe=[e.text for e in c.examples if e.side == "safe"],
+                        vectors=CategoryVectors.from_bytes(c.vectors, f"{policy} v{row.number}"),
+                        layer=c.layer,
+                        strength=c.strength,
+                    )
+                )
+            return PolicyVersion(
+                policy=p.name,
+                categories=categories,
+                number=row.number,
+                author=row.author,
+                created_at=_iso(row.created_at),
+                note=row.note,
+                description=p.description,
+                evaluation=row.evaluation,
+                restored_from=row.restored_from,
+            )
+
+    def rollback(self, policy: str, number: int, actor: str = "", note: str = "") -> int:
+        """Save version `number` again as the newest; history stays complete."""
+        old = self.load_version(policy, number)
+        return self.save_version(
+            policy,
+            old.categories,
+            author=actor,
+            note=note or f"roll back to version {number}",
+            evaluation=old.evaluation,
+            create=False,
+            restored_from=number,
+        )
+
+    def diff(self, policy: str, old: int, new: int) -> VersionDiff:
+        """What changed between two versions: categories, examples, settings, vector cosine per layer."""
+        a, b = self.load_version(policy, old), self.load_version(policy, new)
+        diffs = []
+        for name in dict.fromkeys([c.name for c in a.categories] + [c.name for c in b.categories]):
+            before = next((c for c in a.categories if c.name == name), None)
+            after = next((c for c in b.categories if c.name == name), None)
+            if before is None or after is None:
+                diffs.append(CategoryDiff(name, "added" if before is None else "removed"))
+                continue
+            settings_before = {
+                **before.vectors.metadata()["settings"],
+                "layer": before.layer,
+                "strength": before.strength,
+            }
+            settings_after = {**after.vectors.metadata()["settings"], "layer": after.layer, "strength": after.strength}
+            change = CategoryDiff(
+                name,
+                "changed",
+                harmful_added=[t for t in after.harmful if t not in set(before.harmful)],
+                harmful_removed=[t for t in before.harmful if t not in set(after.harmful)],
+                safe_added=[t for t in after.safe if t not in set(before.safe)],
+                safe_removed=[t for t in before.safe if t not in set(after.safe)],
+                settings_changed={
+                    k: (settings_before.get(k), settings_after.get(k))
+                    for k in settings_before.keys() | settings_after.keys()
+                    if settings_before.get(k) != settings_after.get(k)
+                },
+                cosine_by_layer=cosine_by_layer(before.vectors, after.vectors),
+            )
+            examples_changed = (
+                change.harmful_added or change.harmful_removed or change.safe_added or change.safe_removed
+            )
+            if not (examples_changed or change.settings_changed) and min(change.cosine_by_layer) > 0.9999:
+                change.status = "unchanged"
+            diffs.append(change)
+        return VersionDiff(policy=policy, old=old, new=new, categories=diffs)
+
+    def audit_log(self, policy: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        with self._session() as session:
+            query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
+            if policy:
+                query = query.where(AuditRow.policy == policy)
+            return [
+                AuditEntry(_iso(r.at), r.actor, r.action, r.policy, r.version, r.detail) for r in session.scalars(query)
+            ]

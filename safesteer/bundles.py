@@ -1,0 +1,399 @@
+"""Policy bundles: one zip a deployer can apply to their own model, and import back.
+
+Contents: `manifest.json` (format, policy, version, model identity, per-category settings,
+layer and strength, and the sha256 of every other file), `vectors.safetensors`,
+`examples.csv`, `evaluation.json` when present, and a `README.md` policy card.
+
+Bundles arrive from outside, so reading one trusts nothing: only the known file names (no
+paths, so no traversal), size and count caps that hold even when the zip headers lie (zip
+bombs), hashes checked before parsing, safetensors and JSON only (never pickle), and tensor
+shapes checked against the model the manifest names. Nothing is written until all of it passed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import stat
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+
+from . import __version__
+from .errors import SafeSteerError
+from .models import LoadedModel, ModelIdentity, check_compatible, wrap_model
+from .policy import SIDES, PolicyCategory, PolicyVersion
+from .steering import steer
+from .vectors import CategoryVectors
+
+BUNDLE_FORMAT = "safesteer-policy-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+MAX_MEMBERS = 8
+MAX_MEMBER_BYTES = {
+    "manifest.json": 2 * 1024 * 1024,
+    "vectors.safetensors": 256 * 1024 * 1024,
+    "examples.csv": 32 * 1024 * 1024,
+    "evaluation.json": 8 * 1024 * 1024,
+    "README.md": 1024 * 1024,
+}
+REQUIRED = ("manifest.json", "vectors.safetensors", "examples.csv")
+MAX_COMPRESSION_RATIO = 100
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def policy_card(version: PolicyVersion) -> str:
+    """A short human-readable description of what the bundle steers and how to apply it."""
+    model = version.model
+    lines = [
+        f"# Policy: {version.policy} (version {version.number})",
+        "",
+        version.description or "",
+        "",
+        f"Made for **{model.describe()}**.",
+        f"Saved by {version.author or 'unknown'} on {version.created_at or 'an unknown date'}.",
+        f"Change note: {version.note or '-'}",
+        "",
+        "| category | layer | strength | site | method | harmful / safe examples |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in version.categories:
+        s = c.vectors.settings
+        lines.append(
+            f"| {c.name} | {c.layer} | {c.strength:g} | {s.site} | {s.method} | {len(c.harmful)} / {len(c.safe)} |"
+        )
+    lines += [
+        "",
+        "## Apply it",
+        "",
+        "```python",
+        "from safesteer.bundles import load_bundle",
+        "",
+        'bundle = load_bundle("this-file.zip")',
+        "with bundle.apply(model):  # a transformers causal LM of the same shape",
+        "    output = model.generate(**inputs)",
+        "```",
+        "",
+        "Each category adds `strength x vector` to the output of its layer at every position.",
+        "Content warning: `examples.csv` contains harmful prompts by design.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _examples_csv(version: PolicyVersion) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["category", "side", "prompt"])
+    for c in version.categories:
+        for side in SIDES:
+            for text in c.harmful if side == "harmful" else c.safe:
+                writer.writerow([c.name, side, text])
+    return out.getvalue().encode("utf-8")
+
+
+def bundle_bytes(version: PolicyVersion, created_by: str = "") -> bytes:
+    """The bundle of a policy version as zip bytes."""
+    tensors = {f"category.{i}": c.vectors.vectors.contiguous().float() for i, c in enumerate(version.categories)}
+    files: dict[str, bytes] = {
+        "vectors.safetensors": save(tensors),
+        "examples.csv": _examples_csv(version),
+        "README.md": policy_card(version).encode("utf-8"),
+    }
+    if version.evaluation is not None:
+        files["evaluation.json"] = json.dumps(version.evaluation, indent=2).encode("utf-8")
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "policy": {"name": version.policy, "description": version.description},
+        "version": {
+            "number": version.number,
+            "author": version.author,
+            "created_at": version.created_at,
+            "note": version.note,
+            "restored_from": version.restored_from,
+        },
+        "model": version.model.to_dict(),
+        "categories": [
+            {
+                "name": c.name,
+                "description": c.description,
+                "tensor": f"category.{i}",
+                "layer": c.layer,
+                "strength": c.strength,
+                "vectors": {k: v for k, v in c.vectors.metadata().items() if k != "format_version"},
+            }
+            for i, c in enumerate(version.categories)
+        ],
+        "files": {name: _sha256(data) for name, data in files.items()},
+        "created_by": created_by,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "safesteer_version": __version__,
+    }
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("manifest.json", json.dumps(manifest, indent=2))
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def export_bundle(version: PolicyVersion, path: str | Path, created_by: str = "") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bundle_bytes(version, created_by))
+    return path
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _bad(reason: str) -> SafeSteerError:
+    return SafeSteerError(f"not a valid policy bundle: {reason}")
+
+
+def _read_members(data: bytes) -> dict[str, bytes]:
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise _bad(f"the file is larger than {MAX_BUNDLE_BYTES // (1024 * 1024)} MB")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise _bad("it is not a zip file") from exc
+    with archive:
+        infos = archive.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise _bad(f"it holds {len(infos)} files; a bundle has at most {MAX_MEMBERS}")
+        members: dict[str, bytes] = {}
+        for info in infos:
+            name = info.filename
+            if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or ":" in name:
+                raise _bad(f"it contains an unsafe path {name!r}")
+            if "/" in name or "\\" in name or name not in MAX_MEMBER_BYTES:
+                raise _bad(f"unexpected file {name!r}")
+            if name in members:
+                raise _bad(f"{name!r} appears twice")
+            if info.flag_bits & 0x1:
+                raise _bad(f"{name!r} is encrypted")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise _bad(f"{name!r} is a symbolic link")
+            cap = MAX_MEMBER_BYTES[name]
+            if info.file_size > cap:
+                raise _bad(f"{name!r} would unpack to {info.file_size} bytes (limit {cap})")
+            if (
+                info.compress_size
+                and info.file_size / info.compress_size > MAX_COMPRESSION_RATIO
+                and info.file_size > 1 << 20
+            ):
+                raise _bad(f"{name!r} is compressed suspiciously well (a zip bomb?)")
+            try:
+                with archive.open(info) as handle:
+                    content = handle.read(cap + 1)  # never trust the declared size
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as exc:
+                raise _bad(f"{name!r} cannot be read ({exc})") from exc
+            if len(content) > cap:
+                raise _bad(f"{name!r} unpacks to more than {cap} bytes")
+            members[name] = content
+    for name in REQUIRED:
+        if name not in members:
+            raise _bad(f"{name!r} is missing")
+    return members
+
+
+def _json(data: bytes, name: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(f"{name!r} is not valid JSON") from exc
+
+
+def _examples(data: bytes, names: set[str]) -> dict[tuple[str, str], list[str]]:
+    try:
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8"))))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise _bad("'examples.csv' is not valid UTF-8 CSV") from exc
+    if not rows or rows[0] != ["category", "side", "prompt"]:
+        raise _bad("'examples.csv' must have the columns category, side, prompt")
+    examples: dict[tuple[str, str], list[str]] = {(n, s): [] for n in names for s in SIDES}
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != 3 or (row[0], row[1]) not in examples:
+            raise _bad(f"'examples.csv' row {number} names an unknown category or side")
+        examples[(row[0], row[1])].append(row[2])
+    return examples
+
+
+def _categories(manifest: dict[str, Any], members: dict[str, bytes]) -> list[PolicyCategory]:
+    model = ModelIdentity.from_dict(manifest["model"])
+    try:
+        tensors = load(members["vectors.safetensors"])
+    except Exception as exc:
+        raise _bad("'vectors.safetensors' is not a valid safetensors file") from exc
+    entries = manifest["categories"]
+    if not isinstance(entries, list) or not entries:
+        raise _bad("the manifest lists no categories")
+    examples = _examples(members["examples.csv"], {str(e["name"]) for e in entries})
+    categories = []
+    for entry in entries:
+        tensor = tensors.get(str(entry["tensor"]))
+        if tensor is None:
+            raise _bad(f"no tensor {entry['tensor']!r} for category {entry['name']!r}")
+        if tensor.dtype != torch.float32 or tuple(tensor.shape) != (model.n_layers, model.hidden_size):
+            raise _bad(
+                f"category {entry['name']!r} has a {tuple(tensor.shape)} {tensor.dtype} tensor; "
+                f"{model.describe()} needs float32 {(model.n_layers, model.hidden_size)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise _bad(f"category {entry['name']!r} has non-finite vector values")
+        strength = float(entry["strength"])
+        if not math.isfinite(strength):
+            raise _bad(f"category {entry['name']!r} has a non-finite strength")
+        metadata = {**entry["vectors"], "model": model.to_dict()}
+        categories.append(
+            PolicyCategory(
+                name=str(entry["name"]),
+                description=str(entry.get("description", "")),
+                harmful=examples[(str(entry["name"]), "harmful")],
+                safe=examples[(str(entry["name"]), "safe")],
+                vectors=CategoryVectors.from_parts(tensor, metadata),
+                layer=int(entry["layer"]),
+                strength=strength,
+            )
+        )
+    return categories
+
+
+def read_bundle(data: bytes) -> PolicyVersion:
+    """Validate a bundle completely and return its policy version (nothing is written anywhere)."""
+    members = _read_members(data)
+    manifest = _json(members["manifest.json"], "manifest.json")
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise _bad("'manifest.json' is not a SafeSteer policy bundle manifest")
+    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+        found = manifest.get("format_version")
+        raise _bad(f"format version {found!r} is not supported (this SafeSteer reads {BUNDLE_FORMAT_VERSION})")
+    hashes = manifest.get("files")
+    if not isinstance(hashes, dict):
+        raise _bad("the manifest has no file hashes")
+    for name, content in members.items():
+        if name == "manifest.json":
+            continue
+        if name not in hashes:
+            raise _bad(f"{name!r} is not listed in the manifest")
+        if _sha256(content) != hashes[name]:
+            raise _bad(f"{name!r} does not match its sha256 in the manifest (the bundle was altered or damaged)")
+    for name in hashes:
+        if name not in members:
+            raise _bad(f"{name!r} is listed in the manifest but missing")
+    try:
+        categories = _categories(manifest, members)
+        version_info, policy_info = manifest["version"], manifest["policy"]
+        return PolicyVersion(
+            policy=str(policy_info["name"]),
+            description=str(policy_info.get("description", "")),
+            categories=categories,
+            number=int(version_info.get("number", 0)),
+            author=str(version_info.get("author", "")),
+            created_at=str(version_info.get("created_at", "")),
+            note=str(version_info.get("note", "")),
+            evaluation=_json(members["evaluation.json"], "evaluation.json") if "evaluation.json" in members else None,
+        )
+    except SafeSteerError as exc:
+        if str(exc).startswith("not a valid policy bundle"):
+            raise
+        raise _bad(str(exc)) from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _bad(f"the manifest is incomplete ({type(exc).__name__}: {exc})") from exc
+
+
+def read_bundle_file(path: str | Path) -> PolicyVersion:
+    path = Path(path)
+    if not path.is_file():
+        raise SafeSteerError(f"no such file: {path}")
+    if path.stat().st_size > MAX_BUNDLE_BYTES:
+        raise _bad(f"the file is larger than {MAX_BUNDLE_BYTES // (1024 * 1024)} MB")
+    return read_bundle(path.read_bytes())
+
+
+# --- the deployer's side -------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyBundle:
+    """A validated bundle, ready to apply to a transformers model without the app or a database."""
+
+    version: PolicyVersion
+
+    @contextmanager
+    def apply(self, model: Any, strength_scale: float = 1.0) -> Iterator[LoadedModel]:
+        """Steer `model` (a transformers causal LM) inside the block, in this thread; hooks always removed."""
+        lm = (
+            model
+            if isinstance(model, LoadedModel)
+            else wrap_model(model, None, model_id="deployer-model", precision="")
+        )
+        check_compatible(self.version.model, lm.identity)
+        specs = [c.steering_spec(c.strength * strength_scale) for c in self.version.categories]
+        with steer(lm, specs):
+            yield lm
+
+
+def load_bundle(path: str | Path) -> PolicyBundle:
+    """Read and validate a bundle file for deployment."""
+    return PolicyBundle(read_bundle_file(path))
+
+
+# --- llama.cpp --------------------------------------------------------------------------------
+
+
+def export_llama_cpp(version: PolicyVersion, path: str | Path) -> Path:
+    """Write the policy as a llama.cpp control vector (GGUF), strengths baked in.
+
+    llama.cpp adds `direction.{i}` to the output of decoder layer i, which is exactly this
+    project's residual site; categories at the same layer add up. Attention-site vectors act
+    inside a layer, which a control vector cannot express, and llama.cpp never applies a vector
+    to layer 0; both are refused rather than exported wrong.
+    """
+    import gguf
+    import numpy as np
+
+    model = version.model
+    directions: dict[int, torch.Tensor] = {}
+    for c in version.categories:
+        if c.vectors.settings.site != "residual":
+            raise SafeSteerError(
+                f"category {c.name!r} steers the attention output, which llama.cpp control vectors cannot express; "
+                "extract it with site 'residual' to export"
+            )
+        if c.layer == 0:
+            raise SafeSteerError(
+                f"category {c.name!r} steers layer 0, which llama.cpp never applies; choose layer 1 or later"
+            )
+        directions[c.layer] = directions.get(c.layer, torch.zeros(model.hidden_size)) + c.strength * c.vectors.vector(
+            c.layer
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), arch="controlvector")
+    writer.add_string("controlvector.model_hint", model.model_type)
+    writer.add_uint32("controlvector.layer_count", model.n_layers)
+    for layer in sorted(directions):
+        writer.add_tensor(f"direction.{layer}", directions[layer].float().numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,0 +1,118 @@
+"""A policy version as data: categories with their examples, vectors and operating point.
+
+These objects cross every boundary (store, bundles, CLI, app), so they are plain dataclasses
+with no database or UI attached.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import SafeSteerError
+from .models import ModelIdentity
+from .steering import SteeringSpec
+from .vectors import CategoryVectors
+
+NAME_PATTERN = re.compile(r"^[\w][\w .\-]{0,99}$")
+SIDES = ("harmful", "safe")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Names appear in files, URLs and tables: letters, digits, spaces, '.', '_', '-'; at most 100."""
+    name = name.strip()
+    if not NAME_PATTERN.fullmatch(name):
+        raise SafeSteerError(
+            f"invalid {kind} name {name!r}: use 1-100 letters, digits, spaces, '.', '_' or '-' "
+            "(starting with a letter or digit)"
+        )
+    return name
+
+
+@dataclass
+class PolicyCategory:
+    """One harm category inside a policy, with the layer and strength it is applied at."""
+
+    name: str
+    harmful: list[str]
+    safe: list[str]
+    vectors: CategoryVectors
+    layer: int
+    strength: float
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = check_name("category", self.name)
+        self.vectors.vector(self.layer)  # validates the layer
+
+    def steering_spec(self, strength: float | None = None) -> SteeringSpec:
+        return SteeringSpec(
+            vector=self.vectors.vector(self.layer),
+            layer=self.layer,
+            strength=self.strength if strength is None else strength,
+            site=self.vectors.settings.site,
+        )
+
+
+@dataclass
+class PolicyVersion:
+    """A policy's categories as saved in one version (number 0 means: not saved yet)."""
+
+    policy: str
+    categories: list[PolicyCategory]
+    number: int = 0
+    author: str = ""
+    created_at: str = ""
+    note: str = ""
+    description: str = ""
+    evaluation: dict[str, Any] | None = None
+    restored_from: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.policy = check_name("policy", self.policy)
+        if not self.categories:
+            raise SafeSteerError(f"policy {self.policy!r} needs at least one category")
+        names = [c.name for c in self.categories]
+        if len(set(names)) != len(names):
+            raise SafeSteerError(f"policy {self.policy!r} has two categories with the same name")
+        first = self.categories[0].vectors.model
+        for category in self.categories[1:]:
+            model = category.vectors.model
+            if (model.n_layers, model.hidden_size) != (first.n_layers, first.hidden_size):
+                raise SafeSteerError(
+                    f"category {category.name!r} was made for {model.describe()}, the others for {first.describe()}"
+                )
+
+    @property
+    def model(self) -> ModelIdentity:
+        return self.categories[0].vectors.model
+
+    def category(self, name: str) -> PolicyCategory:
+        for category in self.categories:
+            if category.name == name:
+                return category
+        raise SafeSteerError(f"policy {self.policy!r} has no category {name!r}")
+
+    def steering_specs(self) -> list[SteeringSpec]:
+        """All categories at their saved layer and strength (several vectors add up)."""
+        return [c.steering_spec() for c in self.categories]
+
+    def with_category(self, category: PolicyCategory) -> list[PolicyCategory]:
+        """The categories with `category` added, or replacing the one of the same name."""
+        kept = [c for c in self.categories if c.name != category.name]
+        return (
+            [*kept, category]
+            if len(kept) == len(self.categories)
+            else [category if c.name == category.name else c for c in self.categories]
+        )
+
+
+def cosine_by_layer(a: CategoryVectors, b: CategoryVectors) -> list[float]:
+    """Cosine similarity of two categories' vectors at every layer."""
+    if a.vectors.shape != b.vectors.shape:
+        raise SafeSteerError("the two versions' vectors have different shapes and cannot be compared")
+    return [float(x) for x in torch.nn.functional.cosine_similarity(a.vectors, b.vectors, dim=-1)]

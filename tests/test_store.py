@@ -1,0 +1,161 @@
+import multiprocessing
+import sqlite3
+
+import pytest
+import torch
+from sqlalchemy import inspect, text
+
+from db import PolicyStore
+from safesteer import SafeSteerError
+from tests.policy_factory import category
+
+
+@pytest.fixture()
+def store(tmp_path):
+    return PolicyStore(f"sqlite:///{tmp_path / 'policies.db'}")
+
+
+def test_migrations_create_the_schema_from_empty(tmp_path):
+    path = tmp_path / "fresh.db"
+    store = PolicyStore(f"sqlite:///{path}")
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"policies", "policy_versions", "categories", "examples", "audit_log", "alembic_version"} <= tables
+    with store.engine.connect() as conn:
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0001"
+        assert conn.execute(text("pragma journal_mode")).scalar() == "wal"
+        assert conn.execute(text("pragma foreign_keys")).scalar() == 1
+    PolicyStore(f"sqlite:///{path}")  # opening again is a no-op migration
+
+
+def test_migrations_downgrade_and_upgrade_again(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from db.engine import MIGRATIONS
+
+    store = PolicyStore(f"sqlite:///{tmp_path / 'm.db'}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "base")
+    assert "policies" not in inspect(store.engine).get_table_names()
+    PolicyStore(f"sqlite:///{tmp_path / 'm.db'}")
+    assert "policies" in inspect(store.engine).get_table_names()
+
+
+def test_versions_are_numbered_loaded_and_listed(store):
+    assert store.save_version("Weapons policy", [category()], author="ann", note="first", description="d") == 1
+    assert store.save_version("Weapons policy", [category(seed=1), category("fraud", seed=2)], author="bob") == 2
+    [summary] = store.list_policies()
+    assert (summary.name, summary.versions, summary.latest, summary.description) == ("Weapons policy", 2, 2, "d")
+    versions = store.list_versions("Weapons policy")
+    assert [(v.number, v.author, v.categories) for v in versions] == [
+        (1, "ann", ["weapons"]),
+        (2, "bob", ["weapons", "fraud"]),
+    ]
+    loaded = store.load_version("Weapons policy", 1)
+    original = category()
+    assert loaded.number == 1 and loaded.note == "first" and loaded.author == "ann"
+    [c] = loaded.categories
+    torch.testing.assert_close(c.vectors.vectors, original.vectors.vectors)
+    assert (c.harmful, c.safe, c.layer, c.strength) == (original.harmful, original.safe, 1, 2.0)
+    assert c.vectors.settings == original.vectors.settings
+    assert store.load_version("Weapons policy").number == 2
+
+
+def test_saved_versions_are_immutable(store, tmp_path):
+    store.save_version("p", [category()])
+    with sqlite3.connect(tmp_path / "policies.db") as conn, pytest.raises(sqlite3.IntegrityError, match="immutable"):
+        conn.execute("update policy_versions set note = 'rewritten'")
+
+
+def test_diff_reports_examples_settings_and_cosines(store):
+    store.save_version("p", [category(harmful=["a", "b", "c", "d"])])
+    changed = category(harmful=["a", "b", "c", "e"], seed=5, layer=2, strength=3.0)
+    store.save_version("p", [changed, category("fraud", seed=2)])
+    diff = store.diff("p", 1, 2)
+    by_name = {c.name: c for c in diff.categories}
+    weapons = by_name["weapons"]
+    assert weapons.status == "changed"
+    assert (weapons.harmful_added, weapons.harmful_removed) == (["e"], ["d"])
+    assert weapons.settings_changed == {"layer": (1, 2), "strength": (2.0, 3.0)}
+    assert len(weapons.cosine_by_layer) == 4 and all(-1.0 <= x <= 1.0 for x in weapons.cosine_by_layer)
+    assert by_name["fraud"].status == "added"
+    assert store.diff("p", 1, 1).categories[0].status == "unchanged"
+
+
+def test_rollback_saves_the_old_version_as_newest_and_keeps_history(store):
+    store.save_version("p", [category(strength=1.0)])
+    store.save_version("p", [category(strength=5.0)])
+    assert store.rollback("p", 1, actor="ann") == 3
+    latest = store.load_version("p")
+    assert (latest.number, latest.restored_from, latest.categories[0].strength) == (3, 1, 1.0)
+    assert [v.number for v in store.list_versions("p")] == [1, 2, 3]
+    assert [e.action for e in store.audit_log("p")] == ["rollback", "save", "save", "create"]
+
+
+def test_archive_and_delete_need_intent(store):
+    store.save_version("p", [category()])
+    store.archive_policy("p", actor="ann")
+    assert store.list_policies() == [] and store.list_policies(include_archived=True)[0].archived
+    with pytest.raises(SafeSteerError, match="archived"):
+        store.save_version("p", [category()])
+    with pytest.raises(SafeSteerError, match="confirm by typing its name"):
+        store.delete_policy("p", confirm="yes")
+    store.delete_policy("p", confirm="p", actor="ann")
+    assert store.list_policies(include_archived=True) == []
+    with store.engine.connect() as conn:
+        assert conn.execute(text("select count(*) from examples")).scalar() == 0
+    assert store.audit_log("p")[0].action == "delete"
+
+
+def test_bad_names_and_empty_policies_are_refused(store):
+    with pytest.raises(SafeSteerError, match="invalid policy name"):
+        store.save_version("../etc/passwd", [category()])
+    with pytest.raises(SafeSteerError, match="at least one category"):
+        store.save_version("p", [])
+    with pytest.raises(SafeSteerError, match="no policy named"):
+        store.load_version("nope")
+    store.create_policy("q")
+    with pytest.raises(SafeSteerError, match="already exists"):
+        store.create_policy("q")
+    with pytest.raises(SafeSteerError, match="has no versions yet"):
+        store.load_version("q")
+
+
+def test_a_crash_mid_save_leaves_the_database_as_it_was(store, monkeypatch):
+    store.save_version("p", [category()])
+    before = store.audit_log()
+
+    def explode(session, row, categories):
+        session.add(row)
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(PolicyStore, "_insert_categories", staticmethod(explode))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        store.save_version("p", [category(seed=3)])
+    with pytest.raises(RuntimeError):
+        store.save_version("new policy", [category()])
+    assert [v.number for v in store.list_versions("p")] == [1]
+    assert [p.name for p in store.list_policies()] == ["p"]
+    assert store.audit_log() == before
+
+
+def _save_many(url: str, worker: int, count: int) -> list[int]:
+    store = PolicyStore(url)
+    return [store.save_version("shared", [category(seed=worker * 100 + i)], author=f"w{worker}") for i in range(count)]
+
+
+def test_concurrent_savers_in_separate_processes_never_collide(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    PolicyStore(url)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(3) as pool:
+        results = pool.starmap(_save_many, [(url, w, 5) for w in range(3)])
+    numbers = sorted(n for r in results for n in r)
+    assert numbers == list(range(1, 16))
+    store = PolicyStore(url)
+    versions = store.list_versions("shared")
+    assert [v.number for v in versions] == list(range(1, 16))
+    assert sorted(v.author for v in versions) == sorted(f"w{w}" for w in range(3) for _ in range(5))
