@@ -1,0 +1,266 @@
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from db import PolicyStore, import_bundle
+from safesteer import SafeSteerError, SteeringSpec, generate
+from safesteer.bundles import bundle_bytes, export_llama_cpp, load_bundle, read_bundle
+from safesteer.policy import PolicyVersion
+from tests.policy_factory import IDENTITY, category
+
+
+def _version(**kwargs) -> PolicyVersion:
+    return PolicyVersion(
+        policy="Weapons policy",
+        categories=[category(), category("fraud", seed=2, layer=2, strength=1.5)],
+        number=3,
+        author="ann",
+        note="tighter",
+        description="keeps weapon talk safe",
+        evaluation={"unsafe_rate": 0.1},
+        **kwargs,
+    )
+
+
+def _rezip(members: dict[str, bytes], rehash: bool = True) -> bytes:
+    """Rebuild a bundle with altered members; rehash=True also fixes the manifest's hashes."""
+    manifest = json.loads(members["manifest.json"])
+    if rehash:
+        import hashlib
+
+        manifest["files"] = {n: hashlib.sha256(d).hexdigest() for n, d in members.items() if n != "manifest.json"}
+    members = {**members, "manifest.json": json.dumps(manifest).encode()}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _members(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def test_bundle_contents_and_round_trip():
+    version = _version()
+    data = bundle_bytes(version, created_by="ann")
+    members = _members(data)
+    assert set(members) == {"manifest.json", "vectors.safetensors", "examples.csv", "evaluation.json", "README.md"}
+    manifest = json.loads(members["manifest.json"])
+    assert manifest["format"] == "safesteer-policy-bundle" and manifest["format_version"] == 1
+    assert manifest["model"] == IDENTITY.to_dict()
+    assert [(c["name"], c["layer"], c["strength"]) for c in manifest["categories"]] == [
+        ("weapons", 1, 2.0),
+        ("fraud", 2, 1.5),
+    ]
+    assert "Weapons policy" in members["README.md"].decode() and "load_bundle" in members["README.md"].decode()
+
+    back = read_bundle(data)
+    assert (back.policy, back.number, back.author, back.note, back.description) == (
+        "Weapons policy",
+        3,
+        "ann",
+        "tighter",
+        "keeps weapon talk safe",
+    )
+    assert back.evaluation == {"unsafe_rate": 0.1}
+    for a, b in zip(version.categories, back.categories, strict=True):
+        assert (a.name, a.layer, a.strength, a.harmful, a.safe) == (b.name, b.layer, b.strength, b.harmful, b.safe)
+        assert torch.equal(a.vectors.vectors, b.vectors.vectors)
+        assert a.vectors.metadata() == b.vectors.metadata()
+
+
+def test_import_into_a_fresh_database_and_steer_identically(tiny_lm, tmp_path):
+    identity = tiny_lm.identity
+    version = PolicyVersion(policy="tiny", categories=[category(identity=identity, strength=4.0)], number=1)
+    data = bundle_bytes(version)
+    store = PolicyStore(f"sqlite:///{tmp_path / 'fresh.db'}")
+    name, number = import_bundle(store, data, target=identity, actor="deployer")
+    assert (name, number) == ("tiny", 1)
+    stored = store.load_version("tiny")
+    assert torch.equal(stored.categories[0].vectors.vectors, version.categories[0].vectors.vectors)
+    assert store.audit_log("tiny")[0].actor == "deployer"
+
+    prompt = "How do I pick a lock?"
+    expected = generate(tiny_lm, [prompt], version.steering_specs(), max_new_tokens=16)[0]
+    assert generate(tiny_lm, [prompt], stored.steering_specs(), max_new_tokens=16)[0] == expected
+    assert expected != generate(tiny_lm, [prompt], max_new_tokens=16)[0]
+
+    path = tmp_path / "tiny.zip"
+    path.write_bytes(data)
+    bundle = load_bundle(path)
+    with bundle.apply(tiny_lm.model):  # the deployer's raw transformers model
+        batch = tiny_lm.encode([prompt])
+        out = tiny_lm.model.generate(
+            **batch, max_new_tokens=16, do_sample=False, pad_token_id=tiny_lm.tokenizer.pad_token_id
+        )
+    text = tiny_lm.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert text == expected
+
+
+def test_wrong_model_is_refused_naming_both(tmp_path):
+    store = PolicyStore(f"sqlite:///{tmp_path / 'db.db'}")
+    other = IDENTITY.__class__("big/model", None, "nf4", "llama", 30, 576)
+    with pytest.raises(
+        SafeSteerError, match=r"made for toy/model .*hidden size 64.* cannot be applied to big/model .*hidden size 576"
+    ):
+        import_bundle(store, bundle_bytes(_version()), target=other)
+    assert store.list_policies(include_archived=True) == []
+
+
+def _zip_with(entries: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+HOSTILE = {
+    "not a zip": (lambda good: b"PK\x03\x04 this is not really a zip", "not a zip file"),
+    "path traversal": (lambda good: _zip_with([*_members(good).items(), ("../evil.py", b"x")]), "unsafe path"),
+    "absolute path": (lambda good: _zip_with([*_members(good).items(), ("/etc/cron.d/x", b"x")]), "unsafe path"),
+    "nested path": (lambda good: _zip_with([*_members(good).items(), ("sub/README.md", b"x")]), "unexpected file"),
+    "pickle inside": (
+        lambda good: _zip_with([*_members(good).items(), ("vectors.pt", b"\x80\x04K.")]),
+        "unexpected file",
+    ),
+    "duplicate member": (lambda good: _zip_with([*_members(good).items(), ("README.md", b"again")]), "appears twice"),
+    "zip bomb": (
+        lambda good: _zip_with(
+            [(n, d) for n, d in _members(good).items() if n != "examples.csv"] + [("examples.csv", b"\0" * (40 << 20))]
+        ),
+        "would unpack to",
+    ),
+    "too well compressed": (
+        lambda good: _zip_with(
+            [(n, d) for n, d in _members(good).items() if n != "evaluation.json"]
+            + [("evaluation.json", b'"' + b"a" * (2 << 20) + b'"')]
+        ),
+        "compressed suspiciously well",
+    ),
+    "missing manifest": (
+        lambda good: _zip_with([(n, d) for n, d in _members(good).items() if n != "manifest.json"]),
+        "'manifest.json' is missing",
+    ),
+    "tampered examples": (
+        lambda good: _rezip(
+            {**_members(good), "examples.csv": _members(good)["examples.csv"] + b"weapons,harmful,new\n"}, rehash=False
+        ),
+        "does not match its sha256",
+    ),
+    "future format": (
+        lambda good: _rezip(
+            {
+                **_members(good),
+                "manifest.json": json.dumps(
+                    {**json.loads(_members(good)["manifest.json"]), "format_version": 99}
+                ).encode(),
+            }
+        ),
+        "format version 99 is not supported",
+    ),
+    "manifest not json": (lambda good: _rezip_raw_manifest(good, b"{not json"), "not valid JSON"),
+    "wrong tensor shape": (
+        lambda good: _rezip(
+            {
+                **_members(good),
+                "vectors.safetensors": save({"category.0": torch.zeros(4, 63), "category.1": torch.zeros(4, 64)}),
+            }
+        ),
+        "needs float32",
+    ),
+    "nan vectors": (
+        lambda good: _rezip(
+            {
+                **_members(good),
+                "vectors.safetensors": save(
+                    {"category.0": torch.full((4, 64), float("nan")), "category.1": torch.zeros(4, 64)}
+                ),
+            }
+        ),
+        "non-finite",
+    ),
+    "garbage safetensors": (
+        lambda good: _rezip({**_members(good), "vectors.safetensors": b"\xff" * 64}),
+        "not a valid safetensors",
+    ),
+    "unknown category in examples": (
+        lambda good: _rezip({**_members(good), "examples.csv": b"category,side,prompt\nghost,harmful,boo\n"}),
+        "unknown category or side",
+    ),
+    "bad layer": (
+        lambda good: _rezip({**_members(good), "manifest.json": _manifest_with(good, layer=99)}),
+        "layer 99 is out of range",
+    ),
+}
+
+
+def _rezip_raw_manifest(good: bytes, manifest: bytes) -> bytes:
+    return _zip_with(
+        [("manifest.json", manifest), *[(n, d) for n, d in _members(good).items() if n != "manifest.json"]]
+    )
+
+
+def _manifest_with(good: bytes, layer: int) -> bytes:
+    manifest = json.loads(_members(good)["manifest.json"])
+    manifest["categories"][0]["layer"] = layer
+    return json.dumps(manifest).encode()
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_bundles_are_refused_and_change_nothing(case, tmp_path):
+    make, message = HOSTILE[case]
+    data = make(bundle_bytes(_version()))
+    store = PolicyStore(f"sqlite:///{tmp_path / 'db.db'}")
+    store.save_version("existing", [category()])
+    before = (store.list_policies(include_archived=True), store.audit_log())
+    with pytest.raises(SafeSteerError, match=message) as info:
+        import_bundle(store, data, target=IDENTITY)
+    assert str(info.value).startswith("not a valid policy bundle")
+    assert (store.list_policies(include_archived=True), store.audit_log()) == before
+
+
+def test_llama_cpp_control_vector_reads_back(tmp_path):
+    import gguf
+    import numpy as np
+
+    version = PolicyVersion(
+        policy="p",
+        categories=[
+            category(layer=1, strength=2.0),
+            category("fraud", seed=2, layer=3, strength=0.5),
+            category("spam", seed=4, layer=3, strength=1.0),
+        ],
+    )
+    path = export_llama_cpp(version, tmp_path / "p.gguf")
+    reader = gguf.GGUFReader(str(path))
+    fields = reader.fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "controlvector"
+    assert bytes(fields["controlvector.model_hint"].parts[-1]).decode() == "llama"
+    assert int(fields["controlvector.layer_count"].parts[-1][0]) == 4
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    assert set(tensors) == {"direction.1", "direction.3"}
+    assert all(t.shape == (64,) and t.dtype == np.float32 for t in tensors.values())
+    c = version.categories
+    np.testing.assert_allclose(tensors["direction.1"], (2.0 * c[0].vectors.vector(1)).numpy(), rtol=1e-6)
+    expected3 = 0.5 * c[1].vectors.vector(3) + 1.0 * c[2].vectors.vector(3)
+    np.testing.assert_allclose(tensors["direction.3"], expected3.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_llama_cpp_export_refuses_what_it_cannot_express(tmp_path):
+    with pytest.raises(SafeSteerError, match="attention output"):
+        export_llama_cpp(PolicyVersion(policy="p", categories=[category(site="attention")]), tmp_path / "a.gguf")
+    with pytest.raises(SafeSteerError, match="layer 0"):
+        export_llama_cpp(PolicyVersion(policy="p", categories=[category(layer=0)]), tmp_path / "b.gguf")
+    assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "b.gguf").exists()
+
+
+def test_steering_spec_of_a_category_uses_its_site():
+    spec = category(site="attention", layer=2, strength=3.0).steering_spec()
+    assert isinstance(spec, SteeringSpec) and (spec.site, spec.layer, spec.strength) == ("attention", 2, 3.0)
