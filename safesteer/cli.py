@@ -1,31 +1,37 @@
 """The `safesteer` command: the same library calls as the app, for scripts and terminals.
 
 Every failure a user can cause ends as one `error: ...` line on stderr and exit status 2.
+Read commands take `--json` for scripts.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from . import datasets
 from .activations import TOKENS
 from .architectures import SITES
 from .errors import SafeSteerError
-from .generation import generate_side_by_side
-from .models import EMBEDDED_MODEL, PRECISIONS, LoadedModel, check_compatible, load_model
+from .generation import generate, generate_side_by_side
+from .models import EMBEDDED_MODEL, PRECISIONS, LoadedModel, check_compatible, describe_model, load_model
+from .policy import PolicyCategory, PolicyVersion
 from .progress import ProgressCallback
 from .prompts import load_prompt_file
 from .steering import SteeringSpec
 from .vectors import METHODS, CategoryVectors, ExtractionSettings, extract_vectors
 
 BUILTIN_PREFIX = "builtin:"
-DEFAULT_STRENGTH = 4.0
+DEFAULT_STRENGTH = 2.0
 
 
 def prompts_from_argument(value: str) -> list[str]:
@@ -34,6 +40,10 @@ def prompts_from_argument(value: str) -> list[str]:
         name = value[len(BUILTIN_PREFIX) :]
         return datasets.benign_prompts() if name == "benign" else datasets.harmful_prompts(name)
     return load_prompt_file(value)
+
+
+def default_author() -> str:
+    return os.environ.get("SAFESTEER_USER") or getpass.getuser()
 
 
 class _Bar:
@@ -53,8 +63,21 @@ class _Bar:
         self._bar.close()
 
 
-def _load(args: argparse.Namespace, model_id: str, progress: ProgressCallback | None = None) -> LoadedModel:
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _store(args: argparse.Namespace):
+    from db import PolicyStore
+
+    return PolicyStore(args.db)
+
+
+def _load(args: argparse.Namespace, model_id: str | None, progress: ProgressCallback | None = None) -> LoadedModel:
     return load_model(model_id, args.precision, progress=progress)
+
+
+# --- extract and generate ------------------------------------------------------------------------
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -68,6 +91,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     settings.validate()
+    store = _store(args) if args.policy else None  # open (and migrate) before the long work
     bar = _Bar()
     try:
         started = time.perf_counter()
@@ -77,33 +101,196 @@ def cmd_extract(args: argparse.Namespace) -> int:
         finished = time.perf_counter()
     finally:
         bar.close()
-    path = result.save(args.out)
-    summary = {
-        "out": str(path),
+    summary: dict[str, Any] = {
         **result.summary(),
         "timing_s": {"load": round(loaded - started, 2), "extract": round(finished - loaded, 2)},
     }
-    print(json.dumps(summary, indent=2))
+    if args.out or not args.policy:  # never drop a result: without a policy, save to a file
+        summary["out"] = str(result.save(args.out or Path("vectors.safetensors")))
+    if store is not None:
+        category = PolicyCategory(
+            name=args.category,
+            harmful=harmful,
+            safe=safe,
+            vectors=result,
+            layer=result.recommended_layer if args.layer is None else args.layer,
+            strength=args.strength,
+        )
+        try:
+            categories = store.load_version(args.policy).with_category(category)
+        except SafeSteerError:
+            categories = [category]  # a new policy, or one without versions yet
+        number = store.save_version(args.policy, categories, author=args.author, note=args.note)
+        summary["saved"] = {"policy": args.policy, "version": number}
+    _print_json(summary)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    vectors = CategoryVectors.load(args.vectors)
-    layer = vectors.recommended_layer if args.layer is None else args.layer
-    vector = vectors.vector(layer)
-    lm = _load(args, args.model or vectors.model.model_id)
-    check_compatible(vectors.model, lm.identity)
-    spec = SteeringSpec(vector=vector, layer=layer, strength=args.strength, site=vectors.settings.site)
+    if bool(args.vectors) == bool(args.policy):
+        raise SafeSteerError("give either --vectors FILE or --policy NAME")
+    if args.policy:
+        version = _store(args).load_version(args.policy, args.version)
+        model = version.model
+        specs = version.steering_specs()
+        described = {
+            "policy": version.policy,
+            "version": version.number,
+            "categories": {c.name: {"layer": c.layer, "strength": c.strength} for c in version.categories},
+        }
+    else:
+        vectors = CategoryVectors.load(args.vectors)
+        layer = vectors.recommended_layer if args.layer is None else args.layer
+        model = vectors.model
+        specs = [
+            SteeringSpec(vector=vectors.vector(layer), layer=layer, strength=args.strength, site=vectors.settings.site)
+        ]
+        described = {"layer": layer, "strength": args.strength}
+    lm = _load(args, args.model or model.model_id)
+    check_compatible(model, lm.identity)
     started = time.perf_counter()
-    result = generate_side_by_side(lm, args.prompt, [spec], max_new_tokens=args.max_new_tokens)
+    if len(specs) == 1:
+        result = generate_side_by_side(lm, args.prompt, specs, max_new_tokens=args.max_new_tokens).to_dict()
+    else:
+        naive, steered = generate(
+            lm,
+            [args.prompt, args.prompt],
+            [SteeringSpec(s.vector, s.layer, (0.0, s.strengths()[0]), s.site) for s in specs],
+            max_new_tokens=args.max_new_tokens,
+        )
+        result = {"prompt": args.prompt, "naive": naive, "steered": steered}
     elapsed = time.perf_counter() - started
     if args.json:
-        payload = {**result.to_dict(), "layer": layer, "strength": args.strength, "seconds": round(elapsed, 2)}
-        print(json.dumps(payload, indent=2))
+        _print_json({**result, **described, "seconds": round(elapsed, 2)})
     else:
-        print(f"--- naive ---\n{result.naive}\n")
-        print(f"--- steered (layer {layer}, strength {args.strength}) ---\n{result.steered}")
+        print(f"--- naive ---\n{result['naive']}\n")
+        print(f"--- steered ({json.dumps(described)}) ---\n{result['steered']}")
     return 0
+
+
+# --- policies ----------------------------------------------------------------------------------
+
+
+def _version_dict(version: PolicyVersion) -> dict[str, Any]:
+    return {
+        "policy": version.policy,
+        "description": version.description,
+        "version": version.number,
+        "author": version.author,
+        "created_at": version.created_at,
+        "note": version.note,
+        "restored_from": version.restored_from,
+        "model": version.model.to_dict(),
+        "evaluation": version.evaluation,
+        "categories": [
+            {
+                "name": c.name,
+                "layer": c.layer,
+                "strength": c.strength,
+                "settings": asdict(c.vectors.settings),
+                "recommended_layer": c.vectors.recommended_layer,
+                "harmful_examples": len(c.harmful),
+                "safe_examples": len(c.safe),
+            }
+            for c in version.categories
+        ],
+    }
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    store = _store(args)
+    action = args.action
+    if action == "create":
+        summary = store.create_policy(args.name, args.description, actor=args.author)
+        _print_json(asdict(summary)) if args.json else print(f"created policy {summary.name!r}")
+    elif action == "list":
+        rows = [asdict(p) for p in store.list_policies(include_archived=args.all)]
+        _print_json(rows) if args.json else _table(
+            rows, ["name", "versions", "latest", "archived", "created_by", "description"]
+        )
+    elif action == "show":
+        data = _version_dict(store.load_version(args.name, args.version))
+        if args.json:
+            _print_json(data)
+        else:
+            author = data["author"] or "?"
+            print(f"{data['policy']} v{data['version']} by {author} at {data['created_at']}: {data['note']}")
+            _table(
+                data["categories"],
+                ["name", "layer", "strength", "recommended_layer", "harmful_examples", "safe_examples"],
+            )
+    elif action == "versions":
+        rows = [asdict(v) for v in store.list_versions(args.name)]
+        _print_json(rows) if args.json else _table(
+            rows, ["number", "author", "created_at", "categories", "restored_from", "note"]
+        )
+    elif action == "diff":
+        diff = store.diff(args.name, args.old, args.new).to_dict()
+        if args.json:
+            _print_json(diff)
+        else:
+            for c in diff["categories"]:
+                print(f"{c['name']}: {c['status']}")
+                for key in ("harmful_added", "harmful_removed", "safe_added", "safe_removed"):
+                    if c[key]:
+                        print(f"  {key.replace('_', ' ')}: {len(c[key])}")
+                for key, (old, new) in c["settings_changed"].items():
+                    print(f"  {key}: {old} -> {new}")
+                if c["cosine_by_layer"]:
+                    print(
+                        f"  vector cosine: min {min(c['cosine_by_layer']):.3f} over {len(c['cosine_by_layer'])} layers"
+                    )
+    elif action == "rollback":
+        number = store.rollback(args.name, args.number, actor=args.author, note=args.note)
+        print(f"saved version {args.number} of {args.name!r} again as version {number}")
+    elif action == "archive":
+        store.archive_policy(args.name, actor=args.author, archived=not args.undo)
+        print(f"{'unarchived' if args.undo else 'archived'} policy {args.name!r}")
+    elif action == "delete":
+        store.delete_policy(args.name, confirm=args.confirm or "", actor=args.author)
+        print(f"deleted policy {args.name!r} and all its versions")
+    elif action == "audit":
+        rows = [asdict(e) for e in store.audit_log(args.name, limit=args.limit)]
+        _print_json(rows) if args.json else _table(rows, ["at", "actor", "action", "policy", "version", "detail"])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundles import export_bundle, export_llama_cpp
+
+    version = _store(args).load_version(args.policy, args.version)
+    if args.format == "llama-cpp":
+        path = export_llama_cpp(version, args.out)
+    else:
+        path = export_bundle(version, args.out, created_by=args.author)
+    print(json.dumps({"policy": version.policy, "version": version.number, "format": args.format, "out": str(path)}))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from db import import_bundle
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise SafeSteerError(f"no such file: {path}")
+    target = describe_model(args.model, args.precision)
+    store = _store(args)
+    name, number = import_bundle(store, path.read_bytes(), target=target, actor=args.author, rename=args.as_name)
+    print(json.dumps({"policy": name, "version": number}))
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
 
 
 def _positive_int(text: str) -> int:
@@ -116,6 +303,12 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safesteer", description="Category-wise safety steering for language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
+    parser.add_argument(
+        "--db", default=None, help="database URL (default: $SAFESTEER_DB or a SQLite file in the data folder)"
+    )
+    parser.add_argument(
+        "--author", default=default_author(), help="who is acting (recorded in versions and the audit log)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_model(sub: argparse.ArgumentParser, default: str | None) -> None:
@@ -142,18 +335,78 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-fraction", type=float, default=0.5, help="share of harmful examples kept by --method pruned"
     )
     extract.add_argument("--batch-size", type=_positive_int, default=16)
-    extract.add_argument("--out", type=Path, default=Path("vectors.safetensors"), help="where to save the vectors")
+    extract.add_argument(
+        "--out", type=Path, default=None, help="save the vectors here (default without --policy: vectors.safetensors)"
+    )
+    extract.add_argument("--policy", default=None, help="save the category as a new version of this policy")
+    extract.add_argument(
+        "--layer", type=int, default=None, help="with --policy: layer to apply at (default: recommended)"
+    )
+    extract.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="with --policy: strength to apply at")
+    extract.add_argument("--note", default="", help="with --policy: a change note")
     extract.set_defaults(handler=cmd_extract)
 
     gen = commands.add_parser("generate", help="answer a prompt naive and steered, side by side")
-    gen.add_argument("--vectors", required=True, type=Path, help="a vectors file written by `extract`")
+    gen.add_argument("--vectors", type=Path, default=None, help="a vectors file written by `extract --out`")
+    gen.add_argument(
+        "--policy", default=None, help="a saved policy (all its categories at their saved layer and strength)"
+    )
+    gen.add_argument("--version", type=_positive_int, default=None, help="with --policy: version (default: latest)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--layer", type=int, default=None, help="layer to steer at (default: the recommended one)")
-    gen.add_argument("--strength", type=float, default=DEFAULT_STRENGTH)
+    gen.add_argument("--layer", type=int, default=None, help="with --vectors: layer (default: the recommended one)")
+    gen.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="with --vectors: strength")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
     gen.add_argument("--json", action="store_true", help="print JSON")
     with_model(gen, None)
     gen.set_defaults(handler=cmd_generate)
+
+    policy = commands.add_parser("policy", help="manage versioned policies")
+    actions = policy.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create an empty policy")
+    create.add_argument("name")
+    create.add_argument("--description", default="")
+    listing = actions.add_parser("list", help="list policies")
+    listing.add_argument("--all", action="store_true", help="include archived policies")
+    show = actions.add_parser("show", help="show one version (default: the latest)")
+    show.add_argument("name")
+    show.add_argument("--version", type=_positive_int, default=None)
+    versions = actions.add_parser("versions", help="list a policy's versions")
+    versions.add_argument("name")
+    diff = actions.add_parser("diff", help="compare two versions")
+    diff.add_argument("name")
+    diff.add_argument("old", type=_positive_int)
+    diff.add_argument("new", type=_positive_int)
+    rollback = actions.add_parser("rollback", help="save an old version again as the newest")
+    rollback.add_argument("name")
+    rollback.add_argument("number", type=_positive_int)
+    rollback.add_argument("--note", default="")
+    archive = actions.add_parser("archive", help="hide a policy from lists (keeps everything)")
+    archive.add_argument("name")
+    archive.add_argument("--undo", action="store_true", help="unarchive")
+    delete = actions.add_parser("delete", help="delete a policy and all its versions")
+    delete.add_argument("name")
+    delete.add_argument("--confirm", default=None, help="repeat the policy name to confirm")
+    audit = actions.add_parser("audit", help="who did what, and when")
+    audit.add_argument("name", nargs="?", default=None)
+    audit.add_argument("--limit", type=_positive_int, default=50)
+    for sub in (create, listing, show, versions, diff, audit):
+        sub.add_argument("--json", action="store_true", help="print JSON")
+    for sub in (rollback, archive, delete):
+        sub.set_defaults(json=False)
+    policy.set_defaults(handler=cmd_policy)
+
+    export = commands.add_parser("export", help="export a policy version as a bundle or llama.cpp control vector")
+    export.add_argument("--policy", required=True)
+    export.add_argument("--version", type=_positive_int, default=None)
+    export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--format", choices=("bundle", "llama-cpp"), default="bundle")
+    export.set_defaults(handler=cmd_export)
+
+    imp = commands.add_parser("import", help="import a policy bundle as a new version")
+    imp.add_argument("file")
+    imp.add_argument("--as", dest="as_name", default=None, help="import under another policy name")
+    with_model(imp, None)
+    imp.set_defaults(handler=cmd_import)
     return parser
 
 
