@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint format bench clean
+.PHONY: install browser run test test-fast lint format bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,18 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyprojec
 
 install: $(STAMP)
 
-run: install
-	$(PY) app.py
+# Debian's chromium drives the browser end-to-end test (Playwright uses it; nothing is downloaded).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "note: install Debian's chromium to run the browser test"; fi; }
 
-test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+run: install
+	GRADIO_ANALYTICS_ENABLED=False $(PY) app.py
+
+test: install browser
+	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not integration"

@@ -1,23 +1,225 @@
-"""SafeSteer Studio web app (Gradio). Run with `make run`, then open http://127.0.0.1:7860."""
+"""SafeSteer Studio: the web app for policy authors (Gradio). `make run`, then http://127.0.0.1:7860.
+
+Only layout and wiring live here; what each button does is in `safesteer.studio`, shared with
+the CLI's library calls and testable without a browser. Runs unchanged as a Hugging Face Space.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import gradio as gr
+
+from safesteer import studio
+from safesteer.activations import TOKENS
+from safesteer.architectures import SITES
+from safesteer.prompts import MAX_FILE_BYTES
+
+INTRO = """# SafeSteer Studio
+Add a safety rule to a language model without retraining it: give examples of a harm category,
+SafeSteer learns a **steering vector** from the model's own activations, and you preview, save and
+export it as a versioned **policy**.
+
+> **Content warning:** this tool shows harmful example prompts and model outputs by design.
+"""
+
+METHOD_HELP = (
+    "**mean-diff**: the direction from the harmful prompts' average to the safe prompts' average. "
+    "**pruned**: the same, using only the harmful examples that show the category most strongly "
+    "(often keeps answers more fluent)."
+)
+SITE_HELP = (
+    "**residual**: the layer's whole output (portable to llama.cpp). "
+    "**attention**: only the attention block's output, as in the papers."
+)
+EXPORT_FORMATS = ["Policy bundle (.zip)", "llama.cpp control vector (.gguf)"]
 
 
 def build_app() -> gr.Blocks:
     with gr.Blocks(title="SafeSteer Studio") as demo:
-        gr.Markdown(
-            "# SafeSteer Studio\n"
-            "Category-wise safety steering for language models. The authoring app is being built; "
-            "meanwhile the `safesteer` command extracts vectors and previews steered output."
+        draft = gr.State(None)
+        gr.Markdown(INTRO)
+        with gr.Tabs():
+            with gr.Tab("1 · Category"):
+                with gr.Row():
+                    name = gr.Textbox(label="Category name", value="malicious-uses", max_lines=1)
+                    description = gr.Textbox(label="Description (optional)", max_lines=2)
+                source = gr.Radio(studio.SOURCES, value=studio.SOURCES[0], label="Harmful examples")
+                with gr.Row():
+                    with gr.Column():
+                        harmful_file = gr.File(
+                            label="Harmful prompts: CSV ('prompt' column), JSONL or TXT",
+                            type="filepath",
+                            file_types=[".csv", ".jsonl", ".txt", ".xlsx"],
+                        )
+                        harmful_text = gr.Textbox(label="…or paste harmful prompts, one per line", lines=5)
+                    with gr.Column():
+                        safe_file = gr.File(
+                            label="Safe prompts (optional; default: SafeSteer's everyday requests)",
+                            type="filepath",
+                            file_types=[".csv", ".jsonl", ".txt", ".xlsx"],
+                        )
+                        safe_text = gr.Textbox(label="…or paste safe prompts, one per line", lines=5)
+                read_button = gr.Button("Read prompts", variant="primary")
+                read_summary = gr.Markdown()
+                read_table = gr.Dataframe(label="What will be used", interactive=False, max_height=320, wrap=True)
+
+            with gr.Tab("2 · Extract"):
+                with gr.Row():
+                    method = gr.Radio(
+                        ["mean-diff", "pruned"],
+                        value="pruned",
+                        label="Method",
+                        info="Guided vectors arrive with evaluation.",
+                    )
+                    site = gr.Radio(list(SITES), value="residual", label="Where to steer")
+                    token = gr.Radio(
+                        list(TOKENS),
+                        value="last",
+                        label="Which prompt token",
+                        info="last: the last prompt token; mean: all prompt tokens",
+                    )
+                    prune = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="Pruning: share of harmful examples kept")
+                gr.Markdown(METHOD_HELP + "\n\n" + SITE_HELP)
+                extract_button = gr.Button("Extract steering vectors", variant="primary")
+                extract_summary = gr.Markdown()
+                separation = gr.Plot(label="Separation by layer")
+
+            with gr.Tab("3 · Preview"):
+                with gr.Row():
+                    layer = gr.Slider(0, 29, value=12, step=1, label="Layer", info="middle layers usually steer best")
+                    strength = gr.Slider(
+                        0.0, 8.0, value=2.0, step=0.25, label="Strength", info="0 = unchanged; too high breaks fluency"
+                    )
+                    max_tokens = gr.Slider(16, 256, value=64, step=16, label="Max new tokens")
+                example = gr.Dropdown(
+                    label="Held-out example prompts (not used for extraction)", choices=[], allow_custom_value=True
+                )
+                prompt = gr.Textbox(label="Prompt", lines=2)
+                preview_button = gr.Button("Generate side by side", variant="primary")
+                with gr.Row():
+                    naive = gr.Textbox(label="Naive (no steering)", lines=10, elem_id="naive-output")
+                    steered = gr.Textbox(label="Steered", lines=10, elem_id="steered-output")
+                with gr.Accordion("Batch: several test prompts at once", open=False):
+                    batch_prompts = gr.Textbox(
+                        label="Test prompts, one per line (empty: the held-out examples)", lines=4
+                    )
+                    batch_button = gr.Button("Run batch")
+                    batch_table = gr.Dataframe(label="Naive vs steered", interactive=False, wrap=True)
+
+            with gr.Tab("4 · Save & versions"):
+                with gr.Row():
+                    policy = gr.Dropdown(
+                        label="Policy", choices=[], allow_custom_value=True, info="pick one or type a new name"
+                    )
+                    note = gr.Textbox(label="Change note", max_lines=2)
+                save_button = gr.Button("Save as new version", variant="primary")
+                save_status = gr.Markdown()
+                versions = gr.Dataframe(label="Version history (newest first)", interactive=False)
+                with gr.Row():
+                    old_version = gr.Number(label="Compare version", precision=0, value=1)
+                    new_version = gr.Number(label="with version", precision=0, value=2)
+                    compare_button = gr.Button("Compare")
+                comparison = gr.Markdown()
+                with gr.Row():
+                    rollback_version = gr.Number(label="Roll back to version", precision=0, value=1)
+                    rollback_button = gr.Button("Roll back (saves it again as newest)")
+                rollback_status = gr.Markdown()
+
+            with gr.Tab("5 · Export / import"):
+                with gr.Row():
+                    export_version = gr.Number(label="Version (empty: latest)", precision=0)
+                    export_format = gr.Radio(EXPORT_FORMATS, value=EXPORT_FORMATS[0], label="Format")
+                export_button = gr.Button("Export selected policy", variant="primary")
+                export_file = gr.File(label="Download", interactive=False)
+                import_file = gr.File(label="Import a policy bundle (.zip)", type="filepath", file_types=[".zip"])
+                import_button = gr.Button("Import")
+                import_status = gr.Markdown()
+
+        read_button.click(
+            studio.user_errors(studio.read_category),
+            [name, description, source, harmful_file, safe_file, harmful_text, safe_text],
+            [draft, read_table, read_summary, example],
+            api_name="read_category",
         )
+        extract_button.click(
+            studio.user_errors(studio.extract),
+            [draft, method, site, token, prune],
+            [draft, separation, extract_summary, layer],
+            api_name="extract",
+            concurrency_limit=1,
+        )
+        example.change(lambda text: text, example, prompt, api_visibility="private")
+        preview_button.click(
+            studio.user_errors(studio.preview),
+            [draft, prompt, layer, strength, max_tokens],
+            [naive, steered],
+            api_name="preview",
+        )
+        batch_button.click(
+            studio.user_errors(studio.preview_batch),
+            [draft, batch_prompts, layer, strength, max_tokens],
+            batch_table,
+            api_name="preview_batch",
+        )
+        save_button.click(
+            studio.user_errors(studio.save_version),
+            [draft, policy, note, layer, strength],
+            [save_status, versions, policy],
+            api_name="save_version",
+        )
+        policy.change(studio.user_errors(studio.versions_table), policy, versions, api_name="versions")
+        compare_button.click(
+            studio.user_errors(studio.compare_versions),
+            [policy, old_version, new_version],
+            comparison,
+            api_name="compare",
+        )
+        rollback_button.click(
+            studio.user_errors(studio.rollback),
+            [policy, rollback_version],
+            [rollback_status, versions],
+            api_name="rollback",
+        )
+        export_button.click(
+            studio.user_errors(studio.export_policy),
+            [policy, export_version, export_format],
+            export_file,
+            api_name="export",
+        )
+        import_button.click(
+            studio.user_errors(studio.import_policy), import_file, [import_status, policy], api_name="import_bundle"
+        )
+        demo.load(lambda: gr.Dropdown(choices=studio.policy_names()), None, policy, api_visibility="private")
+    demo.queue(default_concurrency_limit=2)
+    return demo
+
+
+def auth_from_env() -> list[tuple[str, str]] | None:
+    """`SAFESTEER_AUTH`: 'user:password' pairs separated by commas, or a file with one pair per line."""
+    value = os.environ.get("SAFESTEER_AUTH", "").strip()
+    if not value:
+        return None
+    text = Path(value).read_text() if Path(value).is_file() else value.replace(",", "\n")
+    pairs = [tuple(line.split(":", 1)) for line in text.splitlines() if ":" in line]
+    return [(user.strip(), password.strip()) for user, password in pairs] or None
+
+
+def launch(port: int | None = None, prevent_thread_lock: bool = False) -> gr.Blocks:
+    demo = build_app()
+    demo.launch(
+        server_name=os.environ.get("SAFESTEER_HOST", "127.0.0.1"),
+        server_port=port or int(os.environ.get("PORT", "7860")),
+        auth=auth_from_env(),
+        max_file_size=MAX_FILE_BYTES,
+        show_error=False,
+        prevent_thread_lock=prevent_thread_lock,
+        theme=gr.themes.Soft(primary_hue="indigo"),
+        footer_links=[],
+    )
     return demo
 
 
 if __name__ == "__main__":
-    build_app().launch(
-        server_name=os.environ.get("SAFESTEER_HOST", "127.0.0.1"), server_port=int(os.environ.get("PORT", "7860"))
-    )
+    launch()

@@ -7,7 +7,9 @@ a small model's decode step is dominated by per-step overhead, not batch size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -89,3 +91,51 @@ def generate_strength_sweep(
     return generate(
         lm, [prompt] * len(strengths), [replace(spec, strength=tuple(strengths))], max_new_tokens=max_new_tokens
     )
+
+
+class _RowStreamer:
+    """Receives each decode step's tokens for every row (transformers' streamer protocol)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[list[int] | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt ids
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+def generate_stream(
+    lm: LoadedModel, prompts: Sequence[str], specs: Sequence[SteeringSpec] = (), *, max_new_tokens: int = 64
+) -> Iterator[list[str]]:
+    """Like `generate`, but yields every row's text so far after each decoding step.
+
+    Generation runs in a worker thread (steering is entered there, so it stays private to this
+    request); the last item yielded is exactly what `generate` returns.
+    """
+    streamer = _RowStreamer()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["texts"] = generate(lm, prompts, specs, max_new_tokens=max_new_tokens, streamer=streamer)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+            streamer.end()
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    rows: list[list[int]] = [[] for _ in prompts]
+    while (step := streamer.queue.get()) is not None:
+        for row, token in zip(rows, step, strict=True):
+            row.append(token)
+        yield [text.strip() for text in lm.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    yield outcome["texts"]

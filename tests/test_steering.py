@@ -1,3 +1,4 @@
+import itertools
 import threading
 
 import pytest
@@ -112,3 +113,15 @@ def test_bad_specs_are_refused_before_anything_is_installed(tiny_lm):
     with pytest.raises(SafeSteerError, match="strengths given"):
         generate(tiny_lm, [PROMPT, SAFE[0]], [SteeringSpec(_vector(tiny_lm), 1, strength=(1.0, 2.0, 3.0))])
     assert _hooks(tiny_lm) == before
+
+
+def test_streaming_yields_growing_rows_and_ends_with_the_batch_result(tiny_lm):
+    from safesteer.generation import generate_stream
+
+    spec = SteeringSpec(_vector(tiny_lm), layer=1, strength=(0.0, 3.0))
+    steps = list(generate_stream(tiny_lm, [PROMPT, PROMPT], [spec], max_new_tokens=12))
+    assert len(steps) > 2
+    assert steps[-1] == generate(tiny_lm, [PROMPT, PROMPT], [spec], max_new_tokens=12)
+    assert steps[-1][0] == generate(tiny_lm, [PROMPT], max_new_tokens=12)[0]
+    growing = steps[:-1]  # one item per decoding step, then the final result
+    assert all(len(a[0]) <= len(b[0]) + 1 for a, b in itertools.pairwise(growing))

@@ -1,0 +1,180 @@
+"""The app, launched for real on a free local port: driven through its API and in a real browser.
+
+Both use the real embedded model (4-bit). The browser test needs Debian's chromium
+(`make test` installs it when it can) and saves a screenshot to artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from safesteer import datasets, studio
+
+pytestmark = pytest.mark.integration
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, embedded_lm):
+    import os
+
+    import app
+
+    folder = tmp_path_factory.mktemp("app")
+    saved = {k: os.environ.get(k) for k in ("SAFESTEER_DB", "SAFESTEER_MODEL", "SAFESTEER_PRECISION")}
+    os.environ["SAFESTEER_DB"] = f"sqlite:///{folder / 'app.db'}"
+    os.environ.pop("SAFESTEER_MODEL", None)
+    os.environ["SAFESTEER_PRECISION"] = "nf4"
+    studio.reset_store()
+    port = _free_port()
+    demo = app.launch(port=port, prevent_thread_lock=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    studio.reset_store()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def harmful_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("upload") / "malicious.csv"
+    import pandas as pd
+
+    pd.DataFrame({"prompt": datasets.harmful_prompts("malicious-uses", limit=30, seed=4)}).to_csv(path, index=False)
+    return path
+
+
+def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(app_url, verbose=False)
+    with pytest.raises(AppError, match="start at step 1"):
+        client.predict("pruned", "residual", "last", 0.5, api_name="/extract")
+
+    table, summary, _ = client.predict(
+        "malicious-uses", "", studio.OWN_PROMPTS, handle_file(str(harmful_csv)), None, "", "", api_name="/read_category"
+    )
+    assert "**26 harmful**" in summary and "**4 held out**" in summary
+    assert len(table["data"]) == 30 + len(datasets.benign_prompts())
+
+    plot, summary, layer = client.predict("pruned", "residual", "last", 0.5, api_name="/extract")
+    assert "Vectors ready for all 30 layers" in summary
+    recommended = layer["value"]
+    assert 7 <= recommended <= 19 and plot is not None
+
+    prompt = datasets.harmful_prompts("malicious-uses", limit=30, seed=4)[0]
+    naive, steered = client.predict(prompt, recommended, 4.0, 24, api_name="/preview")
+    from safesteer import generate
+
+    assert naive == generate(embedded_lm, [prompt], max_new_tokens=24)[0]
+    assert steered and steered != naive
+
+    batch = client.predict(
+        "How do I bake bread?\nHow can I hack a wifi network?", recommended, 4.0, 16, api_name="/preview_batch"
+    )
+    assert [row[0] for row in batch["data"]] == ["How do I bake bread?", "How can I hack a wifi network?"]
+
+    status, versions, _ = client.predict("Malicious uses", "first cut", recommended, 2.0, api_name="/save_version")
+    assert "version **1**" in status and versions["data"][0][0] == 1
+    client.predict("Malicious uses", "stronger", recommended, 3.0, api_name="/save_version")
+    comparison = client.predict("Malicious uses", 1, 2, api_name="/compare")
+    assert "strength: 2.0 → 3.0" in comparison
+
+    bundle = client.predict("Malicious uses", 2, "Policy bundle (.zip)", api_name="/export")
+    import zipfile
+
+    with zipfile.ZipFile(bundle) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    assert manifest["version"]["number"] == 2 and manifest["categories"][0]["strength"] == 3.0
+    status, _ = client.predict(handle_file(bundle), api_name="/import_bundle")
+    assert "version **3**" in status
+
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../../escape.txt", "x")
+    with pytest.raises(AppError, match="unsafe path"):
+        client.predict(handle_file(str(evil)), api_name="/import_bundle")
+
+
+def _wait_until_stable(read, settle_s: float = 2.0, limit_s: float = 120.0) -> None:
+    """Streaming output is done when it stops changing (bounded in time)."""
+    import time
+
+    deadline = time.monotonic() + limit_s
+    last, since = read(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        current = read()
+        if current != last:
+            last, since = current, time.monotonic()
+        elif time.monotonic() - since >= settle_s:
+            return
+    raise AssertionError("the output kept changing")
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (make test installs it as root)"
+)
+def test_browser_end_to_end(app_url, harmful_csv):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        expect(page.get_by_text("Content warning")).to_be_visible(timeout=30_000)
+
+        page.locator("input[type=file]").first.set_input_files(str(harmful_csv))
+        page.get_by_role("button", name="Read prompts").click()
+        expect(page.get_by_text("held out", exact=False).first).to_be_visible(timeout=60_000)
+
+        page.get_by_role("tab", name="2 · Extract").click()
+        page.get_by_role("button", name="Extract steering vectors").click()
+        expect(page.get_by_text("Vectors ready for all 30 layers")).to_be_visible(timeout=180_000)
+        page.screenshot(path=str(ARTIFACTS / "extract.png"), full_page=True)
+
+        page.get_by_role("tab", name="3 · Preview").click()
+        layer_box = page.get_by_label("number input for Layer")
+        layer_box.fill("14")
+        layer_box.press("Enter")
+        strength_box = page.get_by_label("number input for Strength")
+        strength_box.fill("4")
+        strength_box.press("Enter")
+        page.get_by_label("Prompt", exact=True).fill("How can I make a fake ID card?")
+        page.get_by_role("button", name="Generate side by side").click()
+        naive = page.locator("#naive-output textarea")
+        steered = page.locator("#steered-output textarea")
+        expect(naive).not_to_have_value("", timeout=120_000)
+        expect(steered).not_to_have_value("", timeout=120_000)
+        _wait_until_stable(lambda: (naive.input_value(), steered.input_value()))
+        page.screenshot(path=str(ARTIFACTS / "preview.png"), full_page=True)
+        assert naive.input_value() != steered.input_value()
+        assert page.get_by_text("Traceback").count() == 0
+        browser.close()

@@ -1,0 +1,110 @@
+"""The app's handlers, without a browser, on the tiny model and a real SQLite file."""
+
+import gradio as gr
+import pytest
+
+from safesteer import generate_side_by_side, studio
+from tests.conftest import HARMFUL, SAFE
+
+
+@pytest.fixture()
+def app_env(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFESTEER_MODEL", str(tiny_folder))
+    monkeypatch.setenv("SAFESTEER_PRECISION", "fp32")
+    monkeypatch.setenv("SAFESTEER_DB", f"sqlite:///{tmp_path / 'studio.db'}")
+    studio.reset_store()
+    yield tmp_path
+    studio.reset_store()
+
+
+def _draft(tmp_path, harmful=(*HARMFUL, "How do I forge a signature?", "How can I cheat on my taxes?")):
+    path = tmp_path / "harmful.csv"
+    path.write_text("prompt\n" + "\n".join(f'"{p}"' for p in harmful) + "\n")
+    draft, table, summary, dropdown = studio.read_category(
+        "crime", "", studio.OWN_PROMPTS, str(path), None, "", "\n".join(SAFE)
+    )
+    return draft, table, summary, dropdown
+
+
+def test_reading_a_category_holds_prompts_out_and_reports(app_env):
+    draft, table, summary, dropdown = _draft(app_env)
+    assert len(draft.heldout) == 2 and len(draft.harmful) == 8 and draft.safe == SAFE
+    assert not set(draft.heldout) & set(draft.harmful)
+    assert set(table["side"]) == {"harmful", "held out (preview)", "safe"}
+    assert "**8 harmful**" in summary and "**2 held out**" in summary
+    assert dropdown.value == draft.heldout[0]
+
+
+def test_built_in_data_and_default_safe_set(app_env):
+    draft, _, summary, _ = studio.read_category(
+        "info", "", studio.BUILTIN_PREFIX + "information-hazards", None, None, "", ""
+    )
+    assert len(draft.harmful) + len(draft.heldout) >= 240 and len(draft.safe) >= 200
+    assert "Do-Not-Answer" in summary and "everyday requests" in summary
+
+
+def test_reading_problems_are_clear(app_env):
+    with pytest.raises(Exception, match="need at least 6 harmful prompts"):
+        studio.read_category("c", "", studio.OWN_PROMPTS, None, None, "a\nb\nc", "")
+    bad = app_env / "bad.csv"
+    bad.write_text("text\nhello\n")
+    with pytest.raises(Exception, match="no 'prompt' column"):
+        studio.read_category("c", "", studio.OWN_PROMPTS, str(bad), None, "", "")
+    with pytest.raises(Exception, match="invalid category name"):
+        studio.read_category("<script>", "", studio.OWN_PROMPTS, None, None, "\n".join(HARMFUL), "")
+    wrapped = studio.user_errors(studio.extract)
+    with pytest.raises(gr.Error, match="start at step 1"):
+        wrapped(None, "mean-diff", "residual", "last", 0.5)
+
+
+def test_extract_preview_save_compare_rollback_export_import(app_env):
+    draft, *_ = _draft(app_env)
+    draft, figure, summary, slider = studio.extract(draft, "pruned", "residual", "last", 0.5)
+    assert draft.vectors is not None and "Recommended layer" in summary
+    assert slider.maximum == 3 and slider.value == draft.vectors.recommended_layer
+    assert figure.axes  # a real matplotlib figure
+
+    steps = list(studio.preview(draft, HARMFUL[0], 1, 3.0, 12))
+    expected = generate_side_by_side(
+        studio.studio_model(), HARMFUL[0], [studio._spec(draft, 1, 3.0)], max_new_tokens=12
+    )
+    assert steps[-1] == (expected.naive, expected.steered)
+    assert steps[-1][0] != steps[-1][1]
+
+    table = studio.preview_batch(draft, "", 1, 3.0, 8)
+    assert list(table["prompt"]) == draft.heldout and list(table.columns) == ["prompt", "naive", "steered"]
+
+    message, versions, _ = studio.save_version(draft, "Crime policy", "first", 1, 3.0)
+    assert "version **1**" in message and list(versions["version"]) == [1]
+    studio.save_version(draft, "Crime policy", "stronger", 2, 5.0)
+    comparison = studio.compare_versions("Crime policy", 1, 2)
+    assert "layer: 1 → 2" in comparison and "strength: 3.0 → 5.0" in comparison
+    status, versions = studio.rollback("Crime policy", 1)
+    assert "version **3**" in status and list(versions["version"]) == [3, 2, 1]
+
+    bundle = studio.export_policy("Crime policy", 2, studio_formats()[0])
+    gguf = studio.export_policy("Crime policy", None, studio_formats()[1])
+    assert bundle.endswith("Crime-policy-v2.zip") and gguf.endswith("Crime-policy-v3.gguf")
+    status, dropdown = studio.import_policy(bundle)
+    assert "version **4**" in status and dropdown.value == "Crime policy"
+    assert studio.studio_store().load_version("Crime policy").categories[0].layer == 2
+
+
+def studio_formats():
+    import app
+
+    return app.EXPORT_FORMATS
+
+
+def test_hostile_import_is_a_message_and_changes_nothing(app_env):
+    bad = app_env / "evil.zip"
+    bad.write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    with pytest.raises(gr.Error, match="not a valid policy bundle"):
+        studio.user_errors(studio.import_policy)(str(bad))
+    assert studio.policy_names() == []
+
+
+def test_markdown_from_users_is_neutralised():
+    assert studio._plain("<script>alert(1)</script> **bold** [x](y)") == (
+        "&lt;script&gt;alert\\(1\\)&lt;/script&gt; \\*\\*bold\\*\\* \\[x\\]\\(y\\)"
+    )
