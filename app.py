@@ -93,6 +93,10 @@ def build_app() -> gr.Blocks:
                         0.0, 8.0, value=2.0, step=0.25, label="Strength", info="0 = unchanged; too high breaks fluency"
                     )
                     max_tokens = gr.Slider(16, 256, value=64, step=16, label="Max new tokens")
+                also_apply = gr.CheckboxGroup(
+                    label="Also steer with saved categories of the selected policy (step 4), at their saved settings",
+                    choices=[],
+                )
                 example = gr.Dropdown(
                     label="Held-out example prompts (not used for extraction)", choices=[], allow_custom_value=True
                 )
@@ -153,13 +157,13 @@ def build_app() -> gr.Blocks:
         example.change(lambda text: text, example, prompt, api_visibility="private")
         preview_button.click(
             studio.user_errors(studio.preview),
-            [draft, prompt, layer, strength, max_tokens],
+            [draft, prompt, layer, strength, max_tokens, policy, also_apply],
             [naive, steered],
             api_name="preview",
         )
         batch_button.click(
             studio.user_errors(studio.preview_batch),
-            [draft, batch_prompts, layer, strength, max_tokens],
+            [draft, batch_prompts, layer, strength, max_tokens, policy, also_apply],
             batch_table,
             api_name="preview_batch",
         )
@@ -170,6 +174,7 @@ def build_app() -> gr.Blocks:
             api_name="save_version",
         )
         policy.change(studio.user_errors(studio.versions_table), policy, versions, api_name="versions")
+        policy.change(studio.user_errors(studio.policy_categories), policy, also_apply, api_visibility="private")
         compare_button.click(
             studio.user_errors(studio.compare_versions),
             [policy, old_version, new_version],

@@ -24,7 +24,7 @@ import pandas as pd
 from . import datasets
 from .errors import SafeSteerError
 from .generation import generate, generate_stream
-from .models import LoadedModel, load_model
+from .models import LoadedModel, check_compatible, load_model
 from .policy import PolicyCategory
 from .prompts import MAX_FILE_BYTES, PromptReport, clean_prompts, parse_prompts
 from .steering import SteeringSpec
@@ -277,29 +277,68 @@ def _spec(draft: Draft, layer: float, strength: float, rows: tuple[float, ...] |
     )
 
 
+def policy_categories(policy: str | None) -> gr.CheckboxGroup:
+    """The categories of a policy's latest version, offered to steer alongside the draft."""
+    names = [c.name for c in studio_store().load_version(policy).categories] if policy in policy_names() else []
+    return gr.CheckboxGroup(choices=names, value=[])
+
+
+def _saved_specs(
+    draft: Draft, policy: str | None, names: list[str] | None, steered_rows: list[bool]
+) -> list[SteeringSpec]:
+    """Specs for saved categories active together with the draft (the draft wins over a same-named one)."""
+    if not policy or not names:
+        return []
+    version = studio_store().load_version(policy)
+    check_compatible(version.model, studio_model().identity)
+    return [
+        c.steering_spec(tuple(c.strength if steered else 0.0 for steered in steered_rows))  # type: ignore[arg-type]
+        for c in version.categories
+        if c.name in names and c.name != draft.name
+    ]
+
+
 def preview(
-    draft: Draft | None, prompt: str, layer: float, strength: float, max_tokens: float
+    draft: Draft | None,
+    prompt: str,
+    layer: float,
+    strength: float,
+    max_tokens: float,
+    policy: str | None = None,
+    also_apply: list[str] | None = None,
 ) -> Iterator[tuple[str, str]]:
-    """Naive and steered answers side by side, streamed, from one batched generation."""
+    """Naive and steered answers side by side, streamed, from one batched generation.
+
+    Saved categories of `policy` named in `also_apply` steer the second row too, each at its
+    saved layer and strength: several categories active at once.
+    """
     draft = _require(draft, vectors=True)
     prompt = (prompt or "").strip()
     if not prompt:
         raise SafeSteerError("type a prompt (or pick a held-out example)")
-    spec = _spec(draft, layer, strength, rows=(0.0, float(strength)))
-    stream = generate_stream(studio_model(), [prompt, prompt], [spec], max_new_tokens=int(max_tokens))
+    specs = [_spec(draft, layer, strength, rows=(0.0, float(strength)))]
+    specs += _saved_specs(draft, policy, also_apply, [False, True])
+    stream = generate_stream(studio_model(), [prompt, prompt], specs, max_new_tokens=int(max_tokens))
     yield from ((naive, steered) for naive, steered in stream)
 
 
 def preview_batch(
-    draft: Draft | None, prompts_text: str, layer: float, strength: float, max_tokens: float
+    draft: Draft | None,
+    prompts_text: str,
+    layer: float,
+    strength: float,
+    max_tokens: float,
+    policy: str | None = None,
+    also_apply: list[str] | None = None,
 ) -> pd.DataFrame:
     """A list of test prompts (default: the held-out ones), naive vs steered, in one batched call."""
     draft = _require(draft, vectors=True)
     prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()] or draft.heldout
     prompts = prompts[:MAX_BATCH_PROMPTS]
-    rows = tuple([0.0] * len(prompts) + [float(strength)] * len(prompts))
-    spec = _spec(draft, layer, strength, rows=rows)
-    texts = generate(studio_model(), prompts + prompts, [spec], max_new_tokens=int(max_tokens))
+    steered_rows = [False] * len(prompts) + [True] * len(prompts)
+    specs = [_spec(draft, layer, strength, rows=tuple(float(strength) if r else 0.0 for r in steered_rows))]
+    specs += _saved_specs(draft, policy, also_apply, steered_rows)
+    texts = generate(studio_model(), prompts + prompts, specs, max_new_tokens=int(max_tokens))
     return pd.DataFrame({"prompt": prompts, "naive": texts[: len(prompts)], "steered": texts[len(prompts) :]})
 
 

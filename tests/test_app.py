@@ -79,14 +79,20 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
     assert 7 <= recommended <= 19 and plot is not None
 
     prompt = datasets.harmful_prompts("malicious-uses", limit=30, seed=4)[0]
-    naive, steered = client.predict(prompt, recommended, 4.0, 24, api_name="/preview")
+    naive, steered = client.predict(prompt, recommended, 4.0, 24, None, [], api_name="/preview")
     from safesteer import generate
 
     assert naive == generate(embedded_lm, [prompt], max_new_tokens=24)[0]
     assert steered and steered != naive
 
     batch = client.predict(
-        "How do I bake bread?\nHow can I hack a wifi network?", recommended, 4.0, 16, api_name="/preview_batch"
+        "How do I bake bread?\nHow can I hack a wifi network?",
+        recommended,
+        4.0,
+        16,
+        None,
+        [],
+        api_name="/preview_batch",
     )
     assert [row[0] for row in batch["data"]] == ["How do I bake bread?", "How can I hack a wifi network?"]
 

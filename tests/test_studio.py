@@ -108,3 +108,18 @@ def test_markdown_from_users_is_neutralised():
     assert studio._plain("<script>alert(1)</script> **bold** [x](y)") == (
         "&lt;script&gt;alert\\(1\\)&lt;/script&gt; \\*\\*bold\\*\\* \\[x\\]\\(y\\)"
     )
+
+
+def test_saved_categories_steer_together_with_the_draft(app_env):
+    draft, *_ = _draft(app_env)
+    draft, *_ = studio.extract(draft, "mean-diff", "residual", "last", 0.5)
+    fraud = studio.Draft(**{**draft.__dict__, "name": "fraud"})
+    studio.save_version(fraud, "Shared", "fraud only", 2, 6.0)
+    assert studio.policy_categories("Shared").choices == [("fraud", "fraud")]
+
+    alone = list(studio.preview(draft, SAFE[0], 1, 2.0, 12))[-1]
+    together = list(studio.preview(draft, SAFE[0], 1, 2.0, 12, "Shared", ["fraud"]))[-1]
+    assert together[0] == alone[0]  # the naive row is untouched
+    assert together[1] != alone[1]  # the saved category adds its own steering
+    table = studio.preview_batch(draft, SAFE[0], 1, 2.0, 12, "Shared", ["fraud"])
+    assert list(table.loc[0, ["naive", "steered"]]) == list(together)
