@@ -45,7 +45,8 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     name = gr.Textbox(label="Category name", value="malicious-uses", max_lines=1)
                     description = gr.Textbox(label="Description (optional)", max_lines=2)
-                source = gr.Radio(studio.SOURCES, value=studio.SOURCES[0], label="Harmful examples")
+                sources = studio.example_sources()
+                source = gr.Radio(sources, value=sources[0], label="Harmful examples")
                 with gr.Row():
                     with gr.Column():
                         harmful_file = gr.File(

