@@ -8,7 +8,7 @@ concurrent savers get consecutive numbers and a failure part-way leaves nothing 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -193,19 +193,31 @@ class PolicyStore:
         description: str = "",
         create: bool = True,
         restored_from: int | None = None,
+        keep_other_categories: bool = False,
     ) -> int:
-        """Store a new immutable version and return its number (the policy is created if needed)."""
+        """Store a new immutable version and return its number (the policy is created if needed).
+
+        With `keep_other_categories`, the new version is the latest one with these categories
+        added or replaced, read inside the same write transaction, so two authors adding
+        different categories at once both end up in the newest version.
+        """
         version = PolicyVersion(policy=policy, categories=categories, note=note, evaluation=evaluation)
         for attempt in range(3):
             try:
-                return self._insert_version(version, author, description, create, restored_from)
+                return self._insert_version(version, author, description, create, restored_from, keep_other_categories)
             except IntegrityError:  # another writer won a race the write lock should prevent; try again
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
     def _insert_version(
-        self, version: PolicyVersion, author: str, description: str, create: bool, restored_from: int | None
+        self,
+        version: PolicyVersion,
+        author: str,
+        description: str,
+        create: bool,
+        restored_from: int | None,
+        keep_other_categories: bool,
     ) -> int:
         with self._session() as session, session.begin():
             policy = session.scalar(select(Policy).where(Policy.name == version.policy))
@@ -221,6 +233,11 @@ class PolicyStore:
             latest = session.scalar(
                 select(func.max(PolicyVersionRow.number)).where(PolicyVersionRow.policy_id == policy.id)
             )
+            if keep_other_categories and latest:
+                merged = self._load(session, version.policy, latest)
+                for category in version.categories:
+                    merged = replace(merged, categories=merged.with_category(category))
+                version = replace(version, categories=merged.categories)  # re-validated by __post_init__
             number = (latest or 0) + 1
             row = PolicyVersionRow(
                 policy_id=policy.id,
@@ -293,46 +310,47 @@ class PolicyStore:
     def load_version(self, policy: str, number: int | None = None) -> PolicyVersion:
         """A saved version (the latest when `number` is None), vectors checked against their hashes."""
         with self._session() as session:
-            p = self._policy(session, policy)
-            query = select(PolicyVersionRow).where(PolicyVersionRow.policy_id == p.id)
-            query = (
-                query.where(PolicyVersionRow.number == number)
-                if number
-                else query.order_by(PolicyVersionRow.number.desc())
+            return self._load(session, policy, number)
+
+    def _load(self, session: Session, policy: str, number: int | None) -> PolicyVersion:
+        p = self._policy(session, policy)
+        query = select(PolicyVersionRow).where(PolicyVersionRow.policy_id == p.id)
+        query = (
+            query.where(PolicyVersionRow.number == number) if number else query.order_by(PolicyVersionRow.number.desc())
+        )
+        row = session.scalars(
+            query.options(selectinload(PolicyVersionRow.categories).selectinload(CategoryRow.examples)).limit(1)
+        ).first()
+        if row is None:
+            raise SafeSteerError(
+                f"policy {policy!r} has no version {number}" if number else f"policy {policy!r} has no versions yet"
             )
-            row = session.scalars(
-                query.options(selectinload(PolicyVersionRow.categories).selectinload(CategoryRow.examples)).limit(1)
-            ).first()
-            if row is None:
-                raise SafeSteerError(
-                    f"policy {policy!r} has no version {number}" if number else f"policy {policy!r} has no versions yet"
+        categories = []
+        for c in row.categories:
+            if hashlib.sha256(c.vectors).hexdigest() != c.vectors_sha256:
+                raise SafeSteerError(f"stored vectors of {policy!r} v{row.number} / {c.name!r} fail their checksum")
+            categories.append(
+                PolicyCategory(
+                    name=c.name,
+                    description=c.description,
+                    harmful=[e.text for e in c.examples if e.side == "harmful"],
+                    safe=[e.text for e in c.examples if e.side == "safe"],
+                    vectors=CategoryVectors.from_bytes(c.vectors, f"{policy} v{row.number}"),
+                    layer=c.layer,
+                    strength=c.strength,
                 )
-            categories = []
-            for c in row.categories:
-                if hashlib.sha256(c.vectors).hexdigest() != c.vectors_sha256:
-                    raise SafeSteerError(f"stored vectors of {policy!r} v{row.number} / {c.name!r} fail their checksum")
-                categories.append(
-                    PolicyCategory(
-                        name=c.name,
-                        description=c.description,
-                        harmful=[e.text for e in c.examples if e.side == "harmful"],
-                        safe=[e.text for e in c.examples if e.side == "safe"],
-                        vectors=CategoryVectors.from_bytes(c.vectors, f"{policy} v{row.number}"),
-                        layer=c.layer,
-                        strength=c.strength,
-                    )
-                )
-            return PolicyVersion(
-                policy=p.name,
-                categories=categories,
-                number=row.number,
-                author=row.author,
-                created_at=_iso(row.created_at),
-                note=row.note,
-                description=p.description,
-                evaluation=row.evaluation,
-                restored_from=row.restored_from,
             )
+        return PolicyVersion(
+            policy=p.name,
+            categories=categories,
+            number=row.number,
+            author=row.author,
+            created_at=_iso(row.created_at),
+            note=row.note,
+            description=p.description,
+            evaluation=row.evaluation,
+            restored_from=row.restored_from,
+        )
 
     def rollback(self, policy: str, number: int, actor: str = "", note: str = "") -> int:
         """Save version `number` again as the newest; history stays complete."""

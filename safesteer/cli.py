@@ -116,11 +116,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
             layer=result.recommended_layer if args.layer is None else args.layer,
             strength=args.strength,
         )
-        try:
-            categories = store.load_version(args.policy).with_category(category)
-        except SafeSteerError:
-            categories = [category]  # a new policy, or one without versions yet
-        number = store.save_version(args.policy, categories, author=args.author, note=args.note)
+        number = store.save_version(
+            args.policy, [category], author=args.author, note=args.note, keep_other_categories=True
+        )
         summary["saved"] = {"policy": args.policy, "version": number}
     _print_json(summary)
     return 0

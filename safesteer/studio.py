@@ -413,11 +413,10 @@ def save_version(
         layer=int(layer),
         strength=float(strength),
     )
-    try:
-        categories = store.load_version(policy).with_category(category)
-    except SafeSteerError:
-        categories = [category]
-    number = store.save_version(policy, categories, author=author_of(request), note=note or "")
+    number = store.save_version(
+        policy, [category], author=author_of(request), note=note or "", keep_other_categories=True
+    )
+    categories = store.load_version(policy, number).categories
     names = policy_names()
     count = f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'}"
     message = f"Saved **{_plain(policy)}** version **{number}** ({count})."

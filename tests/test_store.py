@@ -159,3 +159,26 @@ def test_concurrent_savers_in_separate_processes_never_collide(tmp_path):
     versions = store.list_versions("shared")
     assert [v.number for v in versions] == list(range(1, 16))
     assert sorted(v.author for v in versions) == sorted(f"w{w}" for w in range(3) for _ in range(5))
+
+
+def _add_category(url: str, name: str) -> int:
+    return PolicyStore(url).save_version("shared", [category(name, seed=len(name))], keep_other_categories=True)
+
+
+def test_categories_added_at_once_by_two_processes_both_reach_the_newest_version(tmp_path):
+    url = f"sqlite:///{tmp_path / 'merge.db'}"
+    store = PolicyStore(url)
+    store.save_version("shared", [category("base")])
+    names = ["weapons", "fraud", "spam", "malware"]
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        numbers = pool.starmap(_add_category, [(url, n) for n in names])
+    assert sorted(numbers) == [2, 3, 4, 5]
+    latest = store.load_version("shared")
+    assert latest.number == 5 and sorted(c.name for c in latest.categories) == sorted(["base", *names])
+
+
+def test_adding_a_category_replaces_one_of_the_same_name(store):
+    store.save_version("p", [category("weapons", strength=1.0), category("fraud", seed=2)])
+    store.save_version("p", [category("weapons", strength=5.0)], keep_other_categories=True)
+    latest = store.load_version("p")
+    assert [(c.name, c.strength) for c in latest.categories] == [("weapons", 5.0), ("fraud", 2.0)]
