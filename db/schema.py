@@ -95,3 +95,16 @@ class AuditRow(Base):
     policy: Mapped[str] = mapped_column(String(100), index=True)
     version: Mapped[int | None] = mapped_column(nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class EvaluationRow(Base):
+    """A sweep or a human review of one version; several may accumulate, the newest of a kind counts."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("policy_versions.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    author: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    data: Mapped[dict[str, Any]]

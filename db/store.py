@@ -22,7 +22,7 @@ from safesteer.policy import SIDES, PolicyCategory, PolicyVersion, check_name, c
 from safesteer.vectors import CategoryVectors
 
 from .engine import make_engine, migrate
-from .schema import AuditRow, CategoryRow, ExampleRow, Policy, PolicyVersionRow
+from .schema import AuditRow, CategoryRow, EvaluationRow, ExampleRow, Policy, PolicyVersionRow
 
 
 @dataclass(frozen=True)
@@ -293,6 +293,11 @@ class PolicyStore:
                 .where(PolicyVersionRow.policy_id == p.id)
                 .options(selectinload(PolicyVersionRow.categories))
                 .order_by(PolicyVersionRow.number)
+            ).all()
+            evaluated = set(
+                session.scalars(
+                    select(EvaluationRow.version_id).where(EvaluationRow.version_id.in_([r.id for r in rows]))
+                )
             )
             return [
                 VersionSummary(
@@ -302,7 +307,7 @@ class PolicyStore:
                     r.note,
                     [c.name for c in r.categories],
                     r.restored_from,
-                    r.evaluation is not None,
+                    r.evaluation is not None or r.id in evaluated,
                 )
                 for r in rows
             ]
@@ -340,6 +345,10 @@ class PolicyStore:
                     strength=c.strength,
                 )
             )
+        attached = session.scalars(
+            select(EvaluationRow).where(EvaluationRow.version_id == row.id).order_by(EvaluationRow.id)
+        ).all()
+        evaluation = {**(row.evaluation or {}), **{e.kind: e.data for e in attached}} or None
         return PolicyVersion(
             policy=p.name,
             categories=categories,
@@ -348,9 +357,23 @@ class PolicyStore:
             created_at=_iso(row.created_at),
             note=row.note,
             description=p.description,
-            evaluation=row.evaluation,
+            evaluation=evaluation,
             restored_from=row.restored_from,
         )
+
+    def add_evaluation(self, policy: str, number: int, kind: str, data: dict[str, Any], author: str = "") -> None:
+        """Attach an evaluation (kind: 'sweep' or 'human_review') to a saved version; the newest of a kind counts."""
+        if kind not in ("sweep", "human_review"):
+            raise SafeSteerError(f"unknown evaluation kind {kind!r}")
+        with self._session() as session, session.begin():
+            p = self._policy(session, policy)
+            version_id = session.scalar(
+                select(PolicyVersionRow.id).where(PolicyVersionRow.policy_id == p.id, PolicyVersionRow.number == number)
+            )
+            if version_id is None:
+                raise SafeSteerError(f"policy {policy!r} has no version {number}")
+            session.add(EvaluationRow(version_id=version_id, kind=kind, author=author, data=data))
+            self._audit(session, author, "evaluate", policy, number, kind=kind)
 
     def rollback(self, policy: str, number: int, actor: str = "", note: str = "") -> int:
         """Save version `number` again as the newest; history stays complete."""

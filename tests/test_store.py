@@ -19,9 +19,17 @@ def test_migrations_create_the_schema_from_empty(tmp_path):
     path = tmp_path / "fresh.db"
     store = PolicyStore(f"sqlite:///{path}")
     tables = set(inspect(store.engine).get_table_names())
-    assert {"policies", "policy_versions", "categories", "examples", "audit_log", "alembic_version"} <= tables
+    assert {
+        "policies",
+        "policy_versions",
+        "categories",
+        "examples",
+        "audit_log",
+        "evaluations",
+        "alembic_version",
+    } <= tables
     with store.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0001"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
         assert conn.execute(text("pragma journal_mode")).scalar() == "wal"
         assert conn.execute(text("pragma foreign_keys")).scalar() == 1
     PolicyStore(f"sqlite:///{path}")  # opening again is a no-op migration
@@ -182,3 +190,42 @@ def test_adding_a_category_replaces_one_of_the_same_name(store):
     store.save_version("p", [category("weapons", strength=5.0)], keep_other_categories=True)
     latest = store.load_version("p")
     assert [(c.name, c.strength) for c in latest.categories] == [("weapons", 5.0), ("fraud", 2.0)]
+
+
+def test_upgrading_a_0001_database_keeps_its_policies(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from db.engine import MIGRATIONS, make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    assert "evaluations" not in inspect(engine).get_table_names()
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "insert into policies (name, description, archived, created_at, created_by) "
+                "values ('old', '', 0, '2026-01-01', 'x')"
+            )
+        )
+    store = PolicyStore(url)  # migrates to head on open
+    assert "evaluations" in inspect(store.engine).get_table_names()
+    assert [p.name for p in store.list_policies()] == ["old"]
+
+
+def test_evaluations_attach_to_immutable_versions(store):
+    store.save_version("p", [category()])
+    store.add_evaluation("p", 1, "sweep", {"recommended": {"layer": 1}}, author="ann")
+    store.add_evaluation("p", 1, "human_review", {"steered": {"rate": 0.1}}, author="bob")
+    store.add_evaluation("p", 1, "sweep", {"recommended": {"layer": 2}}, author="ann")
+    version = store.load_version("p", 1)
+    assert version.evaluation == {"sweep": {"recommended": {"layer": 2}}, "human_review": {"steered": {"rate": 0.1}}}
+    assert [v.number for v in store.list_versions("p")] == [1]
+    assert store.audit_log("p")[0].action == "evaluate"
+    with pytest.raises(SafeSteerError, match="no version 9"):
+        store.add_evaluation("p", 9, "sweep", {})
