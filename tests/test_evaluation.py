@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from safesteer import SafeSteerError, SteeringSpec, extract_vectors
+from safesteer.evaluation import (
+    Cell,
+    Evaluation,
+    SweepSettings,
+    evaluate,
+    guided_vectors,
+    recommend,
+    report_markdown,
+    write_plots,
+)
+from safesteer.metrics import next_token_divergence, perplexity
+from safesteer.policy import PolicyCategory
+from safesteer.vectors import ExtractionSettings
+from tests.conftest import HARMFUL, SAFE
+
+
+def _cell(layer, strength, ppl=3.0, changed=0.1, unsafe=None, refusal=0.0):
+    return Cell(layer, strength, refusal, 0.5, ppl, changed, 0.0, unsafe)
+
+
+def test_recommendation_rule_with_and_without_a_judge():
+    base = _cell(None, 0.0, ppl=2.0, changed=0.0)
+    cells = [_cell(1, 1.0), _cell(1, 4.0, ppl=9.0), _cell(2, 2.0)]
+    best = recommend(base, cells)
+    assert (best["layer"], best["strength"]) == (2, 2.0) and "keeps quality" in best["rule"]
+    judged = [_cell(1, 1.0, unsafe=0.2), _cell(2, 2.0, unsafe=0.4), _cell(1, 4.0, ppl=9.0, unsafe=0.0)]
+    best = recommend(_cell(None, 0.0, ppl=2.0, unsafe=0.5), judged)
+    assert (best["layer"], best["strength"]) == (1, 1.0) and "guard model" in best["rule"]
+
+
+def test_perplexity_and_divergence_behave(tiny_lm):
+    natural = perplexity(tiny_lm, [SAFE[0]], ["x"])[0]
+    assert natural > 1.0
+    spec = SteeringSpec(torch.ones(tiny_lm.identity.hidden_size) * 3, 1, 1.0)
+    assert next_token_divergence(tiny_lm, SAFE[:2], [SteeringSpec(spec.vector, 1, 0.0)]) == [0.0, 0.0]
+    assert all(x > 0 for x in next_token_divergence(tiny_lm, SAFE[:2], [spec]))
+
+
+@pytest.fixture(scope="module")
+def tiny_category(tiny_lm):
+    vectors = extract_vectors(tiny_lm, HARMFUL[:6], SAFE[:6], category="crime")
+    return PolicyCategory("crime", HARMFUL[:6], SAFE[:6], vectors, layer=1, strength=2.0)
+
+
+def test_sweep_measures_every_cell_caches_and_reports(tiny_lm, tiny_category, tmp_path):
+    settings = SweepSettings(layers=(1, 2), strengths=(1.0, 4.0), max_new_tokens=8)
+    seen = []
+    result = evaluate(
+        tiny_lm, tiny_category, HARMFUL, SAFE[:4], settings, progress=lambda f, d: seen.append(d), cache_dir=tmp_path
+    )
+    assert result.n_harmful == 2  # the six used for extraction are never evaluated on
+    assert [(c.layer, c.strength) for c in result.cells] == [(1, 1.0), (1, 4.0), (2, 1.0), (2, 4.0)]
+    assert result.baseline.benign_changed == 0.0 and result.baseline.benign_kl == 0.0
+    assert all(c.perplexity > 0 and 0 <= c.benign_changed <= 1 for c in result.cells)
+    assert max(c.benign_kl for c in result.cells) > 0
+    assert (result.recommended["layer"], result.recommended["strength"]) in [
+        (c.layer, c.strength) for c in result.cells
+    ]
+    assert len(result.samples) == 2
+
+    again = evaluate(
+        tiny_lm, tiny_category, HARMFUL, SAFE[:4], settings, progress=lambda f, d: seen.append(d), cache_dir=tmp_path
+    )
+    assert seen[-1] == "loaded from cache" and again.to_dict() == result.to_dict()
+    assert Evaluation.from_dict(result.to_dict()).to_dict() == result.to_dict()
+
+    plots = write_plots(result, tmp_path / "plots")
+    assert {p.name for p in plots} >= {"heatmap_perplexity.png", "tradeoff.png"}
+    assert all(p.stat().st_size > 1000 for p in plots)
+    report = report_markdown(result, plots)
+    assert "Recommended: layer" in report and "![tradeoff](tradeoff.png)" in report
+
+
+def test_sweep_can_be_stopped_and_refuses_bad_settings(tiny_lm, tiny_category, tmp_path):
+    with pytest.raises(SafeSteerError, match="evaluation stopped"):
+        evaluate(
+            tiny_lm,
+            tiny_category,
+            HARMFUL,
+            SAFE[:4],
+            SweepSettings((1,), (1.0,), 4),
+            should_stop=lambda: True,
+            cache_dir=tmp_path,
+        )
+    with pytest.raises(SafeSteerError, match="out of range"):
+        evaluate(tiny_lm, tiny_category, HARMFUL, SAFE, SweepSettings((9,)), cache_dir=tmp_path)
+    with pytest.raises(SafeSteerError, match="at least 2 held-out harmful"):
+        evaluate(tiny_lm, tiny_category, HARMFUL[:6], SAFE, SweepSettings((1,)), cache_dir=tmp_path)
+
+
+def test_guided_vectors_from_labels(tiny_lm):
+    prompts = HARMFUL + SAFE
+    unsafe = [True] * 8 + [False] * 8
+    vectors = guided_vectors(tiny_lm, prompts, unsafe, ExtractionSettings(), category="crime")
+    assert vectors.settings.method == "guided" and vectors.vectors.shape == (4, 64)
+    with pytest.raises(SafeSteerError, match="at least 4 responses judged unsafe"):
+        guided_vectors(tiny_lm, prompts, [True] * 2 + [False] * 14, ExtractionSettings())
