@@ -288,6 +288,73 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_heldout(limit: int, seed: int = 7) -> list[str]:
+    """Real harmful prompts across the Do-Not-Answer risk areas (extraction prompts are dropped later)."""
+    per_area = max(1, -(-limit // len(datasets.DONOTANSWER_AREAS)))
+    prompts = [
+        p for area in datasets.DONOTANSWER_AREAS for p in datasets.harmful_prompts(area, limit=per_area, seed=seed)
+    ]
+    return prompts[:limit]
+
+
+def sweep_layers(n_layers: int, around: int, count: int = 5) -> tuple[int, ...]:
+    """`count` layers spread over the middle of the model, always including `around`."""
+    low, high = max(1, round(0.25 * (n_layers - 1))), round(0.7 * (n_layers - 1))
+    spread = {round(low + i * (high - low) / max(1, count - 1)) for i in range(count)}
+    return tuple(sorted(spread | {around}))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import SweepSettings, evaluate, report_markdown, write_plots
+    from .judges import load_guard
+
+    store = _store(args)
+    version = store.load_version(args.policy, args.version)
+    category = version.category(args.category) if args.category else version.categories[0]
+    lm = _load(args, args.model or version.model.model_id)
+    check_compatible(version.model, lm.identity)
+    harmful = (
+        prompts_from_argument(args.heldout) if args.heldout else default_heldout(args.prompts + len(category.harmful))
+    )
+    benign = datasets.benign_prompts(limit=args.benign, seed=11)
+    if args.sweep:
+        settings = SweepSettings(
+            sweep_layers(lm.identity.n_layers, category.layer), tuple(args.strengths), args.max_new_tokens
+        )
+    else:
+        settings = SweepSettings((category.layer,), (category.strength,), args.max_new_tokens)
+    guard, guard_note = load_guard(args.judge)
+    if args.judge and guard is None:
+        print(f"note: {guard_note}", file=sys.stderr)
+    bar = _Bar()
+    try:
+        result = evaluate(
+            lm, category, harmful[: args.prompts + len(category.harmful)], benign, settings, guard, progress=bar
+        )
+    finally:
+        bar.close()
+    out = Path(args.out)
+    plots = write_plots(result, out)
+    (out / "report.md").write_text(report_markdown(result, plots))
+    (out / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2))
+    store.add_evaluation(version.policy, version.number, "sweep", result.to_dict(), author=args.author)
+    summary = {
+        "policy": version.policy,
+        "version": version.number,
+        "category": category.name,
+        "recommended": result.recommended,
+        "baseline": asdict(result.baseline),
+        "at_recommended": asdict(result.cell(result.recommended["layer"], result.recommended["strength"])),
+        "report": str(out / "report.md"),
+        "judges": result.judges,
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        print((out / "report.md").read_text())
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -399,6 +466,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path)
     export.add_argument("--format", choices=("bundle", "llama-cpp"), default="bundle")
     export.set_defaults(handler=cmd_export)
+
+    ev = commands.add_parser("eval", help="measure a saved policy's effect on safety and quality (optionally a sweep)")
+    ev.add_argument("--policy", required=True)
+    ev.add_argument("--version", type=_positive_int, default=None)
+    ev.add_argument("--category", default=None, help="which category (default: the first)")
+    ev.add_argument("--judge", default=None, help="guard model id or folder (e.g. meta-llama/Llama-Guard-3-1B)")
+    ev.add_argument("--sweep", action="store_true", help="try a layer x strength grid and recommend a point")
+    ev.add_argument("--strengths", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    ev.add_argument("--heldout", default=None, help="held-out harmful prompts (file or builtin:<area>)")
+    ev.add_argument("--prompts", type=_positive_int, default=10, help="held-out harmful prompts to use")
+    ev.add_argument("--benign", type=_positive_int, default=8, help="benign prompts to use")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    ev.add_argument("--out", required=True, type=Path, help="folder for report.md, evaluation.json and plots")
+    ev.add_argument("--json", action="store_true")
+    with_model(ev, None)
+    ev.set_defaults(handler=cmd_eval)
 
     imp = commands.add_parser("import", help="import a policy bundle as a new version")
     imp.add_argument("file")
