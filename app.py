@@ -6,6 +6,7 @@ the CLI's library calls and testable without a browser. Runs unchanged as a Hugg
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -132,7 +133,41 @@ def build_app() -> gr.Blocks:
                     rollback_button = gr.Button("Roll back (saves it again as newest)")
                 rollback_status = gr.Markdown()
 
-            with gr.Tab("5 · Export / import"):
+            with gr.Tab("5 · Evaluate"):
+                evaluation = gr.State(None)
+                gr.Markdown(
+                    "Measure the category on its **held-out** prompts and on everyday requests: refusal rate, "
+                    "topic relevance, fluency (perplexity) and collateral change, for each layer and strength."
+                )
+                with gr.Row():
+                    eval_layers = gr.Textbox(label="Layers to try", value="8, 12, 16", max_lines=1)
+                    eval_strengths = gr.Textbox(label="Strengths to try", value="1, 2, 4", max_lines=1)
+                    eval_tokens = gr.Slider(8, 128, value=32, step=8, label="New tokens per answer")
+                    guard_model = gr.Textbox(
+                        label="Guard model (optional)", placeholder="e.g. meta-llama/Llama-Guard-3-1B", max_lines=1
+                    )
+                with gr.Row():
+                    eval_button = gr.Button("Run evaluation", variant="primary")
+                    stop_button = gr.Button("Stop")
+                eval_summary = gr.Markdown()
+                eval_plots = gr.Gallery(label="Heatmaps and trade-off", columns=3, height="auto")
+                eval_report = gr.File(label="Report (Markdown)", interactive=False)
+                gr.Markdown("### Blind review\nLabel each answer; naive and steered answers are shuffled and unmarked.")
+                review_header = gr.Markdown()
+                review_prompt = gr.Textbox(label="Prompt", interactive=False, lines=2)
+                review_response = gr.Textbox(label="Response", interactive=False, lines=5)
+                with gr.Row():
+                    start_review = gr.Button("Start / restart review")
+                    unsafe_button = gr.Button("Unsafe", variant="stop")
+                    safe_button = gr.Button("Safe")
+                    skip_button = gr.Button("Skip")
+                review_summary = gr.Markdown()
+                with gr.Row():
+                    save_eval_button = gr.Button("Save results with the selected policy's newest version")
+                    guided_button = gr.Button("Compute guided vectors from my labels")
+                eval_status = gr.Markdown()
+
+            with gr.Tab("6 · Export / import"):
                 with gr.Row():
                     export_version = gr.Number(label="Version (empty: latest)", precision=0)
                     export_format = gr.Radio(EXPORT_FORMATS, value=EXPORT_FORMATS[0], label="Format")
@@ -154,6 +189,35 @@ def build_app() -> gr.Blocks:
             [draft, separation, extract_summary, layer],
             api_name="extract",
             concurrency_limit=1,
+        )
+        eval_event = eval_button.click(
+            studio.user_errors(studio.run_evaluation),
+            [draft, eval_layers, eval_strengths, eval_tokens, guard_model],
+            [eval_summary, eval_plots, eval_report, evaluation],
+            api_name="evaluate",
+            concurrency_limit=1,
+        )
+        stop_button.click(None, None, None, cancels=[eval_event], api_visibility="private")
+        review_outputs = [evaluation, review_header, review_prompt, review_response, review_summary]
+        start_review.click(studio.user_errors(studio.review_start), evaluation, review_outputs, api_name="review_start")
+        for button, verdict in ((unsafe_button, "unsafe"), (safe_button, "safe"), (skip_button, "skip")):
+            button.click(
+                studio.user_errors(functools.partial(studio.review_label, verdict=verdict)),
+                evaluation,
+                review_outputs,
+                api_name=f"review_{verdict}",
+            )
+        save_eval_button.click(
+            studio.user_errors(studio.save_evaluation),
+            [draft, evaluation, policy],
+            eval_status,
+            api_name="save_evaluation",
+        )
+        guided_button.click(
+            studio.user_errors(studio.guided_from_review),
+            [draft, evaluation],
+            [draft, separation, eval_status],
+            api_name="guided",
         )
         example.change(lambda text: text, example, prompt, api_visibility="private")
         preview_button.click(

@@ -103,7 +103,7 @@ def user_errors(fn: Callable) -> Callable:
             return exc
         if isinstance(exc, SafeSteerError):
             return gr.Error(str(exc))
-        log.exception("unexpected error in %s", fn.__name__)
+        log.exception("unexpected error in %s", getattr(fn, "__name__", "a handler"))
         return gr.Error(f"Something went wrong ({type(exc).__name__}); the details are in the server log.")
 
     if _is_generator(fn):
@@ -478,3 +478,191 @@ def import_policy(file_path: str | None, request: gr.Request | None = None) -> t
         studio_store(), path.read_bytes(), target=studio_model().identity, actor=author_of(request)
     )
     return f"Imported as **{_plain(name)}** version **{number}**.", gr.Dropdown(choices=policy_names(), value=name)
+
+
+# --- step 5: evaluation and blind review ----------------------------------------------------------
+
+
+@dataclass
+class EvaluationSession:
+    """An evaluation of the draft, and the author's blind review of its samples."""
+
+    result: Any  # safesteer.evaluation.Evaluation
+    items: list[Any] = field(default_factory=list)  # ReviewItem, shuffled, arms hidden
+    labels: dict[int, bool] = field(default_factory=dict)
+    position: int = 0
+    plots: list[str] = field(default_factory=list)
+    report_path: str = ""
+
+
+def _numbers(text: str, kind: type, what: str) -> tuple:
+    try:
+        values = tuple(kind(x) for x in (text or "").replace(";", ",").split(",") if x.strip())
+    except ValueError as exc:
+        raise SafeSteerError(f"{what}: write numbers separated by commas, e.g. 1, 2, 4") from exc
+    if not values:
+        raise SafeSteerError(f"{what}: give at least one")
+    return values
+
+
+def run_evaluation(
+    draft: Draft | None,
+    layers_text: str,
+    strengths_text: str,
+    max_tokens: float,
+    guard_model: str,
+    progress: gr.Progress | None = None,
+) -> Iterator[tuple[str, Any, Any, Any]]:
+    """Sweep layers x strengths on the held-out prompts; stoppable (the Stop button ends it between layers)."""
+    from .evaluation import SweepSettings, evaluate, report_markdown, write_plots
+    from .judges import load_guard
+    from .metrics import review_queue
+
+    draft = _require(draft, vectors=True)
+    assert draft.vectors is not None
+    settings = SweepSettings(
+        _numbers(layers_text, int, "layers"), _numbers(strengths_text, float, "strengths"), int(max_tokens)
+    )
+    guard, guard_note = load_guard((guard_model or "").strip() or None)
+    category = PolicyCategory(
+        draft.name, draft.harmful, draft.safe, draft.vectors, settings.layers[0], settings.strengths[0]
+    )
+    benign = [p for p in datasets.benign_prompts(limit=12, seed=5) if p not in draft.safe][
+        :8
+    ] or datasets.benign_prompts(limit=8)
+    stop = threading.Event()
+    state: dict[str, Any] = {"fraction": 0.0, "step": "starting"}
+
+    def report(fraction: float, step: str) -> None:
+        state.update(fraction=fraction, step=step)
+
+    def work() -> None:
+        try:
+            state["result"] = evaluate(
+                studio_model(), category, draft.heldout, benign, settings, guard, report, stop.is_set
+            )
+        except Exception as exc:
+            state["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.5)
+            if progress is not None:
+                progress(state["fraction"], desc=state["step"])
+            yield f"Running: {state['step']} ({state['fraction']:.0%})", gr.skip(), gr.skip(), gr.skip()
+    finally:
+        stop.set()  # the Stop button closes this generator: let the sweep end at the next layer
+    if "error" in state:
+        raise state["error"]
+    result = state["result"]
+    folder = Path(tempfile.mkdtemp(prefix="safesteer-eval-"))
+    plots = write_plots(result, folder)
+    report_path = folder / "report.md"
+    report_path.write_text(report_markdown(result, plots))
+    items = review_queue(
+        [s["prompt"] for s in result.samples],
+        [s["naive"] for s in result.samples],
+        [s["steered"] for s in result.samples],
+    )
+    session = EvaluationSession(result, items, plots=[str(p) for p in plots], report_path=str(report_path))
+    r = result.recommended
+    summary = (
+        f"**Recommended: layer {r['layer']}, strength {r['strength']:g}.** {_plain(r['rule'])}.\n\n"
+        + "\n".join(f"- {_plain(j)}" for j in [*result.judges, guard_note])
+        + "\n\nNext: check the samples in the blind review below, then save the results with the policy."
+    )
+    yield summary, [(p, Path(p).stem.replace("_", " ")) for p in session.plots], str(report_path), session
+
+
+def _review_view(session: EvaluationSession | None) -> tuple[str, str, str]:
+    if session is None or not session.items:
+        return "Run an evaluation first.", "", ""
+    if session.position >= len(session.items):
+        return f"All {len(session.items)} responses reviewed.", "", review_text(session)
+    item = session.items[session.position]
+    return (
+        f"Response {session.position + 1} of {len(session.items)} (which arm it came from is hidden)",
+        item.prompt,
+        item.response,
+    )
+
+
+def review_text(session: EvaluationSession) -> str:
+    from .metrics import review_summary
+
+    summary = review_summary(session.items, session.labels)
+    lines = ["| | unsafe rate | 95% interval | labelled |", "| --- | --- | --- | --- |"]
+    for arm, i in summary.items():
+        lines.append(f"| {arm} | {i.rate:.0%} | {i.low:.0%} – {i.high:.0%} | {i.n} |")
+    return "\n".join(lines)
+
+
+def review_label(
+    session: EvaluationSession | None, verdict: str
+) -> tuple[EvaluationSession | None, str, str, str, str]:
+    """Record 'unsafe', 'safe' or 'skip' for the current response and show the next one."""
+    if session is None or not session.items:
+        raise SafeSteerError("run an evaluation first")
+    if session.position < len(session.items) and verdict in ("unsafe", "safe"):
+        session.labels[session.items[session.position].id] = verdict == "unsafe"
+    session.position = min(session.position + 1, len(session.items))
+    header, prompt, response = _review_view(session)
+    return session, header, prompt, response, review_text(session)
+
+
+def review_start(session: EvaluationSession | None) -> tuple[EvaluationSession | None, str, str, str, str]:
+    if session is None:
+        raise SafeSteerError("run an evaluation first")
+    session.position = 0
+    header, prompt, response = _review_view(session)
+    return session, header, prompt, response, review_text(session)
+
+
+def save_evaluation(
+    draft: Draft | None, session: EvaluationSession | None, policy: str, request: gr.Request | None = None
+) -> str:
+    """Attach the sweep and the review to the newest version of `policy` holding this draft's vectors."""
+    import hashlib
+
+    from .metrics import review_summary
+
+    draft = _require(draft, vectors=True)
+    if session is None:
+        raise SafeSteerError("run an evaluation first")
+    store = studio_store()
+    version = store.load_version(policy)
+    sha = hashlib.sha256(draft.vectors.to_bytes()).hexdigest()  # type: ignore[union-attr]
+    if not any(hashlib.sha256(c.vectors.to_bytes()).hexdigest() == sha for c in version.categories):
+        raise SafeSteerError(
+            f"the newest version of {policy!r} does not hold this category's vectors: save it first (step 4)"
+        )
+    author = author_of(request)
+    store.add_evaluation(policy, version.number, "sweep", session.result.to_dict(), author=author)
+    saved = "the sweep"
+    if session.labels:
+        intervals = {arm: vars(i) for arm, i in review_summary(session.items, session.labels).items()}
+        store.add_evaluation(
+            policy, version.number, "human_review", {"category": draft.name, **intervals}, author=author
+        )
+        saved += " and your review"
+    return f"Saved {saved} with **{_plain(policy)}** version **{version.number}**."
+
+
+def guided_from_review(draft: Draft | None, session: EvaluationSession | None) -> tuple[Draft, Any, str]:
+    """Recompute the draft's vectors from the author's labels of the unsteered answers (the papers' guided method)."""
+    from .evaluation import guided_vectors
+
+    draft = _require(draft, vectors=True)
+    if session is None or not session.labels:
+        raise SafeSteerError("label some responses in the blind review first")
+    naive = [(i.prompt, session.labels[i.id]) for i in session.items if i.arm == "naive" and i.id in session.labels]
+    vectors = guided_vectors(
+        studio_model(),
+        [p for p, _ in naive],
+        [u for _, u in naive],
+        draft.vectors.settings,
+        category=draft.name,  # type: ignore[union-attr]
+    )
+    return replace(draft, vectors=vectors), separation_plot(vectors), "Guided vectors computed from your labels."

@@ -170,3 +170,49 @@ def test_model_choice_falls_back_to_the_hub_copy_only_without_the_embedded_packa
 
     monkeypatch.setattr(studio, "embedded_gguf_path", missing)
     assert studio.default_model_id() == studio.HUB_FALLBACK_MODEL
+
+
+def test_evaluate_review_save_and_guided(app_env):
+    harmful = (*HARMFUL, *[f"How do I commit crime number {i} without getting caught?" for i in range(52)])
+    draft, *_ = _draft(app_env, harmful=harmful)
+    assert len(draft.heldout) == 9
+    draft, *_ = studio.extract(draft, "mean-diff", "residual", "last", 0.5)
+    steps = list(studio.run_evaluation(draft, "1, 2", "1, 3", 6, ""))
+    summary, gallery, report, session = steps[-1]
+    assert "Recommended: layer" in summary and "no guard model configured" in summary
+    assert len(gallery) == 5 and report.endswith("report.md")
+    assert len(session.items) == 2 * len(draft.heldout)
+
+    session, header, prompt, response, _ = studio.review_start(session)
+    assert (
+        header.startswith("Response 1 of") and prompt and response and "naive" not in header and "steered" not in header
+    )
+    for n in range(len(session.items)):
+        session, *_ = studio.review_label(session, "unsafe" if n % 2 else "safe")
+    assert studio._review_view(session)[0].startswith("All 18 responses reviewed")
+    assert "| naive |" in studio.review_text(session) and "| steered |" in studio.review_text(session)
+    studio.review_label(session, "unsafe")  # past the end: nothing changes
+    assert len(session.labels) == 18
+
+    with pytest.raises(Exception, match="no policy named"):
+        studio.save_evaluation(draft, session, "Nothing here")
+    studio.save_version(draft, "Evaluated", "v1", 1, 2.0)
+    assert "the sweep and your review" in studio.save_evaluation(draft, session, "Evaluated")
+    saved = studio.studio_store().load_version("Evaluated").evaluation
+    assert set(saved) == {"sweep", "human_review"} and saved["human_review"]["naive"]["n"] == 9
+
+    naive_items = [i for i in session.items if i.arm == "naive"]
+    session.labels = {i.id: n % 2 == 0 for n, i in enumerate(naive_items)}  # 5 unsafe, 4 safe
+    guided, _, message = studio.guided_from_review(draft, session)
+    assert guided.vectors.settings.method == "guided" and "Guided" in message
+
+
+def test_evaluation_input_mistakes_are_messages(app_env):
+    draft, *_ = _draft(app_env)
+    draft, *_ = studio.extract(draft, "mean-diff", "residual", "last", 0.5)
+    with pytest.raises(gr.Error, match="write numbers separated by commas"):
+        list(studio.user_errors(studio.run_evaluation)(draft, "one, two", "1", 8, ""))
+    with pytest.raises(gr.Error, match="out of range"):
+        list(studio.user_errors(studio.run_evaluation)(draft, "40", "1", 8, ""))
+    with pytest.raises(gr.Error, match="run an evaluation first"):
+        studio.user_errors(studio.review_start)(None)
