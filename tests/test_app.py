@@ -102,6 +102,16 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
     comparison = client.predict("Malicious uses", 1, 2, api_name="/compare")
     assert "strength: 2.0 → 3.0" in comparison
 
+    summary, gallery, report = client.predict("12", "2", 8, "", api_name="/evaluate")
+    assert "Recommended: layer 12, strength 2" in summary and len(gallery) == 5 and report.endswith("report.md")
+    _, prompt_shown, response_shown, _ = client.predict(api_name="/review_start")
+    assert prompt_shown and response_shown
+    for _ in range(8):
+        client.predict(api_name="/review_unsafe")
+    header, _, _, table = client.predict(api_name="/review_safe")
+    assert header.startswith("All 8 responses reviewed") and "| naive | 100%" in table
+    assert "the sweep and your review" in client.predict("Malicious uses", api_name="/save_evaluation")
+
     bundle = client.predict("Malicious uses", 2, "Policy bundle (.zip)", api_name="/export")
     import zipfile
 
