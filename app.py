@@ -73,7 +73,7 @@ def build_app() -> gr.Blocks:
                         ["mean-diff", "pruned"],
                         value="pruned",
                         label="Method",
-                        info="Guided vectors arrive with evaluation.",
+                        info="Guided vectors: label answers in 5 · Evaluate, then compute them there.",
                     )
                     site = gr.Radio(list(SITES), value="residual", label="Where to steer")
                     token = gr.Radio(

@@ -46,6 +46,7 @@ MAX_MEMBER_BYTES = {
     "examples.csv": 32 * 1024 * 1024,
     "evaluation.json": 8 * 1024 * 1024,
     "README.md": 1024 * 1024,
+    "evaluation.md": 1024 * 1024,
 }
 REQUIRED = ("manifest.json", "vectors.safetensors", "examples.csv")
 MAX_COMPRESSION_RATIO = 100
@@ -117,6 +118,11 @@ def bundle_bytes(version: PolicyVersion, created_by: str = "") -> bytes:
     }
     if version.evaluation is not None:
         files["evaluation.json"] = json.dumps(version.evaluation, indent=2).encode("utf-8")
+        if "sweep" in version.evaluation:
+            from .evaluation import Evaluation, report_markdown
+
+            report = report_markdown(Evaluation.from_dict(version.evaluation["sweep"]))
+            files["evaluation.md"] = report.encode("utf-8")
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,

@@ -175,6 +175,8 @@ def test_eval_writes_a_report_and_stores_it_with_the_version(env, capsys):
 
     with zipfile.ZipFile(bundle) as zf:
         assert json.loads(zf.read("evaluation.json"))["sweep"]["recommended"] == summary["recommended"]
+        assert "Recommended: layer" in zf.read("evaluation.md").decode()
+    assert _json(capsys, *b, "import", str(bundle), "--as", "Copy", *m)["version"] == 1
 
     code, _, err = _run(capsys, *b, "eval", "--policy", "Crime", "--category", "nope", "--out", str(out), *m)
     assert code == 2 and "has no category 'nope'" in err
