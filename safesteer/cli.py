@@ -288,13 +288,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_heldout(limit: int, seed: int = 7) -> list[str]:
-    """Real harmful prompts across the Do-Not-Answer risk areas (extraction prompts are dropped later)."""
-    per_area = max(1, -(-limit // len(datasets.DONOTANSWER_AREAS)))
-    prompts = [
-        p for area in datasets.DONOTANSWER_AREAS for p in datasets.harmful_prompts(area, limit=per_area, seed=seed)
-    ]
-    return prompts[:limit]
+def default_heldout(seed: int = 7) -> list[str]:
+    """All Do-Not-Answer prompts, shuffled per risk area and interleaved, so any prefix mixes the areas."""
+    import itertools
+    import random
+
+    areas = [datasets.harmful_prompts(area) for area in datasets.DONOTANSWER_AREAS]
+    areas = [random.Random(seed).sample(prompts, len(prompts)) for prompts in areas]
+    return [p for group in itertools.zip_longest(*areas) for p in group if p is not None]
 
 
 def sweep_layers(n_layers: int, around: int, count: int = 5) -> tuple[int, ...]:
@@ -313,9 +314,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     category = version.category(args.category) if args.category else version.categories[0]
     lm = _load(args, args.model or version.model.model_id)
     check_compatible(version.model, lm.identity)
-    harmful = (
-        prompts_from_argument(args.heldout) if args.heldout else default_heldout(args.prompts + len(category.harmful))
-    )
+    pool = prompts_from_argument(args.heldout) if args.heldout else default_heldout()
+    used = set(category.harmful)
+    harmful = [p for p in pool if p not in used][: args.prompts]  # never the prompts the vectors were made from
     benign = datasets.benign_prompts(limit=args.benign, seed=11)
     if args.sweep:
         settings = SweepSettings(
@@ -328,9 +329,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"note: {guard_note}", file=sys.stderr)
     bar = _Bar()
     try:
-        result = evaluate(
-            lm, category, harmful[: args.prompts + len(category.harmful)], benign, settings, guard, progress=bar
-        )
+        result = evaluate(lm, category, harmful, benign, settings, guard, progress=bar)
     finally:
         bar.close()
     out = Path(args.out)

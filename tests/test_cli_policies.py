@@ -180,3 +180,14 @@ def test_eval_writes_a_report_and_stores_it_with_the_version(env, capsys):
 
     code, _, err = _run(capsys, *b, "eval", "--policy", "Crime", "--category", "nope", "--out", str(out), *m)
     assert code == 2 and "has no category 'nope'" in err
+
+
+def test_default_heldout_prompts_mix_every_risk_area():
+    from safesteer import datasets
+    from safesteer.cli import default_heldout
+
+    pool = default_heldout()
+    first = pool[: len(datasets.DONOTANSWER_AREAS)]
+    areas = [next(a for a in datasets.DONOTANSWER_AREAS if p in datasets.harmful_prompts(a)) for p in first]
+    assert sorted(areas) == sorted(datasets.DONOTANSWER_AREAS)
+    assert len(pool) == sum(len(datasets.harmful_prompts(a)) for a in datasets.DONOTANSWER_AREAS)
