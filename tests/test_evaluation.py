@@ -18,15 +18,17 @@ from safesteer.vectors import ExtractionSettings
 from tests.conftest import HARMFUL, SAFE
 
 
-def _cell(layer, strength, ppl=3.0, changed=0.1, unsafe=None, refusal=0.0):
-    return Cell(layer, strength, refusal, 0.5, ppl, changed, 0.0, unsafe)
+def _cell(layer, strength, ppl=3.0, changed=0.1, unsafe=None, refusal=0.0, relevance=0.5):
+    return Cell(layer, strength, refusal, relevance, ppl, changed, 0.0, unsafe)
 
 
 def test_recommendation_rule_with_and_without_a_judge():
     base = _cell(None, 0.0, ppl=2.0, changed=0.0)
-    cells = [_cell(1, 1.0), _cell(1, 4.0, ppl=9.0), _cell(2, 2.0)]
+    cells = [_cell(1, 1.0), _cell(1, 4.0, ppl=9.0), _cell(2, 2.0), _cell(3, 3.0, relevance=0.2)]
     best = recommend(base, cells)
-    assert (best["layer"], best["strength"]) == (2, 2.0) and "keeps quality" in best["rule"]
+    assert (best["layer"], best["strength"]) == (2, 2.0) and "strongest steering" in best["rule"]
+    gentlest = recommend(base, [_cell(1, 4.0, ppl=9.0), _cell(2, 4.0, ppl=5.0)])
+    assert (gentlest["layer"], gentlest["strength"]) == (2, 4.0) and "no cell kept quality" in gentlest["rule"]
     judged = [_cell(1, 1.0, unsafe=0.2), _cell(2, 2.0, unsafe=0.4), _cell(1, 4.0, ppl=9.0, unsafe=0.0)]
     best = recommend(_cell(None, 0.0, ppl=2.0, unsafe=0.5), judged)
     assert (best["layer"], best["strength"]) == (1, 1.0) and "guard model" in best["rule"]
