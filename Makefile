@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run test test-fast lint format bench clean
+.PHONY: install browser run test test-fast lint format bench bench-peers clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,16 @@ format: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/engine.py
+
+# repeng, steering-vectors and llama.cpp (built from source, ~5 min once) in their own environment.
+PEERS := bench/.venv-peers
+$(PEERS)/.installed: bench/requirements-peers.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip --disable-pip-version-check -q install -r bench/requirements-peers.txt
+	touch $@
+
+bench-peers: install $(PEERS)/.installed
+	HF_HUB_OFFLINE=1 $(PY) bench/compare.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

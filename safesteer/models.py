@@ -171,7 +171,7 @@ def prepare_gguf(gguf: Path, cache_dir: Path | None = None, progress: ProgressCa
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         report(0.6, "writing safetensors checkpoint")
-        save_model(model, str(building / "model.safetensors"))
+        save_model(model, str(building / "model.safetensors"), metadata={"format": "pt"})
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the checkpoint is plain float32 now

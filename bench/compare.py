@@ -1,0 +1,291 @@
+"""SafeSteer vs repeng, steering-vectors and llama.cpp control vectors, in one run (`make bench-peers`).
+
+Same model (the embedded SmolLM2-135M-Instruct: our dequantized checkpoint for the
+transformers-based peers, the original GGUF for llama.cpp), same prompts (64 Do-Not-Answer
+harmful, 64 of our benign), same layer and strength, greedy decoding, 2 threads. Peers run in
+bench/.venv-peers (they need transformers 4 and numpy 1). Every figure is a median over repeats
+with min-max, and speed is also given as a ratio to ours measured in the same run.
+Writes docs/benchmarks.md and docs/benchmarks.json (also bench/results/compare.json).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from safesteer import SteeringSpec, datasets, extract_vectors, generate, load_model
+from safesteer.bundles import export_llama_cpp
+from safesteer.models import embedded_gguf_path, prepare_gguf
+from safesteer.policy import PolicyCategory, PolicyVersion
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+THREADS, N_PROMPTS, NEW_TOKENS, STRENGTH, REPEATS, GENERATION_REPEATS = 2, 64, 64, 4.0, 3, 5
+
+
+def timed(fn, repeats=REPEATS):
+    samples, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        samples.append(time.perf_counter() - start)
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": repeats}, result
+
+
+def memory_mb(precision: str) -> dict[str, float]:
+    """Memory of a fresh process that loads the model and generates a few tokens.
+
+    `weights`: the model's parameters and buffers; `resident`: the process after loading
+    (Python, torch and the model); `peak`: the high-water mark, which includes loading (4-bit
+    quantizes from the float checkpoint, so its peak is the float model's).
+    """
+    code = (
+        "import gc, json, os, resource; from safesteer import load_model, generate; "
+        f"lm = load_model(None, '{precision}'); generate(lm, ['Hello'], max_new_tokens=8); gc.collect(); "
+        "page = os.sysconf('SC_PAGE_SIZE'); rss = int(open('/proc/self/statm').read().split()[1]) * page; "
+        "print(json.dumps({'weights': lm.model.get_memory_footprint() / 2**20, 'resident': rss / 2**20, "
+        "'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peer_model_folder(checkpoint: Path) -> Path:
+    """Our checkpoint with a config transformers 4 reads the same way (rope_theta spelled out)."""
+    folder = RESULTS / "peer-model"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    config.setdefault("torch_dtype", "float32")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    if "model.embed_tokens.weight" not in tensors:  # tied: transformers 4 ties from the embeddings side
+        tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")
+    save_file(tensors, str(weights), metadata={"format": "pt"})  # transformers 4 insists on the format key
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers 5 writes "TokenizersBackend"
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return folder
+
+
+def measure_ours(precision: str, harmful: list[str], safe: list[str], layer: int = 15) -> tuple[dict, dict]:
+    lm = load_model(None, precision)  # type: ignore[arg-type]
+    extract_vectors(lm, harmful[:8], safe[:8])  # warm-up
+    figures: dict = {}
+    figures[f"extraction_s_{precision}"], vectors = timed(lambda: extract_vectors(lm, harmful, safe))
+    spec = SteeringSpec(vectors.vector(layer), layer, STRENGTH)
+    both = SteeringSpec(spec.vector, layer, (0.0, STRENGTH))
+    preview = harmful[0]
+    generate(lm, [preview], max_new_tokens=8)
+    runs = {
+        "plain": lambda: generate(lm, [preview], max_new_tokens=NEW_TOKENS, fixed_length=True),
+        "steered": lambda: generate(lm, [preview], [spec], max_new_tokens=NEW_TOKENS, fixed_length=True),
+        "side_by_side": lambda: generate(lm, [preview, preview], [both], max_new_tokens=NEW_TOKENS, fixed_length=True),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    texts: dict[str, list[str]] = {}
+    for _ in range(GENERATION_REPEATS):  # interleaved, so drift on a shared machine hits all three alike
+        for name, run in runs.items():
+            start = time.perf_counter()
+            texts[name] = run()
+            samples[name].append(time.perf_counter() - start)
+    for name, values in samples.items():
+        figures[f"{name}_s_{precision}"] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "n": len(values),
+        }
+    plain, steered = texts["plain"], texts["steered"]
+    return figures, {"lm": lm, "vectors": vectors, "layer": layer, "plain": plain[0], "steered": steered[0]}
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    RESULTS.mkdir(exist_ok=True)
+    harmful = datasets.harmful_prompts("malicious-uses", limit=N_PROMPTS)
+    safe = datasets.benign_prompts(limit=N_PROMPTS)
+    results: dict = {
+        "setup": {"threads": THREADS, "prompts": 2 * N_PROMPTS, "new_tokens": NEW_TOKENS, "strength": STRENGTH}
+    }
+
+    ours: dict = {}
+    for precision in ("fp32", "nf4"):
+        figures, details = measure_ours(precision, harmful, safe)
+        ours.update(figures)
+        if precision == "fp32":
+            fp32 = details
+    results["ours"] = ours
+    results["memory_mb"] = {p: memory_mb(p) for p in ("fp32", "nf4")}
+
+    lm, vectors, layer = fp32["lm"], fp32["vectors"], fp32["layer"]
+    category = PolicyCategory("malicious-uses", harmful, safe, vectors, layer, STRENGTH)
+    control_vector = export_llama_cpp(PolicyVersion("bench", [category]), RESULTS / "control-vector.gguf")
+    checkpoint = prepare_gguf(embedded_gguf_path())
+    inputs = {
+        "folder": str(peer_model_folder(checkpoint)),
+        "gguf": str(embedded_gguf_path()),
+        "control_vector": str(control_vector),
+        "threads": THREADS,
+        "repeats": REPEATS,
+        "layer": layer,
+        "strength": STRENGTH,
+        "new_tokens": NEW_TOKENS,
+        "n_layers": lm.identity.n_layers,
+        "hidden_size": lm.identity.hidden_size,
+        "harmful_chat": [lm.chat_text(p) for p in harmful],
+        "safe_chat": [lm.chat_text(p) for p in safe],
+        "preview_chat": lm.chat_text(harmful[0]),
+        "our_vector": vectors.vector(layer).tolist(),
+    }
+    (RESULTS / "peer-inputs.json").write_text(json.dumps(inputs))
+    if not PEERS_PYTHON.exists():
+        raise SystemExit("run `make bench-peers` first: it builds bench/.venv-peers")
+    subprocess.run(
+        [str(PEERS_PYTHON), str(ROOT / "peers.py"), str(RESULTS / "peer-inputs.json"), str(RESULTS / "peers.json")],
+        check=True,
+    )
+    peers = json.loads((RESULTS / "peers.json").read_text())
+    results["peers"] = peers
+    results["agreement"] = {
+        "mean_diff_cosine_vs_steering_vectors": peers["steering_vectors"]["cosine_with_ours"],
+        "steered_text_identical_to_steering_vectors": peers["steering_vectors"]["steered_text"].strip()
+        == fp32["steered"],
+        "plain_text_identical_to_transformers": peers["steering_vectors"]["plain_text"].strip() == fp32["plain"],
+        "llama_cpp_steered_common_prefix_chars": _common_prefix(
+            peers["llama_cpp"]["steered_text"].strip(), fp32["steered"]
+        ),
+        "llama_cpp_plain_common_prefix_chars": _common_prefix(peers["llama_cpp"]["plain_text"].strip(), fp32["plain"]),
+        "texts": {"ours_plain": fp32["plain"], "ours_steered": fp32["steered"]},
+    }
+    (RESULTS / "compare.json").write_text(json.dumps(results, indent=2))
+    (ROOT.parent / "docs").mkdir(exist_ok=True)
+    (ROOT.parent / "docs" / "benchmarks.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results)
+    print((ROOT.parent / "docs" / "benchmarks.md").read_text())
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _fmt(t: dict) -> str:
+    return f"{t['median']:.2f} s ({t['min']:.2f}–{t['max']:.2f})"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}"
+
+
+def _overhead(steered: dict, plain: dict) -> str:
+    return f"{100 * (steered['median'] / plain['median'] - 1):+.1f}%"
+
+
+def write_markdown(r: dict) -> None:
+    ours, peers, n = r["ours"], r["peers"], r["setup"]["new_tokens"]
+    sv, rp, cpp = peers["steering_vectors"], peers["repeng"], peers["llama_cpp"]
+
+    def tps(t: dict) -> float:
+        return n / t["median"]
+
+    base_x = ours["extraction_s_fp32"]["median"]
+    base_g = tps(ours["steered_s_fp32"])
+    cpp_steered = cpp["tokens"][1] / cpp["steered_generation_s"]["median"]
+    extraction = "vector extraction, 128 prompts, all layers"
+    generation = f"steered generation, {n} tokens"
+    rows = [
+        (extraction, "SafeSteer fp32", _fmt(ours["extraction_s_fp32"]), "1.00"),
+        ("", "SafeSteer 4-bit NF4", _fmt(ours["extraction_s_nf4"]), _ratio(ours["extraction_s_nf4"]["median"], base_x)),
+        ("", "steering-vectors (fp32)", _fmt(sv["extraction_s"]), _ratio(sv["extraction_s"]["median"], base_x)),
+        ("", "repeng pca_diff (fp32)", _fmt(rp["extraction_s"]), _ratio(rp["extraction_s"]["median"], base_x)),
+        (generation, "SafeSteer fp32", f"{base_g:.1f} tok/s", "1.00"),
+        (
+            "",
+            "SafeSteer 4-bit NF4",
+            f"{tps(ours['steered_s_nf4']):.1f} tok/s",
+            _ratio(tps(ours["steered_s_nf4"]), base_g),
+        ),
+        (
+            "",
+            "steering-vectors (fp32)",
+            f"{tps(sv['steered_generation_s']):.1f} tok/s",
+            _ratio(tps(sv["steered_generation_s"]), base_g),
+        ),
+        (
+            "",
+            "repeng (fp32)",
+            f"{tps(rp['steered_generation_s']):.1f} tok/s",
+            _ratio(tps(rp["steered_generation_s"]), base_g),
+        ),
+        ("", "llama.cpp + our control vector (Q4_1)", f"{cpp_steered:.1f} tok/s", _ratio(cpp_steered, base_g)),
+        ("steering overhead per token", "SafeSteer fp32", _overhead(ours["steered_s_fp32"], ours["plain_s_fp32"]), ""),
+        ("", "SafeSteer NF4", _overhead(ours["steered_s_nf4"], ours["plain_s_nf4"]), ""),
+        ("", "steering-vectors", _overhead(sv["steered_generation_s"], sv["plain_generation_s"]), ""),
+        ("", "llama.cpp", _overhead(cpp["steered_generation_s"], cpp["plain_generation_s"]), ""),
+        (
+            "side-by-side preview (naive + steered)",
+            "SafeSteer NF4, one batch",
+            _fmt(ours["side_by_side_s_nf4"]),
+            _ratio(ours["side_by_side_s_nf4"]["median"], ours["plain_s_nf4"]["median"]) + "x one unsteered",
+        ),
+        *[
+            (f"memory: {kind}" if i == 0 else "", f"SafeSteer {p.upper()}", f"{r['memory_mb'][p][kind]:.0f} MB", "")
+            for kind in ("weights", "resident", "peak")
+            for i, p in enumerate(("fp32", "nf4"))
+        ],
+    ]
+    a = r["agreement"]
+    layer = json.loads((RESULTS / "peer-inputs.json").read_text())["layer"]
+    text = [
+        "# Benchmarks",
+        "",
+        "Produced by `make bench-peers` (`bench/compare.py`) on a 2-core CPU; medians of "
+        f"{REPEATS} runs with min–max, ratios to SafeSteer measured in the same run (for seconds lower is "
+        "faster, for tokens/s higher is faster).",
+        "",
+        "| measure | tool | value | ratio to SafeSteer |",
+        "| --- | --- | --- | --- |",
+        *[f"| {m} | {t} | {v} | {x} |" for m, t, v, x in rows],
+        "",
+        "## Do the tools agree?",
+        "",
+        "- Mean-difference vector vs steering-vectors' mean aggregator, same layer and site: "
+        f"cosine {a['mean_diff_cosine_vs_steering_vectors']:.4f}.",
+        "- Greedy steered text, our vector applied by steering-vectors vs by SafeSteer: "
+        f"identical = {a['steered_text_identical_to_steering_vectors']}.",
+        f"- llama.cpp applied our exported control vector: {cpp['control_vector_applied']}; "
+        f"its steered text differs from its plain text: {cpp['plain_text'] != cpp['steered_text']}. "
+        f"It agrees with SafeSteer's fp32 steered text for the first {a['llama_cpp_steered_common_prefix_chars']} "
+        f"characters (plain texts: {a['llama_cpp_plain_common_prefix_chars']}); llama.cpp runs the Q4_1 weights with "
+        "its own kernels, so greedy texts drift apart after a while even without steering.",
+        "- repeng uses PCA of paired differences, not a mean difference, so its direction is only compared "
+        f"loosely (|cosine| {rp['abs_cosine_with_ours']:.3f}).",
+        "",
+        "## Method",
+        "",
+        "Same model for all: SmolLM2-135M-Instruct (our dequantized float32 checkpoint for the transformers-based "
+        "tools, the original Q4_1 GGUF for llama.cpp). Same 64 Do-Not-Answer + 64 benign prompts, chat template "
+        f"applied, layer {layer}, strength {STRENGTH}, greedy decoding, {THREADS} threads, {n} new tokens "
+        "(end-of-text ignored). Memory is measured in a fresh process that loads the model and generates 8 tokens: "
+        "weights (parameters and buffers), resident after loading, and the peak including loading. "
+        "Steering overheads of a few percent either way are within this shared machine's run-to-run noise.",
+    ]
+    (ROOT.parent / "docs").mkdir(exist_ok=True)
+    (ROOT.parent / "docs" / "benchmarks.md").write_text("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()
