@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from timing import summary, timed
 
 from safesteer import SteeringSpec, datasets, extract_vectors, generate, load_model
 from safesteer.bundles import export_llama_cpp
@@ -29,15 +29,6 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 THREADS, N_PROMPTS, NEW_TOKENS, STRENGTH, REPEATS, GENERATION_REPEATS = 2, 64, 64, 4.0, 3, 5
-
-
-def timed(fn, repeats=REPEATS):
-    samples, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        samples.append(time.perf_counter() - start)
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": repeats}, result
 
 
 def memory_mb(precision: str) -> dict[str, float]:
@@ -85,7 +76,7 @@ def measure_ours(precision: str, harmful: list[str], safe: list[str], layer: int
     lm = load_model(None, precision)  # type: ignore[arg-type]
     extract_vectors(lm, harmful[:8], safe[:8])  # warm-up
     figures: dict = {}
-    figures[f"extraction_s_{precision}"], vectors = timed(lambda: extract_vectors(lm, harmful, safe))
+    figures[f"extraction_s_{precision}"], vectors = timed(lambda: extract_vectors(lm, harmful, safe), REPEATS)
     spec = SteeringSpec(vectors.vector(layer), layer, STRENGTH)
     both = SteeringSpec(spec.vector, layer, (0.0, STRENGTH))
     preview = harmful[0]
@@ -103,12 +94,7 @@ def measure_ours(precision: str, harmful: list[str], safe: list[str], layer: int
             texts[name] = run()
             samples[name].append(time.perf_counter() - start)
     for name, values in samples.items():
-        figures[f"{name}_s_{precision}"] = {
-            "median": statistics.median(values),
-            "min": min(values),
-            "max": max(values),
-            "n": len(values),
-        }
+        figures[f"{name}_s_{precision}"] = summary(values)
     plain, steered = texts["plain"], texts["steered"]
     return figures, {"lm": lm, "vectors": vectors, "layer": layer, "plain": plain[0], "steered": steered[0]}
 

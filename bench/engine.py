@@ -10,26 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import summary, timed
 
 from safesteer import SteeringSpec, datasets, extract_vectors, generate, generate_side_by_side, load_model
 from safesteer.vectors import ExtractionSettings
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def timed(fn: Callable[[], object], repeats: int) -> dict[str, float]:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": repeats}
 
 
 def naive_extraction(lm, prompts: list[str]) -> torch.Tensor:
@@ -58,8 +47,8 @@ def main() -> None:
     both = harmful + safe
     extract_vectors(lm, harmful[:8], safe[:8])  # warm-up
 
-    ours = timed(lambda: extract_vectors(lm, harmful, safe, ExtractionSettings()), args.repeats)
-    loop = timed(lambda: naive_extraction(lm, both), max(1, args.repeats - 1))
+    ours, _ = timed(lambda: extract_vectors(lm, harmful, safe, ExtractionSettings()), args.repeats)
+    loop, _ = timed(lambda: naive_extraction(lm, both), max(1, args.repeats - 1))
 
     vectors = extract_vectors(lm, harmful, safe)
     layer = vectors.recommended_layer
@@ -82,8 +71,8 @@ def main() -> None:
     runs = {}
     for _ in range(args.repeats):  # interleave, so drift hits all three alike
         for name, fn in (("plain", plain), ("steered", steered), ("side_by_side", side)):
-            runs.setdefault(name, []).append(timed(fn, 1)["median"])
-    gen = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in runs.items()}
+            runs.setdefault(name, []).append(timed(fn, 1)[0]["median"])
+    gen = {k: summary(v) for k, v in runs.items()}
     generate_side_by_side(lm, prompt, [spec], max_new_tokens=8)  # the public path works too
 
     report = {

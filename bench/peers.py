@@ -7,22 +7,12 @@ repeng, steering-vectors and llama.cpp on them, and writes one JSON file.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def timed(fn, repeats):
-    samples, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        samples.append(time.perf_counter() - start)
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": repeats}, result
+from timing import timed
 
 
 def main() -> None:
