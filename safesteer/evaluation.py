@@ -132,7 +132,7 @@ def cache_key(
     vectors: CategoryVectors, settings: SweepSettings, harmful: list[str], benign: list[str], guard: str | None
 ) -> str:
     payload = json.dumps(
-        [CACHE_VERSION, hashlib.sha256(vectors.to_bytes()).hexdigest(), asdict(settings), harmful, benign, guard],
+        [CACHE_VERSION, vectors.sha256(), asdict(settings), harmful, benign, guard],
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -200,7 +200,7 @@ def evaluate(
     steered = generate(lm, harmful, [spec], max_new_tokens=n)
     result = Evaluation(
         category=category.name,
-        vectors_sha256=hashlib.sha256(vectors.to_bytes()).hexdigest(),
+        vectors_sha256=vectors.sha256(),
         settings=settings,
         baseline=baseline,
         cells=cells,

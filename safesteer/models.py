@@ -272,6 +272,12 @@ def wrap_model(model: Any, tokenizer: Any, model_id: str, precision: str, revisi
     return LoadedModel(model=model, tokenizer=tokenizer, identity=identity, architecture=architecture)
 
 
+def _cannot_load(model_id: str, exc: Exception) -> SafeSteerError:
+    """One line naming the model and the loader's own first line of explanation."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return SafeSteerError(f"cannot load model '{model_id}': {first_line}")
+
+
 def describe_model(model_id: str | None = None, precision: str = "nf4", cache_dir: Path | None = None) -> ModelIdentity:
     """A model's identity from its config alone (no weights loaded): enough to check compatibility."""
     from transformers import AutoConfig
@@ -281,8 +287,7 @@ def describe_model(model_id: str | None = None, precision: str = "nf4", cache_di
     try:
         config = AutoConfig.from_pretrained(source.location)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SafeSteerError(f"cannot load model '{model_id}': {first_line}") from exc
+        raise _cannot_load(model_id, exc) from exc
     config = getattr(config, "text_config", None) or config
     return ModelIdentity(
         model_id=source.model_id,
@@ -328,8 +333,7 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(source.location)
             model = _load_weights(source.location, actual, device)
         except (OSError, ValueError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SafeSteerError(f"cannot load model '{model_id}': {first_line}") from exc
+            raise _cannot_load(model_id, exc) from exc
         use_column_head(model)
         revision = source.revision or getattr(model.config, "_commit_hash", None)
         loaded = wrap_model(model, tokenizer, model_id=source.model_id, precision=actual, revision=revision)

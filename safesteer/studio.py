@@ -624,7 +624,6 @@ def save_evaluation(
     draft: Draft | None, session: EvaluationSession | None, policy: str, request: gr.Request | None = None
 ) -> str:
     """Attach the sweep and the review to the newest version of `policy` holding this draft's vectors."""
-    import hashlib
 
     from .metrics import review_summary
 
@@ -633,8 +632,8 @@ def save_evaluation(
         raise SafeSteerError("run an evaluation first")
     store = studio_store()
     version = store.load_version(policy)
-    sha = hashlib.sha256(draft.vectors.to_bytes()).hexdigest()  # type: ignore[union-attr]
-    if not any(hashlib.sha256(c.vectors.to_bytes()).hexdigest() == sha for c in version.categories):
+    sha = draft.vectors.sha256()  # type: ignore[union-attr]
+    if not any(c.vectors.sha256() == sha for c in version.categories):
         raise SafeSteerError(
             f"the newest version of {policy!r} does not hold this category's vectors: save it first (step 4)"
         )

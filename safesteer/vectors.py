@@ -7,6 +7,7 @@ A category vector at layer l points from the category's harmful prompts toward s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -229,6 +230,10 @@ class CategoryVectors:
     def to_bytes(self) -> bytes:
         """One safetensors blob; the metadata rides in its header as JSON (no pickle anywhere)."""
         return save({"vectors": self.vectors.contiguous()}, metadata={"safesteer": json.dumps(self.metadata())})
+
+    def sha256(self) -> str:
+        """Identity of these exact vectors and metadata (used to match evaluations and stored copies)."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "data") -> CategoryVectors:
