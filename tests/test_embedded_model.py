@@ -48,3 +48,40 @@ def test_real_steering_changes_output_and_strength_zero_does_not(embedded_lm, ma
     assert side.naive == plain
     assert side.steered != plain
     assert len(side.steered) > 0
+
+
+@pytest.fixture(scope="module")
+def embedded_int4():
+    from safesteer import load_model
+    from safesteer.int4 import int4_problem
+
+    if int4_problem() is not None:
+        pytest.skip(f"int4 kernel unavailable: {int4_problem()}")
+    return load_model(None, "int4", device="cpu")
+
+
+def test_int4_repacks_the_gguf_4bit_codes_exactly(embedded_int4):
+    """The embedded GGUF is Q4_1: repacking its dequantized weights finds the very same grid."""
+    from safetensors import safe_open
+
+    from safesteer.int4 import GROUP_SIZE, _pack_codes
+    from safesteer.models import EMBEDDED_MODEL, _resolve_source
+    from safesteer.progress import no_progress
+
+    folder = _resolve_source(EMBEDDED_MODEL, None, no_progress).location
+    with safe_open(f"{folder}/model.safetensors", "pt") as checkpoint:
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight"):
+            weight = checkpoint.get_tensor(name).float()
+            codes, sz = _pack_codes(weight, GROUP_SIZE)
+            rows = weight.shape[0]
+            rebuilt = (codes.reshape(rows, -1, GROUP_SIZE) - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
+            assert (rebuilt.reshape(weight.shape) - weight).abs().max() < 1e-6
+
+
+def test_int4_lean_loop_matches_transformers_on_the_real_model(embedded_int4, malicious_vectors):
+    layer = malicious_vectors.recommended_layer
+    prompts = datasets.harmful_prompts("malicious-uses", limit=3, seed=4)
+    spec = SteeringSpec(malicious_vectors.vector(layer), layer, (0.0, 4.0, 2.0))
+    lean = generate(embedded_int4, prompts, [spec], max_new_tokens=32)
+    reference = generate(embedded_int4, prompts, [spec], max_new_tokens=32, decoder="transformers")
+    assert lean == reference

@@ -1,0 +1,96 @@
+"""The lean decode loop gives exactly the tokens transformers' generate gives, faster."""
+
+import copy
+
+import pytest
+import torch
+
+from safesteer import SteeringSpec, generate, load_model
+from safesteer.decoding import supports
+from safesteer.generation import generate_stream
+from safesteer.int4 import int4_problem
+from tests.conftest import HARMFUL, SAFE
+
+
+def _vector(lm, seed):
+    return torch.randn(lm.identity.hidden_size, generator=torch.Generator().manual_seed(seed)) * 4
+
+
+def _cases(lm):
+    residual = SteeringSpec(_vector(lm, 1), 1, (0.0, 4.0))
+    attention = SteeringSpec(_vector(lm, 2), 2, 3.0, site="attention")
+    return {
+        "one prompt": ([HARMFUL[0]], []),
+        "naive and steered rows": ([HARMFUL[0]] * 2, [residual]),
+        "padded batch, attention site": (HARMFUL[:2] + SAFE[:2], [attention]),
+        "two vectors, one layer each": (HARMFUL[2:5], [attention, SteeringSpec(_vector(lm, 3), 1, -2.0)]),
+        "two vectors on one layer": (
+            [SAFE[4]],
+            [SteeringSpec(_vector(lm, 4), 3, 2.0), SteeringSpec(_vector(lm, 5), 3, 1.0)],
+        ),
+    }
+
+
+@pytest.fixture(scope="module", params=["fp32", "int4"])
+def lm(request, tiny_folder, tiny_lm):
+    if request.param == "fp32":
+        return tiny_lm
+    if int4_problem() is not None:
+        pytest.skip(f"int4 kernel unavailable: {int4_problem()}")
+    return load_model(str(tiny_folder), "int4", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "one prompt",
+        "naive and steered rows",
+        "padded batch, attention site",
+        "two vectors, one layer each",
+        "two vectors on one layer",
+    ],
+)
+def test_lean_loop_gives_the_same_tokens_as_transformers(lm, case):
+    assert supports(lm)
+    prompts, specs = _cases(lm)[case]
+    lean = generate(lm, prompts, specs, max_new_tokens=24)
+    reference = generate(lm, prompts, specs, max_new_tokens=24, decoder="transformers")
+    assert lean == reference
+    assert any(text for text in lean)
+
+
+def test_fixed_length_and_end_of_text_match_transformers(lm):
+    prompts = SAFE[:3]
+    for fixed in (False, True):
+        lean = generate(lm, prompts, max_new_tokens=40, fixed_length=fixed)
+        reference = generate(lm, prompts, max_new_tokens=40, fixed_length=fixed, decoder="transformers")
+        assert lean == reference
+
+
+def test_stream_ends_with_the_generated_text(lm):
+    spec = SteeringSpec(_vector(lm, 1), 1, (0.0, 4.0))
+    steps = list(generate_stream(lm, [HARMFUL[1]] * 2, [spec], max_new_tokens=10))
+    assert steps[-1] == generate(lm, [HARMFUL[1]] * 2, [spec], max_new_tokens=10)
+    assert len(steps) >= 2
+
+
+def test_models_the_loop_does_not_reproduce_use_transformers(tiny_lm):
+    penalised = copy.copy(tiny_lm)
+    penalised.model = copy.deepcopy(tiny_lm.model)
+    penalised.model.generation_config.repetition_penalty = 1.3
+    assert not supports(penalised)  # a logits processor the loop does not apply
+    assert generate(penalised, [HARMFUL[0]], max_new_tokens=8)  # and generation still works
+
+
+def test_rows_that_end_early_are_padded_like_transformers(lm):
+    """Make a token the model is about to say count as end-of-text, so rows finish at different steps."""
+    prompts = SAFE[:3]
+    ids = lm.tokenizer(generate(lm, prompts[1:2], max_new_tokens=4)[0], add_special_tokens=False)["input_ids"]
+    stopping = copy.copy(lm)
+    stopping.model = copy.copy(lm.model)  # shares the weights; only the generation config differs
+    stopping.model.generation_config = copy.deepcopy(lm.model.generation_config)
+    stopping.model.generation_config.eos_token_id = [ids[2]]
+    lean = generate(stopping, prompts, max_new_tokens=30)
+    reference = generate(stopping, prompts, max_new_tokens=30, decoder="transformers")
+    assert lean == reference
+    assert len(lean[1]) < len(generate(lm, prompts[1:2], max_new_tokens=30)[0])

@@ -1,0 +1,126 @@
+"""The int4 CPU fast path: exact recovery of 4-bit grouped weights, and a working model."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from safesteer import SteeringSpec, generate, load_model
+from safesteer.activations import record_activations
+from safesteer.int4 import GROUP_SIZE, Int4Linear, Int8Linear, _pack_codes, int4_problem, quantize_int4
+from safesteer.models import _available_precision, generation_precision
+from tests.conftest import HARMFUL, SAFE
+
+pytestmark = pytest.mark.skipif(int4_problem() is not None, reason=f"int4 kernel unavailable: {int4_problem()}")
+
+
+def _q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight on a GGUF Q4_1 grid (per group of 32: q * d + m, d and m stored as float16)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = in_features // GROUP_SIZE
+    codes = torch.randint(0, 16, (out_features, groups, GROUP_SIZE), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15  # llama.cpp's quantizer maps each group's min to 0 and max to 15
+    d = (torch.rand(out_features, groups, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (-torch.rand(out_features, groups, 1, generator=g) * 0.1).half().float()
+    return (codes * d + m).reshape(out_features, in_features), codes.reshape(out_features, in_features)
+
+
+def test_q4_1_codes_are_recovered_exactly():
+    weight, codes = _q4_1_weight(48, 96)
+    recovered, scales_and_zeros = _pack_codes(weight, GROUP_SIZE)
+    assert torch.equal(recovered, codes.to(torch.int32))
+    scale, zero = scales_and_zeros[..., 0].T, scales_and_zeros[..., 1].T  # [out, groups]
+    rebuilt = ((recovered.reshape(48, 3, GROUP_SIZE) - 8) * scale[..., None] + zero[..., None]).reshape(48, 96)
+    assert torch.allclose(rebuilt, weight, atol=1e-6)
+
+
+def test_int4_linear_matches_its_dequantized_weights():
+    weight, _ = _q4_1_weight(64, 128, seed=1)
+    linear = nn.Linear(128, 64, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    packed = Int4Linear.from_linear(linear)
+    x = torch.randn(5, 128)
+    expected = linear(x)
+    got = packed(x)
+    assert got.dtype == x.dtype and got.shape == expected.shape
+    # bfloat16 activations and group scales: agreement to bfloat16 precision, not bit for bit
+    assert torch.allclose(got, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+
+
+def test_int8_head_is_close_to_the_float_head():
+    head = nn.Linear(64, 512, bias=False)
+    x = torch.randn(3, 64)
+    assert torch.allclose(Int8Linear(head)(x), head(x), atol=0.05 * head(x).abs().max().item())
+
+
+def test_only_shapes_the_kernel_takes_are_packed():
+    assert Int4Linear.fits(nn.Linear(64, 32))
+    assert not Int4Linear.fits(nn.Linear(48, 32))  # input not whole groups of 32
+    assert not Int4Linear.fits(nn.Linear(64, 40))  # outputs not a multiple of 16
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tiny_folder):
+    return load_model(str(tiny_folder), "int4", device="cpu")
+
+
+def test_loaded_int4_model_is_packed(tiny_int4):
+    assert tiny_int4.identity.precision == "int4"
+    packed = [m for m in tiny_int4.model.modules() if isinstance(m, Int4Linear)]
+    assert len(packed) == 7 * tiny_int4.architecture.n_layers
+    assert isinstance(tiny_int4.model.get_output_embeddings(), Int8Linear)
+
+
+def _snap_to_q4_grid(model: nn.Module) -> None:
+    """Round every packable weight to its 4-bit group grid, as a GGUF Q4_1 checkpoint already is."""
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is nn.Linear and Int4Linear.fits(module) and module is not model.lm_head:
+                out_features, in_features = module.weight.shape
+                codes, sz = _pack_codes(module.weight, GROUP_SIZE)
+                grouped = (codes.reshape(out_features, -1, GROUP_SIZE) - 8) * sz[..., 0].T[..., None]
+                module.weight.copy_((grouped + sz[..., 1].T[..., None]).reshape(out_features, in_features))
+
+
+def test_on_4bit_weights_int4_records_what_float32_records(tiny_folder):
+    """On weights already on a 4-bit grid (the embedded model's case) only bfloat16 rounding differs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safesteer.models import wrap_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_folder))
+    exact = AutoModelForCausalLM.from_pretrained(str(tiny_folder), dtype=torch.float32)
+    _snap_to_q4_grid(exact)
+    fast = copy.deepcopy(exact)
+    quantize_int4(fast)
+    prompts = HARMFUL[:4] + SAFE[:4]
+    got = record_activations(wrap_model(fast, tokenizer, "tiny", "int4"), prompts).float()
+    want = record_activations(wrap_model(exact, tokenizer, "tiny", "fp32"), prompts).float()
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1), dim=1)
+    assert cosine.min() > 0.99
+
+
+def test_int4_generation_steers_and_strength_zero_is_plain(tiny_int4):
+    vector = torch.randn(tiny_int4.identity.hidden_size, generator=torch.Generator().manual_seed(3)) * 4
+    plain = generate(tiny_int4, [HARMFUL[0]], max_new_tokens=12)
+    zero, steered = generate(tiny_int4, [HARMFUL[0]] * 2, [SteeringSpec(vector, 1, (0.0, 4.0))], max_new_tokens=12)
+    assert zero == plain[0]
+    assert steered != plain[0]
+
+
+def test_quantize_int4_reports_swapped_layers(tiny_folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_folder), dtype=torch.float32)
+    assert quantize_int4(model) == 7 * model.config.num_hidden_layers
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_int4_is_a_cpu_path_and_the_fast_choice_for_nf4_on_cpu():
+    assert _available_precision("int4", "cuda") != "int4"
+    assert _available_precision("int4", "cpu") == "int4"
+    assert generation_precision("nf4", "cpu") == "int4"
+    assert generation_precision("nf4", "cuda") == "nf4"
+    assert generation_precision("fp32", "cpu") == "fp32"
