@@ -103,6 +103,7 @@ def build_app() -> gr.Blocks:
                     label="Held-out example prompts (not used for extraction)", choices=[], allow_custom_value=True
                 )
                 prompt = gr.Textbox(label="Prompt", lines=2)
+                gr.Markdown(studio.preview_engine_note())
                 preview_button = gr.Button("Generate side by side", variant="primary")
                 with gr.Row():
                     naive = gr.Textbox(label="Naive (no steering)", lines=10, elem_id="naive-output")

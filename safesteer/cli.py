@@ -23,7 +23,15 @@ from .activations import TOKENS
 from .architectures import SITES
 from .errors import SafeSteerError
 from .generation import generate, generate_side_by_side
-from .models import EMBEDDED_MODEL, PRECISIONS, LoadedModel, check_compatible, describe_model, load_model
+from .models import (
+    EMBEDDED_MODEL,
+    PRECISIONS,
+    LoadedModel,
+    check_compatible,
+    describe_model,
+    generation_precision,
+    load_model,
+)
 from .policy import PolicyCategory, PolicyVersion
 from .progress import ProgressCallback
 from .prompts import load_prompt_file
@@ -73,8 +81,12 @@ def _store(args: argparse.Namespace):
     return PolicyStore(args.db)
 
 
-def _load(args: argparse.Namespace, model_id: str | None, progress: ProgressCallback | None = None) -> LoadedModel:
-    return load_model(model_id, args.precision, progress=progress)
+def _load(
+    args: argparse.Namespace, model_id: str | None, progress: ProgressCallback | None = None, *, generating: bool
+) -> LoadedModel:
+    """Extraction defaults to NF4; generation to the fastest 4-bit path here (int4 on a CPU)."""
+    precision = args.precision or (generation_precision("nf4") if generating else "nf4")
+    return load_model(model_id, precision, progress=progress)
 
 
 # --- extract and generate ------------------------------------------------------------------------
@@ -95,7 +107,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     bar = _Bar()
     try:
         started = time.perf_counter()
-        lm = _load(args, args.model, bar)
+        lm = _load(args, args.model, bar, generating=False)
         loaded = time.perf_counter()
         result = extract_vectors(lm, harmful, safe, settings, category=args.category, progress=bar)
         finished = time.perf_counter()
@@ -144,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             SteeringSpec(vector=vectors.vector(layer), layer=layer, strength=args.strength, site=vectors.settings.site)
         ]
         described = {"layer": layer, "strength": args.strength}
-    lm = _load(args, args.model or model.model_id)
+    lm = _load(args, args.model or model.model_id, generating=True)
     check_compatible(model, lm.identity)
     started = time.perf_counter()
     if len(specs) == 1:
@@ -281,7 +293,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise SafeSteerError(f"no such file: {path}")
-    target = describe_model(args.model, args.precision)
+    target = describe_model(args.model, args.precision or "nf4")
     store = _store(args)
     name, number = import_bundle(store, path.read_bytes(), target=target, actor=args.author, rename=args.as_name)
     print(json.dumps({"policy": name, "version": number}))
@@ -312,7 +324,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     store = _store(args)
     version = store.load_version(args.policy, args.version)
     category = version.category(args.category) if args.category else version.categories[0]
-    lm = _load(args, args.model or version.model.model_id)
+    lm = _load(args, args.model or version.model.model_id, generating=True)
     check_compatible(version.model, lm.identity)
     pool = prompts_from_argument(args.heldout) if args.heldout else default_heldout()
     used = set(category.harmful)
@@ -382,7 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="Hugging Face id, local folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
         )
         sub.add_argument(
-            "--precision", choices=PRECISIONS, default="nf4", help="weights precision (default: 4-bit NF4)"
+            "--precision",
+            choices=PRECISIONS,
+            default=None,
+            help="weights precision (default: 4-bit NF4 to extract; to generate, int4 on a CPU, else NF4)",
         )
 
     extract = commands.add_parser("extract", help="compute a category's steering vectors from example prompts")

@@ -129,10 +129,16 @@ def recommend(baseline: Cell, cells: list[Cell]) -> dict[str, Any]:
 
 
 def cache_key(
-    vectors: CategoryVectors, settings: SweepSettings, harmful: list[str], benign: list[str], guard: str | None
+    vectors: CategoryVectors,
+    settings: SweepSettings,
+    harmful: list[str],
+    benign: list[str],
+    guard: str | None,
+    model: dict[str, Any] | None = None,
 ) -> str:
+    """Results depend on the vectors, the sweep, the prompts, the judge and the model that answers."""
     payload = json.dumps(
-        [CACHE_VERSION, vectors.sha256(), asdict(settings), harmful, benign, guard],
+        [CACHE_VERSION, vectors.sha256(), asdict(settings), harmful, benign, guard, model],
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -159,7 +165,7 @@ def evaluate(
         raise SafeSteerError(
             "evaluation needs at least 2 held-out harmful prompts (not used for extraction) and 2 benign ones"
         )
-    key = cache_key(vectors, settings, harmful, benign, guard.model_id if guard else None)
+    key = cache_key(vectors, settings, harmful, benign, guard.model_id if guard else None, lm.identity.to_dict())
     cache_file = (cache_dir or default_cache_dir()) / "evaluations" / f"{key}.json"
     if cache_file.is_file():
         report(1.0, "loaded from cache")

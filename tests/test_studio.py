@@ -2,6 +2,7 @@
 
 import gradio as gr
 import pytest
+import torch
 
 from safesteer import generate_side_by_side, studio
 from tests.conftest import HARMFUL, SAFE
@@ -216,3 +217,19 @@ def test_evaluation_input_mistakes_are_messages(app_env):
         list(studio.user_errors(studio.run_evaluation)(draft, "40", "1", 8, ""))
     with pytest.raises(gr.Error, match="run an evaluation first"):
         studio.user_errors(studio.review_start)(None)
+
+
+def test_previews_use_the_fast_generation_model_and_say_which(tiny_folder, monkeypatch):
+    from safesteer.int4 import int4_problem
+
+    monkeypatch.setenv("SAFESTEER_MODEL", str(tiny_folder))
+    monkeypatch.delenv("SAFESTEER_PRECISION", raising=False)
+    monkeypatch.delenv("SAFESTEER_PREVIEW_PRECISION", raising=False)
+    cpu_fast = not torch.cuda.is_available() and int4_problem() is None
+    assert studio.preview_model().identity.precision == ("int4" if cpu_fast else "nf4")
+    assert studio.studio_model().identity.precision in ("nf4", "fp32")  # extraction stays NF4 (fp32 without bnb)
+    if cpu_fast:
+        assert "int4" in studio.preview_engine_note()
+    monkeypatch.setenv("SAFESTEER_PREVIEW_PRECISION", "fp32")
+    assert studio.preview_model().identity.precision == "fp32"
+    assert "float32" in studio.preview_engine_note()
