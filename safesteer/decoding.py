@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_attention
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
 from .steering import SteeringSpec
@@ -49,6 +50,8 @@ def supports(lm: LoadedModel) -> bool:
     generation = getattr(model, "generation_config", None)
     if any(getattr(generation, name, None) not in (None, 0, 1.0) for name in _GREEDY_CHANGERS):
         return False  # the model asks generate for logits processors this loop does not apply
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", cpu_attention.NAME):
+        return False
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return False
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
@@ -95,7 +98,7 @@ def _shifted(hidden: torch.Tensor, shifts: list[torch.Tensor] | None) -> torch.T
     return hidden
 
 
-def _attend(
+def _sdpa_attend(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
     """One query token's attention, [rows, heads * dim], computed the way transformers' sdpa path does.
@@ -116,9 +119,13 @@ def _attend(
 
 
 class _StaticCache:
-    """Keys and values for every layer in buffers sized for the whole generation."""
+    """Keys and values for every layer in buffers sized for the whole generation.
 
-    def __init__(self, prefill: Any, n_layers: int, total: int) -> None:
+    `dtype` float32 suits `cpu_attention`, which computes in float32 anyway: the cache is then
+    not converted again at every step (bfloat16 values convert to float32 exactly).
+    """
+
+    def __init__(self, prefill: Any, n_layers: int, total: int, dtype: torch.dtype | None = None) -> None:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.length = 0
@@ -126,8 +133,8 @@ class _StaticCache:
             layer = prefill.layers[index]
             keys, values = layer.keys, layer.values
             batch, heads, length, dim = keys.shape
-            key_buffer = keys.new_empty(batch, heads, total, dim)
-            value_buffer = values.new_empty(batch, heads, total, dim)
+            key_buffer = keys.new_empty(batch, heads, total, dim, dtype=dtype or keys.dtype)
+            value_buffer = values.new_empty(batch, heads, total, dim, dtype=dtype or values.dtype)
             key_buffer[:, :, :length] = keys
             value_buffer[:, :, :length] = values
             self.keys.append(key_buffer)
@@ -150,12 +157,12 @@ def _linear(module: nn.Module) -> Linear2d:
 
 
 def _norm(module: nn.Module) -> Linear2d:
-    """An RMSNorm as one fused op, with the same float32 arithmetic as transformers' Llama norm."""
+    """An RMSNorm as one fused op; it normalizes in float32 and rounds once, as transformers' Llama norm does."""
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if not type(module).__name__.endswith("RMSNorm") or weight is None or eps is None:
         return module
     shape = (weight.shape[-1],)
-    return lambda x: weight * torch.rms_norm(x.float(), shape, None, eps).to(x.dtype)
+    return lambda x: weight * torch.rms_norm(x, shape, None, eps)
 
 
 def _mlp(module: nn.Module) -> Linear2d:
@@ -233,7 +240,9 @@ def greedy_decode(
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
-    kv = _StaticCache(cache, len(layers), prompt_length + max_new_tokens)
+    uses_cpu_attention = model.config._attn_implementation == cpu_attention.NAME
+    attend = cpu_attention.single_query_attention if uses_cpu_attention else _sdpa_attend
+    kv = _StaticCache(cache, len(layers), prompt_length + max_new_tokens, torch.float32 if uses_cpu_attention else None)
     dtype = base.embed_tokens.weight.dtype
     shifts = _shifts(specs, dtype)
     plans = [_LayerPlan.of(layer) for layer in layers]
@@ -277,9 +286,7 @@ def greedy_decode(
             keys, values = kv.keys[index], kv.values[index]
             keys[:, :, slot] = query_key[:, heads:, 0]
             values[:, :, slot] = plan.v(normed).view(rows, -1, head_dim)
-            context = _attend(
-                query_key[:, :heads], keys[:, :, : kv.length], values[:, :, : kv.length], visible, scaling
-            )
+            context = attend(query_key[:, :heads], keys[:, :, : kv.length], values[:, :, : kv.length], visible, scaling)
             hidden = hidden + _shifted(plan.o(context), shifts.get((index, "attention")))
             hidden = hidden + plan.mlp(plan.mlp_norm(hidden))
             hidden = _shifted(hidden, shifts.get((index, "residual")))

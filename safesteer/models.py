@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from .architectures import ResolvedArchitecture, resolve_architecture
+from .cpu_attention import use_cpu_attention
 from .errors import SafeSteerError
 from .int4 import int4_problem, quantize_int4
 from .progress import ProgressCallback, no_progress
@@ -367,6 +368,8 @@ def load_model(
         except (OSError, ValueError) as exc:
             raise _cannot_load(model_id, exc) from exc
         use_column_head(model)
+        if device == "cpu":
+            use_cpu_attention(model)
         revision = source.revision or getattr(model.config, "_commit_hash", None)
         loaded = wrap_model(model, tokenizer, model_id=source.model_id, precision=actual, revision=revision)
         _LOADED[key] = loaded

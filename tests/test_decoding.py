@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 
-from safesteer import SteeringSpec, generate, load_model
+from safesteer import SteeringSpec, cpu_attention, generate, load_model
 from safesteer.decoding import supports
 from safesteer.generation import generate_stream
 from safesteer.int4 import int4_problem
+from safesteer.models import wrap_model
 from tests.conftest import HARMFUL, SAFE
 
 
@@ -31,10 +32,15 @@ def _cases(lm):
     }
 
 
-@pytest.fixture(scope="module", params=["fp32", "int4"])
+@pytest.fixture(scope="module", params=["fp32", "fp32-sdpa", "int4"])
 def lm(request, tiny_folder, tiny_lm):
     if request.param == "fp32":
+        assert tiny_lm.model.config._attn_implementation == cpu_attention.NAME  # what load_model picks on a CPU
         return tiny_lm
+    if request.param == "fp32-sdpa":  # e.g. a deployer's own model passed through wrap_model
+        model = copy.deepcopy(tiny_lm.model)
+        model.set_attn_implementation("sdpa")
+        return wrap_model(model, tiny_lm.tokenizer, "tiny", "fp32")
     if int4_problem() is not None:
         pytest.skip(f"int4 kernel unavailable: {int4_problem()}")
     return load_model(str(tiny_folder), "int4", device="cpu")
@@ -94,3 +100,19 @@ def test_rows_that_end_early_are_padded_like_transformers(lm):
     reference = generate(stopping, prompts, max_new_tokens=30, decoder="transformers")
     assert lean == reference
     assert len(lean[1]) < len(generate(lm, prompts[1:2], max_new_tokens=30)[0])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_single_query_attention_matches_sdpa(padded):
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, 1, 16, generator=g)
+    keys, values = torch.randn(2, 2, 9, 16, generator=g), torch.randn(2, 2, 9, 16, generator=g)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+        mask[1, ..., :3] = False  # the second row's first three keys are padding
+    got = cpu_attention.single_query_attention(query, keys, values, mask, 0.25)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, scale=0.25, enable_gqa=True
+    )
+    assert torch.allclose(got, want.reshape(2, -1), atol=1e-5)
