@@ -37,14 +37,16 @@ def memory_mb(precision: str) -> dict[str, float]:
 
     `weights`: the model's parameters and buffers; `resident`: the process after loading
     (Python, torch and the model); `peak`: the high-water mark, which includes loading (4-bit
-    quantizes from the float checkpoint, so its peak is the float model's).
+    quantizes from the float checkpoint, so its peak is the float model's). Both come from
+    /proc/self/status: `ru_maxrss` would also count the parent's size at fork time.
     """
     code = (
-        "import gc, json, os, resource; from safesteer import load_model, generate; "
+        "import gc, json; from safesteer import load_model, generate; "
         f"lm = load_model(None, '{precision}'); generate(lm, ['Hello'], max_new_tokens=8); gc.collect(); "
-        "page = os.sysconf('SC_PAGE_SIZE'); rss = int(open('/proc/self/statm').read().split()[1]) * page; "
-        "print(json.dumps({'weights': lm.model.get_memory_footprint() / 2**20, 'resident': rss / 2**20, "
-        "'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+        "status = dict(line.split(':', 1) for line in open('/proc/self/status')); "
+        "kb = lambda key: int(status[key].split()[0]); "
+        "print(json.dumps({'weights': lm.model.get_memory_footprint() / 2**20, "
+        "'resident': kb('VmRSS') / 1024, 'peak': kb('VmHWM') / 1024}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -89,14 +91,14 @@ def measure_ours(
     both = SteeringSpec(spec.vector, layer, (0.0, STRENGTH))
     preview = harmful[0]
 
-    def run(prompts: list[str], specs: list[SteeringSpec]) -> list[str]:
+    def answer(prompts: list[str], specs: list[SteeringSpec]) -> list[str]:
         return generate(lm, prompts, specs, max_new_tokens=NEW_TOKENS, fixed_length=True, decoder=decoder)
 
     generate(lm, [preview], max_new_tokens=8, decoder=decoder)
     runs = {
-        "plain": lambda: run([preview], []),
-        "steered": lambda: run([preview], [spec]),
-        "side_by_side": lambda: run([preview, preview], [both]),
+        "plain": lambda: answer([preview], []),
+        "steered": lambda: answer([preview], [spec]),
+        "side_by_side": lambda: answer([preview, preview], [both]),
     }
     samples: dict[str, list[float]] = {name: [] for name in runs}
     texts: dict[str, list[str]] = {}

@@ -26,7 +26,7 @@ from torch import nn
 from . import cpu_attention
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
-from .steering import SteeringSpec
+from .steering import SteeringSpec, shift_tensor
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 _PLAIN_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})
@@ -44,8 +44,13 @@ _GREEDY_CHANGERS = (
 
 
 def supports(lm: LoadedModel) -> bool:
-    """Whether `lm` has exactly the layer structure this loop reproduces."""
+    """Whether `lm` runs on the CPU with exactly the layer structure this loop reproduces.
+
+    On a GPU, transformers' generate is used: its per-token overhead matters less there.
+    """
     model = lm.model
+    if lm.device.type != "cpu":
+        return False
     config = model.config
     generation = getattr(model, "generation_config", None)
     if any(getattr(generation, name, None) not in (None, 0, 1.0) for name in _GREEDY_CHANGERS):
@@ -79,16 +84,15 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def _shifts(specs: Sequence[SteeringSpec], dtype: torch.dtype) -> dict[tuple[int, str], list[torch.Tensor]]:
-    """Per (layer, site), each spec's `strength * vector`, computed in the model's dtype as the hooks do."""
+def _shifts(
+    specs: Sequence[SteeringSpec], dtype: torch.dtype, device: torch.device
+) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """Per (layer, site), each spec's shift for [rows, hidden] states, exactly as the hooks add it."""
     shifts: dict[tuple[int, str], list[torch.Tensor]] = {}
     for spec in specs:
-        if spec.is_noop():
-            continue
-        direction = spec.vector.detach().float().cpu().to(dtype)
-        rows = torch.tensor(spec.strengths(), dtype=torch.float32).to(dtype)
-        shift = rows[0] * direction if rows.numel() == 1 else rows.view(-1, 1) * direction
-        shifts.setdefault((spec.layer, spec.site), []).append(shift)
+        if not spec.is_noop():
+            shift = shift_tensor(spec.vector, spec.strengths(), dtype, device, ndim=2)
+            shifts.setdefault((spec.layer, spec.site), []).append(shift)
     return shifts
 
 
@@ -244,12 +248,13 @@ def greedy_decode(
     attend = cpu_attention.single_query_attention if uses_cpu_attention else _sdpa_attend
     kv = _StaticCache(cache, len(layers), prompt_length + max_new_tokens, torch.float32 if uses_cpu_attention else None)
     dtype = base.embed_tokens.weight.dtype
-    shifts = _shifts(specs, dtype)
+    device = input_ids.device
+    shifts = _shifts(specs, dtype, device)
     plans = [_LayerPlan.of(layer) for layer in layers]
     final_norm, head = _norm(base.norm), _linear(model.lm_head)
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
-    finished = torch.zeros(rows, dtype=torch.bool)
-    key_mask = torch.zeros(rows, 1, 1, prompt_length + max_new_tokens, dtype=torch.bool)
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    key_mask = torch.zeros(rows, 1, 1, prompt_length + max_new_tokens, dtype=torch.bool, device=device)
     key_mask[:, 0, 0, :prompt_length] = mask.bool()
     padded = not bool(mask.bool().all())
     position = positions[:, -1:]

@@ -47,24 +47,34 @@ class SteeringSpec:
         return all(s == 0.0 for s in self.strengths())
 
 
+def shift_tensor(
+    vector: torch.Tensor, strengths: tuple[float, ...], dtype: torch.dtype, device: torch.device, ndim: int
+) -> torch.Tensor:
+    """`strength * vector`, in the hidden states' dtype, shaped to add to [rows, ..., hidden] states of `ndim` dims.
+
+    One strength gives [hidden]; one per row gives [rows, 1, ..., hidden]. The hooks and the
+    decode loop (`decoding`) both build their shifts here, so they add the very same numbers.
+    """
+    direction = vector.detach().float().cpu().to(device, dtype)
+    rows = torch.tensor(strengths, dtype=torch.float32).to(device, dtype)
+    if rows.numel() == 1:
+        return rows[0] * direction
+    return rows.view(-1, *([1] * (ndim - 1))) * direction
+
+
 def _shift_hook(block: int, vector: torch.Tensor, strengths: tuple[float, ...]):
-    per_row = torch.tensor(strengths, dtype=torch.float32)
-    cache: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+    cache: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
 
     def hook(module: torch.nn.Module, args: object, output: object) -> object:
         if block not in _ACTIVE_BLOCKS.get():
             return None  # another caller's forward pass: leave it untouched
         hidden = output[0] if isinstance(output, tuple) else output
-        key = (hidden.dtype, hidden.device)
+        if len(strengths) not in (1, hidden.shape[0]):
+            raise SafeSteerError(f"{len(strengths)} strengths given for a batch of {hidden.shape[0]} rows")
+        key = (hidden.dtype, hidden.device, hidden.dim())
         if key not in cache:
-            cache[key] = (vector.to(hidden.device, hidden.dtype), per_row.to(hidden.device, hidden.dtype))
-        direction, rows = cache[key]
-        if rows.numel() == 1:
-            shifted = hidden + rows[0] * direction
-        elif rows.numel() == hidden.shape[0]:
-            shifted = hidden + rows.view(-1, 1, 1) * direction
-        else:
-            raise SafeSteerError(f"{rows.numel()} strengths given for a batch of {hidden.shape[0]} rows")
+            cache[key] = shift_tensor(vector, strengths, hidden.dtype, hidden.device, hidden.dim())
+        shifted = hidden + cache[key]
         return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
     return hook
@@ -87,9 +97,7 @@ def steer(lm: LoadedModel, specs: Sequence[SteeringSpec]) -> Iterator[None]:
             if spec.is_noop():
                 continue  # strength 0 everywhere: no hook, so output is exactly the unsteered one
             module = lm.architecture.module(spec.layer, spec.site)
-            handle = module.register_forward_hook(
-                _shift_hook(block, spec.vector.detach().float().cpu(), spec.strengths())
-            )
+            handle = module.register_forward_hook(_shift_hook(block, spec.vector, spec.strengths()))
             stack.callback(handle.remove)
         reset = _ACTIVE_BLOCKS.set(_ACTIVE_BLOCKS.get() | {block})
         try:
