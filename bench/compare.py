@@ -28,7 +28,7 @@ from safesteer.policy import PolicyCategory, PolicyVersion
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
-THREADS, N_PROMPTS, NEW_TOKENS, STRENGTH, REPEATS, GENERATION_REPEATS = 2, 64, 64, 4.0, 3, 5
+THREADS, N_PROMPTS, NEW_TOKENS, STRENGTH, REPEATS, GENERATION_REPEATS = 2, 64, 64, 4.0, 3, 7
 MEMORY_PRECISIONS = ("fp32", "nf4", "int4")
 
 
@@ -109,6 +109,9 @@ def measure_ours(
             samples[name].append(time.perf_counter() - start)
     for name, values in samples.items():
         figures[f"{name}_s_{label}"] = summary(values)
+    for name in ("steered", "side_by_side"):  # ratios of runs taken back to back: drift cancels
+        paired = [a / b for a, b in zip(samples[name], samples["plain"], strict=True)]
+        figures[f"{name}_vs_plain_{label}"] = summary(paired)
     plain, steered = texts["plain"], texts["steered"]
     return figures, {"lm": lm, "vectors": vectors, "layer": layer, "plain": plain[0], "steered": steered[0]}
 
@@ -189,6 +192,13 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}"
 
 
+def _paired(ratios: dict) -> str:
+    """Median of back-to-back steered/plain ratios, with their spread."""
+    return (
+        f"{100 * (ratios['median'] - 1):+.1f}% ({100 * (ratios['min'] - 1):+.0f}% to {100 * (ratios['max'] - 1):+.0f}%)"
+    )
+
+
 def _overhead(steered: dict, plain: dict) -> str:
     return f"{100 * (steered['median'] / plain['median'] - 1):+.1f}%"
 
@@ -231,9 +241,15 @@ def write_markdown(r: dict) -> None:
         ("", *generation_row("steering-vectors (fp32)", sv["steered_generation_s"])),
         ("", *generation_row("repeng (fp32)", rp["steered_generation_s"])),
         ("", "llama.cpp + our control vector (Q4_1)", f"{cpp_steered:.1f} tok/s", _ratio(cpp_steered, base_g)),
-        ("steering overhead per token", "SafeSteer int4", _overhead(ours["steered_s_int4"], ours["plain_s_int4"]), ""),
-        ("", "SafeSteer NF4", _overhead(ours["steered_s_nf4"], ours["plain_s_nf4"]), ""),
-        ("", "SafeSteer fp32", _overhead(ours["steered_s_fp32"], ours["plain_s_fp32"]), ""),
+        *[
+            (
+                "steering overhead per token" if i == 0 else "",
+                f"SafeSteer {p}",
+                _paired(ours[f"steered_vs_plain_{p}"]),
+                "",
+            )
+            for i, p in enumerate(("int4", "nf4", "fp32"))
+        ],
         ("", "steering-vectors", _overhead(sv["steered_generation_s"], sv["plain_generation_s"]), ""),
         ("", "llama.cpp", _overhead(cpp["steered_generation_s"], cpp["plain_generation_s"]), ""),
         *[
@@ -241,7 +257,7 @@ def write_markdown(r: dict) -> None:
                 "side-by-side preview (naive + steered) vs one unsteered" if i == 0 else "",
                 f"SafeSteer {p}, one batch",
                 _fmt(ours[f"side_by_side_s_{p}"]),
-                _ratio(ours[f"side_by_side_s_{p}"]["median"], ours[f"plain_s_{p}"]["median"]) + "x",
+                f"{ours[f'side_by_side_vs_plain_{p}']['median']:.2f}x",
             )
             for i, p in enumerate(("int4", "nf4"))
         ],
@@ -315,7 +331,8 @@ def write_markdown(r: dict) -> None:
         f"applied, layer {layer}, strength {STRENGTH}, greedy decoding, {THREADS} threads, {n} new tokens "
         "(end-of-text ignored). Memory is measured in a fresh process that loads the model and generates 8 tokens: "
         "weights (parameters and buffers), resident after loading, and the peak including loading. "
-        "Steering overheads of a few percent either way are within this shared machine's run-to-run noise.",
+        "SafeSteer's steering overhead and side-by-side ratio are medians of ratios between runs taken back to back "
+        "(the peers': ratios of medians); a few percent either way is within this shared machine's noise.",
     ]
     (ROOT.parent / "docs").mkdir(exist_ok=True)
     (ROOT.parent / "docs" / "benchmarks.md").write_text("\n".join(text) + "\n")
