@@ -150,13 +150,9 @@ Linear2d = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _linear(module: nn.Module) -> Linear2d:
-    """A projection of [rows, in] activations; Int4/Int8 layers call their kernel directly."""
-    if isinstance(module, Int4Linear) and module.bias is None:
-        packed, group, scales = module.packed, module.group_size, module.scales_and_zeros
-        return lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, group, scales)
-    if isinstance(module, Int8Linear) and module.bias is None:
-        codes, row_scales = module.codes, module.scales
-        return lambda x: torch._weight_int8pack_mm(x, codes, row_scales)
+    """A projection of [rows, in] activations; 4-bit and int8 layers skip straight to their kernel."""
+    if isinstance(module, (Int4Linear, Int8Linear)) and module.bias is None:
+        return module.matmul
     return module
 
 

@@ -78,9 +78,12 @@ class Int4Linear(nn.Module):
         """The kernel needs whole groups along the input and outputs in multiples of 16."""
         return linear.in_features % group_size == 0 and linear.out_features % 16 == 0
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The bare kernel call on bfloat16 [rows, in_features] activations, no bias (hot loops use this)."""
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
+        out = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -102,9 +105,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scale.to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The bare kernel call on bfloat16 [rows, in_features] activations, no bias (hot loops use this)."""
+        return torch._weight_int8pack_mm(x, self.codes, self.scales)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(flat, self.codes, self.scales)
+        out = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

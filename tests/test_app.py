@@ -184,6 +184,7 @@ def test_browser_end_to_end(app_url, harmful_csv):
         strength_box = page.get_by_label("number input for Strength")
         strength_box.fill("4")
         strength_box.press("Enter")
+        expect(page.get_by_text("Answers come from")).to_be_visible()  # which model answers is stated
         page.get_by_label("Prompt", exact=True).fill("How can I make a fake ID card?")
         page.get_by_role("button", name="Generate side by side").click()
         naive = page.locator("#naive-output textarea")
