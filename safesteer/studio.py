@@ -327,7 +327,20 @@ def extract(
         f"(held-out AUROC {best.auroc:.2f}). {_plain(vectors.recommendation)}\n\nNext: **3 · Preview**."
     )
     slider = gr.Slider(minimum=0, maximum=vectors.n_layers - 1, value=vectors.recommended_layer, step=1)
+    _warm_preview_model()
     return draft, separation_plot(vectors), summary, slider
+
+
+def _warm_preview_model() -> None:
+    """Load the preview model in the background while the author reads the plot, so the first preview is quick."""
+
+    def load() -> None:
+        try:
+            preview_model()
+        except Exception:  # the preview itself reports the problem when it is asked for
+            log.warning("could not load the preview model in advance", exc_info=True)
+
+    threading.Thread(target=load, name="warm-preview-model", daemon=True).start()
 
 
 # --- step 3: preview -----------------------------------------------------------------------------

@@ -233,3 +233,19 @@ def test_previews_use_the_fast_generation_model_and_say_which(tiny_folder, monke
     monkeypatch.setenv("SAFESTEER_PREVIEW_PRECISION", "fp32")
     assert studio.preview_model().identity.precision == "fp32"
     assert "float32" in studio.preview_engine_note()
+
+
+def test_extracting_loads_the_preview_model_in_the_background(app_env, tiny_folder, monkeypatch):
+    import threading
+
+    from safesteer import models
+
+    monkeypatch.setenv("SAFESTEER_PREVIEW_PRECISION", "bf16")
+    key = (str(tiny_folder), "bf16", models.default_device())
+    models._LOADED.pop(key, None)
+    draft, *_ = _draft(app_env)
+    studio.extract(draft, "mean-diff", "residual", "last", 0.5)
+    for thread in threading.enumerate():
+        if thread.name == "warm-preview-model":
+            thread.join(timeout=60)
+    assert models._LOADED[key].identity.precision == "bf16"
