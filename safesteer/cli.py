@@ -84,7 +84,7 @@ def _store(args: argparse.Namespace):
 def _load(
     args: argparse.Namespace, model_id: str | None, progress: ProgressCallback | None = None, *, generating: bool
 ) -> LoadedModel:
-    """Extraction defaults to NF4; generation to the fastest 4-bit path here (int4 on a CPU)."""
+    """NF4 by default; `generating` a few rows defaults to the fastest 4-bit path here (int4 on a CPU)."""
     precision = args.precision or (generation_precision("nf4") if generating else "nf4")
     return load_model(model_id, precision, progress=progress)
 
@@ -324,7 +324,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     store = _store(args)
     version = store.load_version(args.policy, args.version)
     category = version.category(args.category) if args.category else version.categories[0]
-    lm = _load(args, args.model or version.model.model_id, generating=True)
+    lm = _load(args, args.model or version.model.model_id, generating=False)  # sweeps: big batches
     check_compatible(version.model, lm.identity)
     pool = prompts_from_argument(args.heldout) if args.heldout else default_heldout()
     used = set(category.harmful)
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--precision",
             choices=PRECISIONS,
             default=None,
-            help="weights precision (default: 4-bit NF4 to extract; to generate, int4 on a CPU, else NF4)",
+            help="weights precision (default: 4-bit NF4; `generate` uses int4 on a CPU, faster for a few prompts)",
         )
 
     extract = commands.add_parser("extract", help="compute a category's steering vectors from example prompts")

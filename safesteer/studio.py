@@ -91,10 +91,12 @@ def _preview_precision() -> Precision:
 
 
 def preview_model() -> LoadedModel:
-    """The model that answers in previews and evaluations: the same weights, the fastest 4-bit path here.
+    """The model that answers previews: the same weights, the fastest 4-bit path for a few rows.
 
-    On a CPU that is the int4 kernel with the lean decode loop (about 3x NF4's speed); on a GPU,
-    the extraction model itself. `SAFESTEER_PREVIEW_PRECISION` picks another precision.
+    On a CPU that is the int4 kernel with the lean decode loop (about 2.5x NF4's speed for one or
+    two rows); on a GPU, the extraction model itself. `SAFESTEER_PREVIEW_PRECISION` picks another
+    precision. Evaluation sweeps answer dozens of rows at once, where bitsandbytes' NF4 is faster
+    than the int4 kernel (whose cost grows with the rows), so they use the extraction model.
     """
     return load_model(default_model_id(), _preview_precision())
 
@@ -590,8 +592,8 @@ def run_evaluation(
 
     def work() -> None:
         try:
-            state["result"] = evaluate(
-                preview_model(), category, draft.heldout, benign, settings, guard, report, stop.is_set
+            state["result"] = evaluate(  # large batches: NF4 beats the int4 kernel there
+                studio_model(), category, draft.heldout, benign, settings, guard, report, stop.is_set
             )
         except Exception as exc:
             state["error"] = exc
