@@ -72,20 +72,20 @@ def generate(
             suppress_eos=fixed_length,
             streamer=streamer,
         )
-        return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    with steer(lm, specs), torch.inference_mode():
-        output = lm.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens if fixed_length else None,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            streamer=streamer,
-        )
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    else:
+        with steer(lm, specs), torch.inference_mode():
+            output = lm.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens if fixed_length else None,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                streamer=streamer,
+            )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
