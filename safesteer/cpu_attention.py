@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 NAME = "safesteer_cpu"
+MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+"""Families whose attention is plain scaled dot-product over the mask (no sinks, biases or soft caps)."""
 
 
 def single_query_attention(
@@ -50,7 +52,7 @@ def cpu_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function protocol: output [rows, queries, heads, dim] and no weights."""
-    if query.shape[2] != 1 or dropout or kwargs.get("softcap") is not None:
+    if query.shape[2] != 1 or dropout or any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux")):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
@@ -71,9 +73,11 @@ def register() -> None:
 
 
 def use_cpu_attention(model: nn.Module) -> bool:
-    """Switch a CPU model that uses SDPA to this attention; True when switched."""
+    """Switch a CPU model of a known family that uses SDPA to this attention; True when switched."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "model_type", None) not in MODEL_TYPES:
         return False
     register()
     model.set_attn_implementation(NAME)

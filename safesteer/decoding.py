@@ -28,7 +28,7 @@ from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
 from .steering import SteeringSpec, shift_tensor
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+SUPPORTED_MODEL_TYPES = cpu_attention.MODEL_TYPES  # the same families, whose layers are plain pre-norm blocks
 _PLAIN_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})
 _GREEDY_CHANGERS = (
     "repetition_penalty",

@@ -116,3 +116,11 @@ def test_single_query_attention_matches_sdpa(padded):
         query, keys, values, attn_mask=mask, scale=0.25, enable_gqa=True
     )
     assert torch.allclose(got, want.reshape(2, -1), atol=1e-5)
+
+
+def test_cpu_attention_is_only_given_to_known_families():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    other = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, attn_implementation="sdpa"))
+    assert not cpu_attention.use_cpu_attention(other)
+    assert other.config._attn_implementation == "sdpa"
