@@ -307,7 +307,7 @@ def describe_model(model_id: str | None = None, precision: str = "nf4", cache_di
     )
 
 
-def _available_precision(precision: Precision, device: str) -> Precision:
+def available_precision(precision: Precision, device: str) -> Precision:
     """The precision that will actually load: a 4-bit one this device cannot run falls back, with one log line."""
     if precision == "int4":
         problem = "a CPU-only kernel" if device != "cpu" else int4_problem()
@@ -359,7 +359,7 @@ def load_model(
             return _LOADED[key]
         report = progress or no_progress
         source = _resolve_source(model_id, cache_dir, report)
-        actual = _available_precision(precision, device)
+        actual = available_precision(precision, device)
         report(0.7, f"loading {model_id} ({actual})")
         try:
             from transformers import AutoTokenizer

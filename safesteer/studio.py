@@ -25,9 +25,12 @@ from . import datasets
 from .errors import SafeSteerError
 from .generation import generate, generate_stream
 from .models import (
+    PRECISIONS,
     LoadedModel,
     Precision,
+    available_precision,
     check_compatible,
+    default_device,
     embedded_gguf_path,
     generation_precision,
     load_model,
@@ -110,9 +113,12 @@ _ENGINE_NAMES = {
 
 
 def preview_engine_note() -> str:
-    """One line for the Preview tab: which model and precision will answer."""
+    """One line for the Preview tab: which model and precision will answer (after any fallback)."""
     model = default_model_id() or "the built-in SmolLM2-135M-Instruct"
-    return f"Answers come from {model}: {_ENGINE_NAMES.get(_preview_precision(), _preview_precision())}."
+    precision = _preview_precision()
+    if precision in PRECISIONS:
+        precision = available_precision(precision, default_device())
+    return f"Answers come from {model}: {_ENGINE_NAMES.get(precision, precision)}."
 
 
 _STORE: Any = None

@@ -9,7 +9,7 @@ from torch import nn
 from safesteer import SteeringSpec, generate, load_model
 from safesteer.activations import record_activations
 from safesteer.int4 import GROUP_SIZE, Int4Linear, Int8Linear, _pack_codes, int4_problem, quantize_int4
-from safesteer.models import _available_precision, generation_precision
+from safesteer.models import available_precision, generation_precision
 from tests.conftest import HARMFUL, SAFE
 
 pytestmark = pytest.mark.skipif(int4_problem() is not None, reason=f"int4 kernel unavailable: {int4_problem()}")
@@ -119,8 +119,8 @@ def test_quantize_int4_reports_swapped_layers(tiny_folder):
 
 
 def test_int4_is_a_cpu_path_and_the_fast_choice_for_nf4_on_cpu():
-    assert _available_precision("int4", "cuda") != "int4"
-    assert _available_precision("int4", "cpu") == "int4"
+    assert available_precision("int4", "cuda") != "int4"
+    assert available_precision("int4", "cpu") == "int4"
     assert generation_precision("nf4", "cpu") == "int4"
     assert generation_precision("nf4", "cuda") == "nf4"
     assert generation_precision("fp32", "cpu") == "fp32"

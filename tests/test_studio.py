@@ -249,3 +249,13 @@ def test_extracting_loads_the_preview_model_in_the_background(app_env, tiny_fold
         if thread.name == "warm-preview-model":
             thread.join(timeout=60)
     assert models._LOADED[key].identity.precision == "bf16"
+
+
+def test_preview_note_names_the_precision_that_will_really_load(tiny_folder, monkeypatch):
+    from safesteer import models
+
+    monkeypatch.setenv("SAFESTEER_MODEL", str(tiny_folder))
+    monkeypatch.setenv("SAFESTEER_PREVIEW_PRECISION", "nf4")
+    monkeypatch.setitem(models._BNB_PROBLEM, models.default_device(), "RuntimeError: no 4-bit backend")
+    note = studio.preview_engine_note()
+    assert "NF4" not in note and ("float32" in note or "bfloat16" in note)
