@@ -46,12 +46,15 @@ def shared_prefix_length(sequences: list[list[int]]) -> int:
 
 
 class _Recorder:
-    """Forward hooks that reduce each layer's output to one vector per prompt."""
+    """Forward hooks that reduce each layer's output to one vector per prompt.
 
-    def __init__(self, result: torch.Tensor, token: Token) -> None:
-        self.result = result
+    Reductions stay on the model's device in `batch_result` and reach the CPU once per batch:
+    a copy per layer would make the GPU wait for the host at every layer.
+    """
+
+    def __init__(self, token: Token) -> None:
         self.token = token
-        self.rows: list[int] = []
+        self.batch_result = torch.zeros(0)  # [rows, n_layers, hidden] on the model's device
         self.last_index = torch.zeros(0, dtype=torch.long)
         self.mask = torch.zeros(0)
         self.prefix_sums: torch.Tensor | None = None  # [n_layers, hidden], when a prefix pass ran
@@ -60,14 +63,16 @@ class _Recorder:
 
     def hook(self, layer: int):
         def capture(module: torch.nn.Module, args: object, output: object) -> None:
-            hidden = primary_tensor(output).float()
+            hidden = primary_tensor(output)
             if self.in_prefix:
                 if self.prefix_sums is not None:
-                    self.prefix_sums[layer] = hidden[0].sum(0).cpu()
+                    self.prefix_sums[layer] = hidden[0].float().sum(0).cpu()
                 return
             if self.token == "last":
-                reduced = hidden[torch.arange(hidden.shape[0]), self.last_index.to(hidden.device)]
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                reduced = hidden[rows, self.last_index.to(hidden.device)].float()
             else:
+                hidden = hidden.float()
                 mask = self.mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
                 total = (hidden * mask).sum(1)
                 count = mask.sum(1)
@@ -75,9 +80,14 @@ class _Recorder:
                     total = total + self.prefix_sums[layer].to(hidden.device)
                     count = count + self.prefix_length
                 reduced = total / count
-            self.result[self.rows, layer] = reduced.cpu()
+            self.batch_result[:, layer] = reduced.to(self.batch_result.device)
 
         return capture
+
+
+def default_batch_size(lm: LoadedModel) -> int:
+    """Prompts per forward pass: 16 on a CPU; 64 on a GPU, where it was 2-4x faster than 16 (docs/gpu.md)."""
+    return 16 if lm.device.type == "cpu" else 64
 
 
 def record_activations(
@@ -85,11 +95,15 @@ def record_activations(
     prompts: list[str],
     site: Site = "residual",
     token: Token = "last",
-    batch_size: int = 16,
+    batch_size: int = 0,
     progress: ProgressCallback | None = None,
 ) -> torch.Tensor:
-    """Activations of every prompt at every layer: float32 `[n_prompts, n_layers, hidden]` on the CPU."""
+    """Activations of every prompt at every layer: float32 `[n_prompts, n_layers, hidden]` on the CPU.
+
+    The batch size changes speed, not results (beyond float rounding); 0 picks `default_batch_size`.
+    """
     report = progress or no_progress
+    batch_size = batch_size or default_batch_size(lm)
     n_layers, hidden = lm.architecture.n_layers, lm.identity.hidden_size
     result = torch.zeros(len(prompts), n_layers, hidden, dtype=torch.float32)
     if not prompts:
@@ -98,7 +112,7 @@ def record_activations(
     ids = [tokenizer(lm.chat_text(p), add_special_tokens=False)["input_ids"] for p in prompts]
     prefix = shared_prefix_length(ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    recorder = _Recorder(result, token)
+    recorder = _Recorder(token)
 
     with ExitStack() as stack, torch.inference_mode():
         for layer in range(n_layers):
@@ -121,7 +135,7 @@ def record_activations(
             for r, suffix in enumerate(suffixes):
                 input_ids[r, : len(suffix)] = torch.tensor(suffix)
                 mask[r, : len(suffix)] = 1
-            recorder.rows = rows
+            recorder.batch_result = torch.zeros(len(rows), n_layers, hidden, dtype=torch.float32, device=device)
             recorder.mask = mask
             recorder.last_index = mask.sum(1) - 1
             cache = None
@@ -136,6 +150,7 @@ def record_activations(
                 past_key_values=cache,
                 use_cache=cache is not None,
             )
+            result[rows] = recorder.batch_result.cpu()
             done = min(start + batch_size, len(order))
             report(done / len(order), f"recorded {done}/{len(order)} prompts")
     return result

@@ -413,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument(
         "--prune-fraction", type=float, default=0.5, help="share of harmful examples kept by --method pruned"
     )
-    extract.add_argument("--batch-size", type=_positive_int, default=16)
+    extract.add_argument(
+        "--batch-size", type=_positive_int, default=0, help="prompts per pass (default: 16 on a CPU, 64 on a GPU)"
+    )
     extract.add_argument(
         "--out", type=Path, default=None, help="save the vectors here (default without --policy: vectors.safetensors)"
     )

@@ -43,14 +43,20 @@ _GREEDY_CHANGERS = (
 )
 
 
-def supports(lm: LoadedModel) -> bool:
-    """Whether `lm` runs on the CPU with exactly the layer structure this loop reproduces.
+FAST_DEVICES = frozenset({"cpu"})
+"""Devices on which `generate` picks this loop by itself (measured: see docs/benchmarks.md)."""
 
-    On a GPU, transformers' generate is used: its per-token overhead matters less there.
-    """
+
+def supports(lm: LoadedModel) -> bool:
+    """Whether `generate` should decode `lm` with this loop: a device where it wins, and a layer structure it covers."""
+    return lm.device.type in FAST_DEVICES and fits(lm)
+
+
+def fits(lm: LoadedModel) -> bool:
+    """Whether `lm` has exactly the layer structure this loop reproduces, on whatever device."""
     model = lm.model
-    if lm.device.type != "cpu":
-        return False
+    if len(set((getattr(model, "hf_device_map", None) or {"": "one"}).values())) > 1:
+        return False  # spread over several devices: hooks move shifts to each layer's device, this loop does not
     config = model.config
     generation = getattr(model, "generation_config", None)
     if any(getattr(generation, name, None) not in (None, 0, 1.0) for name in _GREEDY_CHANGERS):

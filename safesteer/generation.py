@@ -21,7 +21,8 @@ from .models import LoadedModel
 from .steering import SteeringSpec, steer
 
 MAX_NEW_TOKENS_LIMIT = 2048
-Decoder = Literal["auto", "transformers"]
+Decoder = Literal["auto", "transformers", "static", "lean"]
+DECODERS: tuple[Decoder, ...] = ("auto", "transformers", "static", "lean")
 
 
 def _eos_ids(lm: LoadedModel) -> list[int]:
@@ -31,6 +32,63 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
         configured = lm.tokenizer.eos_token_id
     ids = configured if isinstance(configured, list) else [configured]
     return [int(i) for i in ids if i is not None]
+
+
+def generate_ids(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    specs: Sequence[SteeringSpec] = (),
+    *,
+    max_new_tokens: int = 64,
+    fixed_length: bool = False,
+    streamer: Any = None,
+    decoder: Decoder = "auto",
+) -> torch.Tensor:
+    """New token ids [rows, <= max_new_tokens] of greedy chat completions, steered by `specs`.
+
+    `decoder` picks how: "auto" uses the lean loop in `decoding` where the model and device
+    qualify (same tokens, less time) and transformers' generate elsewhere; "transformers" is
+    always generate with its dynamic cache; "static" is generate with a preallocated cache;
+    "lean" forces the lean loop on any device (benchmarks compare them).
+    """
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise SafeSteerError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+    if decoder not in DECODERS:
+        raise SafeSteerError(f"unknown decoder '{decoder}': use one of {', '.join(DECODERS)}")
+    for spec in specs:
+        n = len(spec.strengths())
+        if n not in (1, len(prompts)):
+            raise SafeSteerError(f"{n} strengths given for {len(prompts)} prompts")
+    batch = lm.encode(list(prompts))
+    tokenizer = lm.tokenizer
+    if decoder == "lean" and not decoding.fits(lm):
+        raise SafeSteerError(f"the lean decode loop does not cover {lm.identity.describe()}")
+    if decoder == "lean" or (decoder == "auto" and decoding.supports(lm)):
+        return decoding.greedy_decode(
+            lm,
+            batch,
+            specs,
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=_eos_ids(lm),
+            pad_token_id=tokenizer.pad_token_id,
+            suppress_eos=fixed_length,
+            streamer=streamer,
+        )
+    cache = {"cache_implementation": "static"} if decoder == "static" else {}
+    with steer(lm, specs), torch.inference_mode():
+        output = lm.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if fixed_length else None,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **cache,
+        )
+    return output[:, batch["input_ids"].shape[1] :]
 
 
 def generate(
@@ -48,45 +106,19 @@ def generate(
     Greedy decoding keeps previews reproducible: the same prompt and settings always give the
     same text, so a difference between naive and steered is the steering's doing.
     `fixed_length` ignores end-of-text so every call makes exactly `max_new_tokens` (benchmarks).
-    `decoder="auto"` uses the lean loop in `decoding` where the model supports it (same tokens,
-    less time); "transformers" always uses transformers' generate.
     """
     if not prompts:
         return []
-    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-        raise SafeSteerError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
-    for spec in specs:
-        n = len(spec.strengths())
-        if n not in (1, len(prompts)):
-            raise SafeSteerError(f"{n} strengths given for {len(prompts)} prompts")
-    batch = lm.encode(list(prompts))
-    tokenizer = lm.tokenizer
-    if decoder == "auto" and decoding.supports(lm):
-        new_tokens = decoding.greedy_decode(
-            lm,
-            batch,
-            specs,
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=_eos_ids(lm),
-            pad_token_id=tokenizer.pad_token_id,
-            suppress_eos=fixed_length,
-            streamer=streamer,
-        )
-    else:
-        with steer(lm, specs), torch.inference_mode():
-            output = lm.model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens if fixed_length else None,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                streamer=streamer,
-            )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    new_tokens = generate_ids(
+        lm,
+        prompts,
+        specs,
+        max_new_tokens=max_new_tokens,
+        fixed_length=fixed_length,
+        streamer=streamer,
+        decoder=decoder,
+    )
+    return [text.strip() for text in lm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 @dataclass(frozen=True)

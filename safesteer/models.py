@@ -240,20 +240,30 @@ def bitsandbytes_problem(device: str) -> str | None:
     return _BNB_PROBLEM[device]
 
 
+AUTO_DEVICE = "auto"
+"""A device name that spreads a model too large for one GPU over every GPU (then CPU memory) with accelerate."""
+
+
+def _compute_device(device: str) -> str:
+    """The device a 4-bit kernel must run on: for "auto", the first GPU when there is one."""
+    return default_device() if device == AUTO_DEVICE else device
+
+
 def _load_weights(location: str, precision: Precision, device: str) -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    device_map: str | dict[str, str] = AUTO_DEVICE if device == AUTO_DEVICE else {"": device}
     if precision == "nf4":
         quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
-        return AutoModelForCausalLM.from_pretrained(location, quantization_config=quantization, device_map={"": device})
+        return AutoModelForCausalLM.from_pretrained(location, quantization_config=quantization, device_map=device_map)
     if precision == "int4":
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
         quantize_int4(model)
         return model
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device)
+    return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=device_map)
 
 
 def wrap_model(model: Any, tokenizer: Any, model_id: str, precision: str, revision: str | None = None) -> LoadedModel:
@@ -309,6 +319,7 @@ def describe_model(model_id: str | None = None, precision: str = "nf4", cache_di
 
 def available_precision(precision: Precision, device: str) -> Precision:
     """The precision that will actually load: a 4-bit one this device cannot run falls back, with one log line."""
+    device = _compute_device(device)
     if precision == "int4":
         problem = "a CPU-only kernel" if device != "cpu" else int4_problem()
         if problem is None:
@@ -348,7 +359,11 @@ def load_model(
     cache_dir: Path | None = None,
     progress: ProgressCallback | None = None,
 ) -> LoadedModel:
-    """Load (or return the already loaded) model; NF4 falls back to full precision with one log line."""
+    """Load (or return the already loaded) model; NF4 falls back to full precision with one log line.
+
+    `device` is "cpu", "cuda", "cuda:N", or "auto" to spread a large model over the GPUs (and
+    CPU memory) with accelerate; steering places each vector on its layer's device.
+    """
     model_id = model_id or EMBEDDED_MODEL
     if precision not in PRECISIONS:
         raise SafeSteerError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")

@@ -42,7 +42,7 @@ class ExtractionSettings:
     prune_fraction: float = 0.5  # share of harmful examples kept by `pruned`
     heldout_fraction: float = 0.25  # share of each side kept out to score the layers
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 0  # prompts per forward pass; 0 picks by device (activations.default_batch_size)
 
     def validate(self) -> None:
         if self.site not in SITES:
@@ -55,8 +55,8 @@ class ExtractionSettings:
             raise SafeSteerError("the pruning fraction must be in (0, 1]")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise SafeSteerError("the held-out fraction must be in (0, 1)")
-        if self.batch_size < 1:
-            raise SafeSteerError("the batch size must be at least 1")
+        if self.batch_size < 0:
+            raise SafeSteerError("the batch size must be at least 1 (or 0 to pick one for the device)")
 
 
 @dataclass(frozen=True)
