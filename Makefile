@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run test test-fast lint format bench bench-peers clean
+.PHONY: install browser run test test-fast lint format bench bench-gpu bench-peers clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ format: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/engine.py
+
+# Real-size models with random weights on a GPU (docs/gpu.md); add --peers llama-3.1-8b with repeng,
+# steering-vectors and gguf installed to compare with them.
+bench-gpu: install
+	HF_HUB_OFFLINE=1 $(PY) bench/gpu.py --shapes llama-3.1-8b qwen2.5-7b
 
 # repeng, steering-vectors and llama.cpp (built from source, ~5 min once) in their own environment.
 PEERS := bench/.venv-peers
