@@ -220,11 +220,54 @@ def _read_members(data: bytes) -> dict[str, bytes]:
     return members
 
 
+MAX_JSON_DEPTH = 32
+
+
+def _nesting_depth(text: str) -> int:
+    """The deepest bracket nesting outside strings, found without parsing (which could recurse too deep)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"the number {text} is too large")
+    return number
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def _json(data: bytes, name: str) -> Any:
+    """Parse a bundle's JSON with limits: nesting depth, finite numbers only (no NaN, Infinity or 1e400)."""
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"{name!r} is not valid JSON") from exc
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad(f"{name!r} is not UTF-8 text") from exc
+    if _nesting_depth(text) > MAX_JSON_DEPTH:
+        raise _bad(f"{name!r} is nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constants)
+    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise _bad(f"{name!r} is not valid JSON ({str(exc).splitlines()[0][:120]})") from exc
 
 
 def _examples(data: bytes, names: set[str]) -> dict[tuple[str, str], list[str]]:
@@ -264,9 +307,6 @@ def _categories(manifest: dict[str, Any], members: dict[str, bytes]) -> list[Pol
             )
         if not torch.isfinite(tensor).all():
             raise _bad(f"category {entry['name']!r} has non-finite vector values")
-        strength = float(entry["strength"])
-        if not math.isfinite(strength):
-            raise _bad(f"category {entry['name']!r} has a non-finite strength")
         metadata = {**entry["vectors"], "model": model.to_dict()}
         categories.append(
             PolicyCategory(
@@ -275,8 +315,8 @@ def _categories(manifest: dict[str, Any], members: dict[str, bytes]) -> list[Pol
                 harmful=examples[(str(entry["name"]), "harmful")],
                 safe=examples[(str(entry["name"]), "safe")],
                 vectors=CategoryVectors.from_parts(tensor, metadata),
-                layer=int(entry["layer"]),
-                strength=strength,
+                layer=entry["layer"],  # checked by PolicyCategory: whole number, inside the model
+                strength=entry["strength"],  # finite, 0..MAX_STRENGTH
             )
         )
     return categories

@@ -23,6 +23,7 @@ from .activations import TOKENS
 from .architectures import SITES
 from .errors import SafeSteerError
 from .generation import generate, generate_side_by_side
+from .limits import check_layer, check_strength
 from .models import (
     EMBEDDED_MODEL,
     PRECISIONS,
@@ -32,22 +33,27 @@ from .models import (
     generation_precision,
     load_model,
 )
-from .policy import PolicyCategory, PolicyVersion
+from .policy import PolicyCategory, PolicyVersion, check_name
 from .progress import ProgressCallback
-from .prompts import load_prompt_file
+from .prompts import read_prompt_file
 from .steering import SteeringSpec
-from .vectors import METHODS, CategoryVectors, ExtractionSettings, extract_vectors
+from .vectors import METHODS, CategoryVectors, ExtractionSettings, check_prompt_counts, extract_vectors
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_STRENGTH = 2.0
 
 
-def prompts_from_argument(value: str) -> list[str]:
-    """A prompt file, or `builtin:benign` / `builtin:<Do-Not-Answer area>`."""
+def prompts_from_argument(value: str, dropped: list[str] | None = None) -> list[str]:
+    """A prompt file, or `builtin:benign` / `builtin:<Do-Not-Answer area>`; what a file lost is noted on stderr."""
     if value.startswith(BUILTIN_PREFIX):
         name = value[len(BUILTIN_PREFIX) :]
         return datasets.benign_prompts() if name == "benign" else datasets.harmful_prompts(name)
-    return load_prompt_file(value)
+    report = read_prompt_file(value)
+    for problem in report.problems():
+        print(f"note: {Path(value).name}: {problem}", file=sys.stderr)
+        if dropped is not None:
+            dropped.append(f"{Path(value).name}: {problem}")
+    return report.prompts
 
 
 def default_author() -> str:
@@ -93,8 +99,9 @@ def _load(
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    harmful = prompts_from_argument(args.harmful)
-    safe = prompts_from_argument(args.safe)
+    dropped: list[str] = []
+    harmful = prompts_from_argument(args.harmful, dropped)
+    safe = prompts_from_argument(args.safe, dropped)
     settings = ExtractionSettings(
         site=args.site,
         token=args.token,
@@ -103,6 +110,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     settings.validate()
+    try:  # every cheap check before the model loads
+        check_prompt_counts(harmful, safe)
+    except SafeSteerError as exc:
+        raise SafeSteerError(f"{exc}" + (f" (dropped: {'; '.join(dropped)})" if dropped else "")) from exc
+    if args.policy:
+        check_name("policy", args.policy)
+        check_name("category", args.category)
+        check_strength(args.strength)
+        if args.layer is not None:
+            check_layer(args.layer)
     store = _store(args) if args.policy else None  # open (and migrate) before the long work
     bar = _Bar()
     try:
@@ -139,6 +156,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     if bool(args.vectors) == bool(args.policy):
         raise SafeSteerError("give either --vectors FILE or --policy NAME")
+    check_strength(args.strength, allow_negative=args.allow_negative)
     if args.policy:
         version = _store(args).load_version(args.policy, args.version)
         model = version.model
@@ -269,6 +287,14 @@ def cmd_policy(args: argparse.Namespace) -> int:
     elif action == "delete":
         store.delete_policy(args.name, confirm=args.confirm or "", actor=args.author)
         print(f"deleted policy {args.name!r} and all its versions")
+    elif action == "audit" and args.verify:
+        check = store.verify_audit()
+        if not check.ok:
+            raise SafeSteerError(
+                f"the audit log was altered: entry {check.first_bad_id} does not match the hash chain "
+                f"({check.entries - 1} entries before it are intact)"
+            )
+        _print_json(asdict(check)) if args.json else print(f"audit log intact: {check.entries} entries")
     elif action == "audit":
         rows = [asdict(e) for e in store.audit_log(args.name, limit=args.limit)]
         _print_json(rows) if args.json else _table(rows, ["at", "actor", "action", "policy", "version", "detail"])
@@ -295,7 +321,14 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise SafeSteerError(f"no such file: {path}")
     target = describe_model(args.model, args.precision or "nf4")
     store = _store(args)
-    name, number = import_bundle(store, path.read_bytes(), target=target, actor=args.author, rename=args.as_name)
+    name, number = import_bundle(
+        store,
+        path.read_bytes(),
+        target=target,
+        actor=args.author,
+        rename=args.as_name,
+        allow_other_model=args.allow_other_model,
+    )
     print(json.dumps({"policy": name, "version": number}))
     return 0
 
@@ -385,7 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--author", default=default_author(), help="who is acting (recorded in versions and the audit log)"
     )
+    # The same options after a subcommand (`safesteer extract --db X`); SUPPRESS keeps the top-level value otherwise.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--author", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    def subcommand(group: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=[common], **kwargs)
 
     def with_model(sub: argparse.ArgumentParser, default: str | None) -> None:
         sub.add_argument(
@@ -400,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="weights precision (default: 4-bit NF4; `generate` uses int4 on a CPU, faster for a few prompts)",
         )
 
-    extract = commands.add_parser("extract", help="compute a category's steering vectors from example prompts")
+    extract = subcommand(commands, "extract", help="compute a category's steering vectors from example prompts")
     extract.add_argument("--harmful", required=True, help="CSV/JSONL/TXT of harmful prompts, or builtin:<area>")
     extract.add_argument("--safe", required=True, help="CSV/JSONL/TXT of safe prompts, or builtin:benign")
     extract.add_argument("--category", default="category", help="a name for the category")
@@ -427,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--note", default="", help="with --policy: a change note")
     extract.set_defaults(handler=cmd_extract)
 
-    gen = commands.add_parser("generate", help="answer a prompt naive and steered, side by side")
+    gen = subcommand(commands, "generate", help="answer a prompt naive and steered, side by side")
     gen.add_argument("--vectors", type=Path, default=None, help="a vectors file written by `extract --out`")
     gen.add_argument(
         "--policy", default=None, help="a saved policy (all its categories at their saved layer and strength)"
@@ -436,54 +477,58 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--layer", type=int, default=None, help="with --vectors: layer (default: the recommended one)")
     gen.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="with --vectors: strength")
+    gen.add_argument(
+        "--allow-negative", action="store_true", help="accept a negative --strength (steers toward the harmful side)"
+    )
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
     gen.add_argument("--json", action="store_true", help="print JSON")
     with_model(gen, None)
     gen.set_defaults(handler=cmd_generate)
 
-    policy = commands.add_parser("policy", help="manage versioned policies")
+    policy = subcommand(commands, "policy", help="manage versioned policies")
     actions = policy.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="create an empty policy")
+    create = subcommand(actions, "create", help="create an empty policy")
     create.add_argument("name")
     create.add_argument("--description", default="")
-    listing = actions.add_parser("list", help="list policies")
+    listing = subcommand(actions, "list", help="list policies")
     listing.add_argument("--all", action="store_true", help="include archived policies")
-    show = actions.add_parser("show", help="show one version (default: the latest)")
+    show = subcommand(actions, "show", help="show one version (default: the latest)")
     show.add_argument("name")
     show.add_argument("--version", type=_positive_int, default=None)
-    versions = actions.add_parser("versions", help="list a policy's versions")
+    versions = subcommand(actions, "versions", help="list a policy's versions")
     versions.add_argument("name")
-    diff = actions.add_parser("diff", help="compare two versions")
+    diff = subcommand(actions, "diff", help="compare two versions")
     diff.add_argument("name")
     diff.add_argument("old", type=_positive_int)
     diff.add_argument("new", type=_positive_int)
-    rollback = actions.add_parser("rollback", help="save an old version again as the newest")
+    rollback = subcommand(actions, "rollback", help="save an old version again as the newest")
     rollback.add_argument("name")
     rollback.add_argument("number", type=_positive_int)
     rollback.add_argument("--note", default="")
-    archive = actions.add_parser("archive", help="hide a policy from lists (keeps everything)")
+    archive = subcommand(actions, "archive", help="hide a policy from lists (keeps everything)")
     archive.add_argument("name")
     archive.add_argument("--undo", action="store_true", help="unarchive")
-    delete = actions.add_parser("delete", help="delete a policy and all its versions")
+    delete = subcommand(actions, "delete", help="delete a policy and all its versions")
     delete.add_argument("name")
     delete.add_argument("--confirm", default=None, help="repeat the policy name to confirm")
-    audit = actions.add_parser("audit", help="who did what, and when")
+    audit = subcommand(actions, "audit", help="who did what, and when")
     audit.add_argument("name", nargs="?", default=None)
     audit.add_argument("--limit", type=_positive_int, default=50)
+    audit.add_argument("--verify", action="store_true", help="recompute the tamper-evident hash chain")
     for sub in (create, listing, show, versions, diff, audit):
         sub.add_argument("--json", action="store_true", help="print JSON")
     for sub in (rollback, archive, delete):
         sub.set_defaults(json=False)
     policy.set_defaults(handler=cmd_policy)
 
-    export = commands.add_parser("export", help="export a policy version as a bundle or llama.cpp control vector")
+    export = subcommand(commands, "export", help="export a policy version as a bundle or llama.cpp control vector")
     export.add_argument("--policy", required=True)
     export.add_argument("--version", type=_positive_int, default=None)
     export.add_argument("--out", required=True, type=Path)
     export.add_argument("--format", choices=("bundle", "llama-cpp"), default="bundle")
     export.set_defaults(handler=cmd_export)
 
-    ev = commands.add_parser("eval", help="measure a saved policy's effect on safety and quality (optionally a sweep)")
+    ev = subcommand(commands, "eval", help="measure a saved policy's effect on safety and quality (optionally a sweep)")
     ev.add_argument("--policy", required=True)
     ev.add_argument("--version", type=_positive_int, default=None)
     ev.add_argument("--category", default=None, help="which category (default: the first)")
@@ -499,9 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_model(ev, None)
     ev.set_defaults(handler=cmd_eval)
 
-    imp = commands.add_parser("import", help="import a policy bundle as a new version")
+    imp = subcommand(commands, "import", help="import a policy bundle as a new version")
     imp.add_argument("file")
     imp.add_argument("--as", dest="as_name", default=None, help="import under another policy name")
+    imp.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="import a bundle made for another model of the same shape (recorded in the version's history)",
+    )
     with_model(imp, None)
     imp.set_defaults(handler=cmd_import)
     return parser
@@ -521,6 +571,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except SafeSteerError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `safesteer policy versions X | head`: the reader left; nothing is wrong
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so Python's own flush at exit does not fail again
+        return 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an environment problem: one line, the traceback only with -v
+        if args.verbose:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: unexpected {type(exc).__name__}: {first} (run with -v for details)", file=sys.stderr)
         return 2
 
 

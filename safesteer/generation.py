@@ -17,6 +17,7 @@ import torch
 
 from . import decoding
 from .errors import SafeSteerError
+from .limits import max_prompt_tokens
 from .models import LoadedModel
 from .steering import SteeringSpec, steer
 
@@ -60,6 +61,13 @@ def generate_ids(
         if n not in (1, len(prompts)):
             raise SafeSteerError(f"{n} strengths given for {len(prompts)} prompts")
     batch = lm.encode(list(prompts))
+    limit = max_prompt_tokens()
+    for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist(), start=1):
+        if length > limit:
+            which = f"prompt {row} has" if len(prompts) > 1 else "the prompt has"
+            raise SafeSteerError(
+                f"{which} {length} tokens (chat template included); the limit is {limit} (SAFESTEER_MAX_PROMPT_TOKENS)"
+            )
     tokenizer = lm.tokenizer
     if decoder == "lean" and not decoding.fits(lm):
         raise SafeSteerError(f"the lean decode loop does not cover {lm.identity.describe()}")

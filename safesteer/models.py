@@ -89,6 +89,22 @@ def check_compatible(vectors_model: ModelIdentity, target: ModelIdentity) -> Non
         )
 
 
+def check_made_for(made_for: ModelIdentity, target: ModelIdentity, *, allow_other_model: bool = False) -> None:
+    """Refuse vectors made for another model, even one of the same shape, unless explicitly allowed.
+
+    Directions found in one model's activations mean nothing in another model's, and a bundle
+    naming a model id must never lead to that id being loaded (or downloaded) unasked.
+    """
+    check_compatible(made_for, target)
+    if allow_other_model:
+        return
+    if (made_for.model_id, made_for.model_type) != (target.model_id, target.model_type):
+        raise SafeSteerError(
+            f"these vectors were made for {made_for.describe()}, not for {target.describe()}; "
+            "import them for this model only on purpose, with --allow-other-model (it is recorded in the history)"
+        )
+
+
 @dataclass
 class LoadedModel:
     """A model ready for recording and steering, with its tokenizer and identity."""

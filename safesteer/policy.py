@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .errors import SafeSteerError
+from .limits import check_layer, check_strength
 from .models import ModelIdentity
 from .steering import SteeringSpec
 from .vectors import CategoryVectors
@@ -46,7 +47,9 @@ class PolicyCategory:
 
     def __post_init__(self) -> None:
         self.name = check_name("category", self.name)
-        self.vectors.vector(self.layer)  # validates the layer
+        self.layer = check_layer(self.layer, self.vectors.n_layers)
+        self.strength = check_strength(self.strength)
+        self.vectors.settings.validate()
 
     def steering_spec(self, strength: float | None = None) -> SteeringSpec:
         return SteeringSpec(

@@ -97,23 +97,34 @@ def read_prompts(path: str | Path) -> list[str]:
     return parse_prompts(path.read_bytes(), path.name)
 
 
+def _lines(positions: list[int]) -> str:
+    shown = ", ".join(str(p) for p in positions[:10])
+    return f"line {shown}" if len(positions) == 1 else f"lines {shown}" + (", ..." if len(positions) > 10 else "")
+
+
 @dataclass
 class PromptReport:
-    """The prompts that will be used, and what was dropped on the way."""
+    """The prompts that will be used, and what was dropped on the way (1-based positions)."""
 
     prompts: list[str]
     empty_removed: int = 0
-    duplicates_removed: int = 0
-    too_long: list[int] = field(default_factory=list)  # positions (1-based) of over-long prompts, dropped
+    duplicates: list[int] = field(default_factory=list)  # positions of repeats of an earlier prompt, dropped
+    too_long: list[int] = field(default_factory=list)  # positions of over-long prompts, dropped
+
+    @property
+    def duplicates_removed(self) -> int:
+        return len(self.duplicates)
 
     def problems(self) -> list[str]:
         notes = []
         if self.empty_removed:
             notes.append(f"{self.empty_removed} empty line(s) skipped")
-        if self.duplicates_removed:
-            notes.append(f"{self.duplicates_removed} duplicate(s) removed")
+        if self.duplicates:
+            notes.append(f"{len(self.duplicates)} duplicate(s) removed ({_lines(self.duplicates)})")
         if self.too_long:
-            notes.append(f"{len(self.too_long)} prompt(s) over {MAX_PROMPT_CHARS} characters dropped")
+            notes.append(
+                f"{len(self.too_long)} prompt(s) over {MAX_PROMPT_CHARS} characters dropped ({_lines(self.too_long)})"
+            )
         return notes
 
 
@@ -128,7 +139,7 @@ def clean_prompts(raw: list[str]) -> PromptReport:
         elif len(prompt) > MAX_PROMPT_CHARS:
             report.too_long.append(position)
         elif prompt in seen:
-            report.duplicates_removed += 1
+            report.duplicates.append(position)
         else:
             seen.add(prompt)
             report.prompts.append(prompt)
@@ -137,9 +148,15 @@ def clean_prompts(raw: list[str]) -> PromptReport:
     return report
 
 
-def load_prompt_file(path: str | Path) -> list[str]:
+def read_prompt_file(path: str | Path) -> PromptReport:
     """Read and clean a prompt file; an empty result is an error, not an empty category."""
     report = clean_prompts(read_prompts(path))
     if not report.prompts:
-        raise SafeSteerError(f"{Path(path).name} contains no prompts")
-    return report.prompts
+        dropped = "; ".join(report.problems())
+        raise SafeSteerError(f"{Path(path).name} contains no prompts" + (f" ({dropped})" if dropped else ""))
+    return report
+
+
+def load_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of a file, cleaned (see `read_prompt_file` for what was dropped)."""
+    return read_prompt_file(path).prompts

@@ -24,6 +24,7 @@ import torch
 
 from .architectures import Site
 from .errors import SafeSteerError
+from .limits import check_layer, check_site, check_strength
 from .models import LoadedModel
 
 _ACTIVE_BLOCKS: ContextVar[frozenset[int]] = ContextVar("safesteer_active_blocks", default=frozenset())
@@ -38,10 +39,16 @@ class SteeringSpec:
     strength: float | Sequence[float] = 1.0
     site: Site = "residual"
 
+    def __post_init__(self) -> None:
+        check_layer(self.layer)
+        check_site(self.site)
+        for strength in self.strengths():  # any sign: research may push either way; never NaN, inf or huge
+            check_strength(strength, allow_negative=True)
+
     def strengths(self) -> tuple[float, ...]:
         if isinstance(self.strength, (int, float)):
             return (float(self.strength),)
-        return tuple(float(s) for s in self.strength)
+        return tuple(float(s) if isinstance(s, (int, float)) else s for s in self.strength)
 
     def is_noop(self) -> bool:
         return all(s == 0.0 for s in self.strengths())

@@ -257,6 +257,7 @@ class CategoryVectors:
         if int(metadata.get("format_version", 0)) > FORMAT_VERSION:
             raise SafeSteerError("these vectors were written by a newer SafeSteer; upgrade to read them")
         settings = ExtractionSettings(**metadata["settings"])
+        settings.validate()
         model = ModelIdentity.from_dict(metadata["model"])
         if vectors.ndim != 2 or tuple(vectors.shape) != (model.n_layers, model.hidden_size):
             raise SafeSteerError(
@@ -283,7 +284,7 @@ class CategoryVectors:
         return cls.from_bytes(path.read_bytes(), str(path))
 
 
-def _check_prompt_counts(harmful: list[str], safe: list[str]) -> None:
+def check_prompt_counts(harmful: list[str], safe: list[str]) -> None:
     for side, prompts in (("harmful", harmful), ("safe", safe)):
         if len(prompts) < MIN_PROMPTS_PER_SIDE:
             raise SafeSteerError(
@@ -330,7 +331,7 @@ def extract_vectors(
     settings.validate()
     if settings.method == "guided":
         _guided_needs_labels(torch.empty(0), torch.empty(0), settings)
-    _check_prompt_counts(harmful, safe)
+    check_prompt_counts(harmful, safe)
     total = len(harmful) + len(safe)
     split = len(harmful) / total
     kwargs = {"site": settings.site, "token": settings.token, "batch_size": settings.batch_size}

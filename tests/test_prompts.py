@@ -56,6 +56,6 @@ def test_cleaning_reports_what_it_dropped():
     assert (report.empty_removed, report.duplicates_removed, report.too_long) == (2, 1, [5])
     assert report.problems() == [
         "2 empty line(s) skipped",
-        "1 duplicate(s) removed",
-        f"1 prompt(s) over {MAX_PROMPT_CHARS} characters dropped",
+        "1 duplicate(s) removed (line 3)",
+        f"1 prompt(s) over {MAX_PROMPT_CHARS} characters dropped (line 5)",
     ]
