@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from safesteer.errors import SafeSteerError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_S = 30
@@ -37,14 +40,32 @@ def database_url(url: str | None = None) -> str:
     return f"sqlite:///{default_data_dir() / 'safesteer.db'}"
 
 
+def _parse(url: str) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError as exc:
+        raise SafeSteerError(
+            f"invalid database URL {url!r}: use e.g. sqlite:///path/to/store.db or postgresql://user@host/db"
+        ) from exc
+
+
 def make_engine(url: str | None = None) -> Engine:
+    """An engine for the URL; a SQLite file's folder must exist, except the project's own default folder."""
     url = database_url(url)
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
-    path = url.split("///", 1)[1] if "///" in url else ""
-    if path and path != ":memory:":
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
+    parsed = _parse(url)
+    try:
+        if not parsed.drivername.startswith("sqlite"):
+            return create_engine(parsed, pool_pre_ping=True)
+        path = parsed.database or ""
+        if path and path != ":memory:":
+            folder = Path(path).expanduser().parent
+            if not folder.is_dir():
+                if folder != default_data_dir():
+                    raise SafeSteerError(f"no such folder for the database: {folder} (create it first)")
+                folder.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": BUSY_TIMEOUT_S})
+    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+        raise SafeSteerError(f"cannot open database {url!r}: {str(exc).splitlines()[0]}") from exc
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection, connection_record) -> None:

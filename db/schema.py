@@ -2,7 +2,8 @@
 
 A policy has versions; a version has categories; a category has example prompts and its
 vectors (safetensors bytes with their sha256). Versions, categories and examples are never
-updated once written (triggers in the initial migration enforce it): a change is a new version.
+updated once written, nor deleted except with their whole policy, and audit entries never change
+(triggers in the migrations enforce it): a change is a new version.
 """
 
 from __future__ import annotations
@@ -95,6 +96,16 @@ class AuditRow(Base):
     policy: Mapped[str] = mapped_column(String(100), index=True)
     version: Mapped[int | None] = mapped_column(nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64), default="")
+    row_hash: Mapped[str] = mapped_column(String(64), default="")
+
+
+class DeletionPermit(Base):
+    """Present only inside `PolicyStore.delete_policy`'s transaction: the one path allowed to delete history."""
+
+    __tablename__ = "deletion_permits"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
 
 
 class EvaluationRow(Base):

@@ -17,12 +17,22 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from safesteer.bundles import read_bundle
 from safesteer.errors import SafeSteerError
-from safesteer.models import ModelIdentity, check_compatible
+from safesteer.models import ModelIdentity, check_made_for
 from safesteer.policy import SIDES, PolicyCategory, PolicyVersion, check_name, cosine_by_layer
 from safesteer.vectors import CategoryVectors
 
+from .audit import entry_hash, normalised
 from .engine import make_engine, migrate
-from .schema import AuditRow, CategoryRow, EvaluationRow, ExampleRow, Policy, PolicyVersionRow
+from .schema import (
+    AuditRow,
+    CategoryRow,
+    DeletionPermit,
+    EvaluationRow,
+    ExampleRow,
+    Policy,
+    PolicyVersionRow,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,16 @@ class VersionSummary:
     categories: list[str]
     restored_from: int | None
     has_evaluation: bool
+    operating_points: dict[str, tuple[int, float]] = field(default_factory=dict)  # category -> (layer, strength)
+
+
+@dataclass(frozen=True)
+class AuditCheck:
+    """The result of recomputing the audit log's hash chain."""
+
+    ok: bool
+    entries: int
+    first_bad_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,24 +106,36 @@ def import_bundle(
     target: ModelIdentity | None = None,
     actor: str = "",
     rename: str | None = None,
+    allow_other_model: bool = False,
 ) -> tuple[str, int]:
-    """Validate a bundle fully, check it fits the target model, then save it as a new version.
+    """Validate a bundle fully, check it was made for the target model, then save it as a new version.
 
     Returns (policy name, new version number). A bad bundle raises before the store is touched.
+    With `allow_other_model`, a bundle made for another model of the same shape is imported for
+    the target model: its vectors are relabelled with the target's identity (so nothing ever
+    loads the model the bundle names) and the override is recorded in the note and audit log.
     """
     version = read_bundle(data)
-    if target is not None:
-        check_compatible(version.model, target)
-    name = rename or version.policy
+    made_for = version.model
+    categories = version.categories
     note = f"imported from bundle ({version.policy} v{version.number})" + (f": {version.note}" if version.note else "")
+    override = False
+    if target is not None:
+        check_made_for(made_for, target, allow_other_model=allow_other_model)
+        if (made_for.model_id, made_for.model_type) != (target.model_id, target.model_type):
+            override = True
+            categories = [replace(c, vectors=replace(c.vectors, model=target)) for c in categories]
+            note += f" [made for {made_for.describe()}; imported for {target.model_id} by explicit override]"
+    name = rename or version.policy
     number = store.save_version(
         name,
-        version.categories,
+        categories,
         author=actor,
         note=note,
         evaluation=version.evaluation,
         description=version.description,
     )
+    store.record(actor, "import", name, number, bundle_model=made_for.to_dict(), model_override=override)
     return name, number
 
 
@@ -130,8 +162,41 @@ class PolicyStore:
             raise SafeSteerError(f"no policy named {name!r}")
         return policy
 
+    def record(self, actor: str, action: str, policy: str, version: int | None = None, **detail: Any) -> None:
+        """Add an entry to the audit log in a transaction of its own."""
+        with self._session() as session, session.begin():
+            self._audit(session, actor, action, policy, version, **detail)
+
     def _audit(self, session: Session, actor: str, action: str, policy: str, version: int | None = None, **detail: Any):
-        session.add(AuditRow(actor=actor or "unknown", action=action, policy=policy, version=version, detail=detail))
+        """Append an entry chained to the previous one (the write lock keeps the chain a line)."""
+        previous = session.scalar(select(AuditRow.row_hash).order_by(AuditRow.id.desc()).limit(1)) or ""
+        at, actor, detail = utcnow(), actor or "unknown", normalised(detail)
+        digest = entry_hash(previous, at, actor, action, policy, version, detail)
+        session.add(
+            AuditRow(
+                at=at,
+                actor=actor,
+                action=action,
+                policy=policy,
+                version=version,
+                detail=detail,
+                prev_hash=previous,
+                row_hash=digest,
+            )
+        )
+        session.flush()
+
+    def verify_audit(self) -> AuditCheck:
+        """Recompute the audit log's hash chain; the first entry that does not match is named."""
+        previous, count = "", 0
+        with self._session() as session:
+            for row in session.scalars(select(AuditRow).order_by(AuditRow.id)):
+                count += 1
+                expected = entry_hash(previous, row.at, row.actor, row.action, row.policy, row.version, row.detail)
+                if row.prev_hash != previous or row.row_hash != expected:
+                    return AuditCheck(ok=False, entries=count, first_bad_id=row.id)
+                previous = row.row_hash
+        return AuditCheck(ok=True, entries=count)
 
     def create_policy(self, name: str, description: str = "", actor: str = "") -> PolicySummary:
         name = check_name("policy", name)
@@ -178,7 +243,12 @@ class PolicyStore:
         with self._session() as session, session.begin():
             policy = self._policy(session, name)
             versions = len(policy.versions)
+            permit = DeletionPermit()
+            session.add(permit)
+            session.flush()  # the triggers refuse deletes while no permit exists
             session.delete(policy)
+            session.flush()
+            session.delete(permit)
             self._audit(session, actor, "delete", name, versions_deleted=versions)
 
     # --- versions --------------------------------------------------------------------------
@@ -308,6 +378,7 @@ class PolicyStore:
                     [c.name for c in r.categories],
                     r.restored_from,
                     r.evaluation is not None or r.id in evaluated,
+                    {c.name: (c.layer, c.strength) for c in r.categories},
                 )
                 for r in rows
             ]

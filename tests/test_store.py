@@ -29,7 +29,7 @@ def test_migrations_create_the_schema_from_empty(tmp_path):
         "alembic_version",
     } <= tables
     with store.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0003"
         assert conn.execute(text("pragma journal_mode")).scalar() == "wal"
         assert conn.execute(text("pragma foreign_keys")).scalar() == 1
     PolicyStore(f"sqlite:///{path}")  # opening again is a no-op migration
