@@ -65,7 +65,9 @@ def build_app() -> gr.Blocks:
                         safe_text = gr.Textbox(label="…or paste safe prompts, one per line", lines=5)
                 read_button = gr.Button("Read prompts", variant="primary")
                 read_summary = gr.Markdown()
-                read_table = gr.Dataframe(label="What will be used", interactive=False, max_height=320, wrap=True)
+                read_table = gr.Dataframe(
+                    label="What will be used", headers=["side", "prompt"], interactive=False, max_height=320, wrap=True
+                )
 
             with gr.Tab("2 · Extract"):
                 with gr.Row():
@@ -113,7 +115,14 @@ def build_app() -> gr.Blocks:
                         label="Test prompts, one per line (empty: the held-out examples)", lines=4
                     )
                     batch_button = gr.Button("Run batch")
-                    batch_table = gr.Dataframe(label="Naive vs steered", interactive=False, wrap=True)
+                    batch_table = gr.Dataframe(
+                        label="Naive vs steered",
+                        headers=["prompt", "naive", "steered"],
+                        interactive=False,
+                        wrap=True,
+                        column_widths=["24%", "38%", "38%"],
+                        elem_id="batch-table",
+                    )
 
             with gr.Tab("4 · Save & versions"):
                 with gr.Row():
@@ -121,9 +130,15 @@ def build_app() -> gr.Blocks:
                         label="Policy", choices=[], allow_custom_value=True, info="pick one or type a new name"
                     )
                     note = gr.Textbox(label="Change note", max_lines=2)
+                save_summary = gr.Markdown(studio.save_target(12, 2.0), elem_id="save-target")
                 save_button = gr.Button("Save as new version", variant="primary")
                 save_status = gr.Markdown()
-                versions = gr.Dataframe(label="Version history (newest first)", interactive=False)
+                versions = gr.Dataframe(
+                    label="Version history (newest first)",
+                    headers=["version", "author", "saved", "categories (layer, strength)", "note"],
+                    interactive=False,
+                    wrap=True,
+                )
                 with gr.Row():
                     old_version = gr.Number(label="Compare version", precision=0, value=1)
                     new_version = gr.Number(label="with version", precision=0, value=2)
@@ -151,7 +166,7 @@ def build_app() -> gr.Blocks:
                     eval_button = gr.Button("Run evaluation", variant="primary")
                     stop_button = gr.Button("Stop")
                 eval_summary = gr.Markdown()
-                eval_plots = gr.Gallery(label="Heatmaps and trade-off", columns=3, height="auto")
+                eval_plots = gr.Gallery(label="Heatmaps and trade-off", columns=3, height="auto", object_fit="contain")
                 eval_report = gr.File(label="Report (Markdown)", interactive=False)
                 gr.Markdown("### Blind review\nLabel each answer; naive and steered answers are shuffled and unmarked.")
                 review_header = gr.Markdown()
@@ -169,8 +184,9 @@ def build_app() -> gr.Blocks:
                 eval_status = gr.Markdown()
 
             with gr.Tab("6 · Export / import"):
+                export_summary = gr.Markdown(studio.export_target(None), elem_id="export-target")
                 with gr.Row():
-                    export_version = gr.Number(label="Version (empty: latest)", precision=0)
+                    export_version = gr.Textbox(label="Version", placeholder="latest", max_lines=1)
                     export_format = gr.Radio(EXPORT_FORMATS, value=EXPORT_FORMATS[0], label="Format")
                 export_button = gr.Button("Export selected policy", variant="primary")
                 export_file = gr.File(label="Download", interactive=False)
@@ -241,6 +257,9 @@ def build_app() -> gr.Blocks:
         )
         policy.change(studio.user_errors(studio.versions_table), policy, versions, api_name="versions")
         policy.change(studio.user_errors(studio.policy_categories), policy, also_apply, api_visibility="private")
+        policy.change(studio.export_target, policy, export_summary, api_visibility="private")
+        for control in (layer, strength):
+            control.change(studio.save_target, [layer, strength], save_summary, api_visibility="private")
         compare_button.click(
             studio.user_errors(studio.compare_versions),
             [policy, old_version, new_version],
@@ -277,11 +296,26 @@ def auth_from_env() -> list[tuple[str, str]] | None:
     return [(user.strip(), password.strip()) for user, password in pairs] or None
 
 
+def server_address(port: int | None = None) -> tuple[str, int]:
+    """Host and port: `SAFESTEER_HOST` or Gradio's `GRADIO_SERVER_NAME`; `GRADIO_SERVER_PORT` or `PORT`; else 7860."""
+    host = os.environ.get("SAFESTEER_HOST") or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    if port is not None:
+        return host, port
+    for variable in ("GRADIO_SERVER_PORT", "PORT"):
+        value = os.environ.get(variable, "").strip()
+        if value:
+            if not value.isdigit() or not 0 < int(value) < 65536:
+                raise SystemExit(f"error: {variable} must be a port number (1-65535), not {value!r}")
+            return host, int(value)
+    return host, 7860
+
+
 def launch(port: int | None = None, prevent_thread_lock: bool = False) -> gr.Blocks:
     demo = build_app()
+    host, port = server_address(port)
     demo.launch(
-        server_name=os.environ.get("SAFESTEER_HOST", "127.0.0.1"),
-        server_port=port or int(os.environ.get("PORT", "7860")),
+        server_name=host,
+        server_port=port,
         auth=auth_from_env(),
         max_file_size=MAX_FILE_BYTES,
         show_error=False,

@@ -148,8 +148,9 @@ def user_errors(fn: Callable) -> Callable:
     def convert(exc: Exception) -> Exception:
         if isinstance(exc, gr.Error):
             return exc
-        if isinstance(exc, SafeSteerError):
-            return gr.Error(str(exc))
+        if isinstance(exc, SafeSteerError):  # the user's to fix: one log line, no traceback
+            log.info("refused in %s: %s", getattr(fn, "__name__", "a handler"), exc)
+            return gr.Error(str(exc), print_exception=False)
         log.exception("unexpected error in %s", getattr(fn, "__name__", "a handler"))
         return gr.Error(f"Something went wrong ({type(exc).__name__}); the details are in the server log.")
 
@@ -242,13 +243,14 @@ def read_category(
         safe = datasets.benign_prompts()
         notes.append(f"safe prompts: SafeSteer's {len(safe)} everyday requests (none were given)")
     n_heldout = min(MAX_HELDOUT, max(2, round(len(harmful) * HELDOUT_SHARE)))
+    dropped = f" (dropped: {'; '.join(notes)})" if notes else ""
     if len(harmful) - n_heldout < MIN_PROMPTS_PER_SIDE:
         raise SafeSteerError(
             f"need at least {MIN_PROMPTS_PER_SIDE + 2} harmful prompts ({MIN_PROMPTS_PER_SIDE} to learn from and 2 "
-            f"held out for previews), got {len(harmful)}"
+            f"held out for previews), got {len(harmful)}{dropped}"
         )
     if len(safe) < MIN_PROMPTS_PER_SIDE:
-        raise SafeSteerError(f"need at least {MIN_PROMPTS_PER_SIDE} safe prompts, got {len(safe)}")
+        raise SafeSteerError(f"need at least {MIN_PROMPTS_PER_SIDE} safe prompts, got {len(safe)}{dropped}")
     shuffled = harmful[:]
     random.Random(0).shuffle(shuffled)
     heldout, train = shuffled[:n_heldout], shuffled[n_heldout:]
@@ -436,7 +438,7 @@ def policy_names() -> list[str]:
 
 
 def versions_table(policy: str | None) -> pd.DataFrame:
-    columns = ["version", "author", "saved", "categories", "note"]
+    columns = ["version", "author", "saved", "categories (layer, strength)", "note"]
     if not policy or policy not in policy_names():
         return pd.DataFrame(columns=columns)
     return pd.DataFrame(
@@ -445,7 +447,12 @@ def versions_table(policy: str | None) -> pd.DataFrame:
                 "version": v.number,
                 "author": v.author,
                 "saved": v.created_at,
-                "categories": ", ".join(v.categories),
+                "categories (layer, strength)": ", ".join(
+                    f"{name} ({v.operating_points[name][0]}, {v.operating_points[name][1]:g})"
+                    if name in v.operating_points
+                    else name
+                    for name in v.categories
+                ),
                 "note": v.note + (f" (restored from v{v.restored_from})" if v.restored_from else ""),
             }
             for v in reversed(studio_store().list_versions(policy))
@@ -511,11 +518,36 @@ def rollback(policy: str, number: float, request: gr.Request | None = None) -> t
 # --- step 5: export / import ----------------------------------------------------------------------
 
 
-def export_policy(policy: str, version: float | None, fmt: str, request: gr.Request | None = None) -> str:
+def parse_version(text: str | float | None) -> int | None:
+    """A version number typed by a person: empty means the latest."""
+    if text is None or str(text).strip() in ("", "latest"):
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and float(text).is_integer():
+        text = str(int(text))
+    value = str(text).strip().removeprefix("v")
+    if not value.isdigit() or int(value) < 1:
+        raise SafeSteerError(f"a version is a whole number from 1 (or empty for the latest), not {str(text)!r}")
+    return int(value)
+
+
+def save_target(layer: float, strength: float) -> str:
+    """What the Save button will store, so the author sees it before saving."""
+    return f"Saves the draft category at **layer {int(layer)}, strength {float(strength):g}** (set in 3 · Preview)."
+
+
+def export_target(policy: str | None) -> str:
+    if not (policy or "").strip():
+        return "No policy selected: choose or save one in **4 · Save & versions** first."
+    return f"Exports policy **{_plain(policy.strip())}** (selected in 4 · Save & versions)."
+
+
+def export_policy(policy: str | None, version: str | None, fmt: str, request: gr.Request | None = None) -> str:
     """Write a bundle (or llama.cpp control vector) to a temporary file for download."""
     from .bundles import export_bundle, export_llama_cpp
 
-    loaded = studio_store().load_version(policy, int(version) if version else None)
+    if not (policy or "").strip():
+        raise SafeSteerError("no policy selected: choose or save one in step 4 first")
+    loaded = studio_store().load_version(policy.strip(), parse_version(version))
     folder = Path(tempfile.mkdtemp(prefix="safesteer-export-"))
     stem = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in loaded.policy) + f"-v{loaded.number}"
     if fmt == "llama.cpp control vector (.gguf)":
