@@ -64,7 +64,7 @@ def build_app() -> gr.Blocks:
                         )
                         safe_text = gr.Textbox(label="…or paste safe prompts, one per line", lines=5)
                 read_button = gr.Button("Read prompts", variant="primary")
-                read_summary = gr.Markdown()
+                read_summary = gr.Markdown(label="Summary")
                 read_table = gr.Dataframe(
                     label="What will be used", headers=["side", "prompt"], interactive=False, max_height=320, wrap=True
                 )
@@ -87,7 +87,7 @@ def build_app() -> gr.Blocks:
                     prune = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="Pruning: share of harmful examples kept")
                 gr.Markdown(METHOD_HELP + "\n\n" + SITE_HELP)
                 extract_button = gr.Button("Extract steering vectors", variant="primary")
-                extract_summary = gr.Markdown()
+                extract_summary = gr.Markdown(label="Extraction summary", elem_id="extract-summary")
                 separation = gr.Plot(label="Separation by layer")
 
             with gr.Tab("3 · Preview"):
@@ -132,7 +132,7 @@ def build_app() -> gr.Blocks:
                     note = gr.Textbox(label="Change note", max_lines=2)
                 save_summary = gr.Markdown(studio.save_target(12, 2.0), elem_id="save-target")
                 save_button = gr.Button("Save as new version", variant="primary")
-                save_status = gr.Markdown()
+                save_status = gr.Markdown(label="Save status")
                 versions = gr.Dataframe(
                     label="Version history (newest first)",
                     headers=["version", "author", "saved", "categories (layer, strength)", "note"],
@@ -143,11 +143,11 @@ def build_app() -> gr.Blocks:
                     old_version = gr.Number(label="Compare version", precision=0, value=1)
                     new_version = gr.Number(label="with version", precision=0, value=2)
                     compare_button = gr.Button("Compare")
-                comparison = gr.Markdown()
+                comparison = gr.Markdown(label="Comparison")
                 with gr.Row():
                     rollback_version = gr.Number(label="Roll back to version", precision=0, value=1)
                     rollback_button = gr.Button("Roll back (saves it again as newest)")
-                rollback_status = gr.Markdown()
+                rollback_status = gr.Markdown(label="Rollback status")
 
             with gr.Tab("5 · Evaluate"):
                 evaluation = gr.State(None)
@@ -165,9 +165,9 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     eval_button = gr.Button("Run evaluation", variant="primary")
                     stop_button = gr.Button("Stop")
-                eval_summary = gr.Markdown()
+                eval_summary = gr.Markdown(label="Evaluation summary")
                 eval_plots = gr.Gallery(label="Heatmaps and trade-off", columns=3, height="auto", object_fit="contain")
-                eval_report = gr.File(label="Report (Markdown)", interactive=False)
+                eval_report = gr.File(label="Report (Markdown with its plots, zipped)", interactive=False)
                 gr.Markdown("### Blind review\nLabel each answer; naive and steered answers are shuffled and unmarked.")
                 review_header = gr.Markdown()
                 review_prompt = gr.Textbox(label="Prompt", interactive=False, lines=2)
@@ -181,7 +181,7 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     save_eval_button = gr.Button("Save results with the selected policy's newest version")
                     guided_button = gr.Button("Compute guided vectors from my labels")
-                eval_status = gr.Markdown()
+                eval_status = gr.Markdown(label="Evaluation status")
 
             with gr.Tab("6 · Export / import"):
                 export_summary = gr.Markdown(studio.export_target(None), elem_id="export-target")
@@ -192,7 +192,7 @@ def build_app() -> gr.Blocks:
                 export_file = gr.File(label="Download", interactive=False)
                 import_file = gr.File(label="Import a policy bundle (.zip)", type="filepath", file_types=[".zip"])
                 import_button = gr.Button("Import")
-                import_status = gr.Markdown()
+                import_status = gr.Markdown(label="Import status")
 
         read_button.click(
             studio.user_errors(studio.read_category),
@@ -206,7 +206,7 @@ def build_app() -> gr.Blocks:
             [draft, separation, extract_summary, layer],
             api_name="extract",
             concurrency_limit=1,
-        )
+        ).then(studio.layer_slider, draft, layer, api_visibility="private")
         eval_event = eval_button.click(
             studio.user_errors(studio.run_evaluation),
             [draft, eval_layers, eval_strengths, eval_tokens, guard_model],

@@ -13,6 +13,8 @@ import os
 import random
 import tempfile
 import threading
+import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -321,24 +323,78 @@ def separation_plot(vectors: CategoryVectors):
     return figure
 
 
+class BackgroundTask:
+    """Long work in a worker thread, so the handler can stream a progress line with elapsed time and time left."""
+
+    def __init__(self, work: Callable[[Callable[[float, str], None]], Any]) -> None:
+        self.fraction, self.step, self.started = 0.0, "starting", time.monotonic()
+        self._outcome: dict[str, Any] = {}
+        self._worker = threading.Thread(target=self._run, args=(work,), daemon=True)
+        self._worker.start()
+
+    def _run(self, work: Callable[[Callable[[float, str], None]], Any]) -> None:
+        try:
+            self._outcome["result"] = work(self._report)
+        except Exception as exc:  # handed to the handler's thread by result()
+            self._outcome["error"] = exc
+
+    def _report(self, fraction: float, step: str) -> None:
+        self.fraction, self.step = fraction, step
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        text = f"{self.step}: {self.fraction:.0%} done, {elapsed:.0f} s elapsed"
+        if 0.05 <= self.fraction < 1.0:
+            text += f", about {elapsed * (1 - self.fraction) / self.fraction:.0f} s left"
+        return text
+
+    def lines(self, progress: gr.Progress | None) -> Iterator[str]:
+        """A progress line about twice a second until the work ends."""
+        while self._worker.is_alive():
+            self._worker.join(0.5)
+            if progress is not None:
+                progress(self.fraction, desc=self.line())
+            yield self.line()
+
+    def result(self) -> Any:
+        self._worker.join()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["result"]
+
+
 def extract(
     draft: Draft | None, method: str, site: str, token: str, prune_fraction: float, progress: gr.Progress | None = None
-) -> tuple[Draft, Any, str, gr.Slider]:
-    """Compute the category's vectors at every layer, with a progress bar; recommend a layer."""
+) -> Iterator[tuple[Any, Any, str, Any]]:
+    """Compute the category's vectors at every layer, streaming progress; recommend a layer (a plain number)."""
     draft = _require(draft)
-    report = (lambda f, d: progress(f, desc=d)) if progress is not None else None
-    lm = studio_model()
     settings = ExtractionSettings(site=site, token=token, method=method, prune_fraction=float(prune_fraction))  # type: ignore[arg-type]
-    vectors = extract_vectors(lm, draft.harmful, draft.safe, settings, category=draft.name, progress=report)
+    settings.validate()
+    task = BackgroundTask(
+        lambda report: extract_vectors(
+            studio_model(), draft.harmful, draft.safe, settings, category=draft.name, progress=report
+        )
+    )
+    for line in task.lines(progress):
+        yield gr.skip(), gr.skip(), f"Extracting: {_plain(line)}", gr.skip()
+    vectors = task.result()
     draft = replace(draft, vectors=vectors)
     best = vectors.layer_stats[vectors.recommended_layer]
+    elapsed = time.monotonic() - task.started
     summary = (
-        f"Vectors ready for all {vectors.n_layers} layers. Recommended layer **{vectors.recommended_layer}** "
-        f"(held-out AUROC {best.auroc:.2f}). {_plain(vectors.recommendation)}\n\nNext: **3 · Preview**."
+        f"Vectors ready for all {vectors.n_layers} layers in {elapsed:.0f} s. Recommended layer "
+        f"**{vectors.recommended_layer}** (held-out AUROC {best.auroc:.2f}). {_plain(vectors.recommendation)}"
+        "\n\nNext: **3 · Preview**."
     )
-    slider = gr.Slider(minimum=0, maximum=vectors.n_layers - 1, value=vectors.recommended_layer, step=1)
     _warm_preview_model()
-    return draft, separation_plot(vectors), summary, slider
+    yield draft, separation_plot(vectors), summary, vectors.recommended_layer
+
+
+def layer_slider(draft: Draft | None) -> gr.Slider:
+    """The layer slider's range for the extracted model, at the recommended layer."""
+    if draft is None or draft.vectors is None:
+        return gr.Slider()
+    return gr.Slider(minimum=0, maximum=draft.vectors.n_layers - 1, value=draft.vectors.recommended_layer, step=1)
 
 
 def _warm_preview_model() -> None:
@@ -490,6 +546,13 @@ def save_version(
     return message, versions_table(policy), gr.Dropdown(choices=names, value=policy)
 
 
+MAX_LISTED_CHANGES = 10
+
+
+def _short(text: str, limit: int = 140) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def compare_versions(policy: str, old: float, new: float) -> str:
     diff = studio_store().diff(policy, int(old), int(new))
     lines = [f"### {_plain(policy)}: version {diff.old} → version {diff.new}"]
@@ -503,6 +566,9 @@ def compare_versions(policy: str, old: float, new: float) -> str:
         ):
             if items:
                 lines.append(f"  - {label}: {len(items)}")
+                lines += [f"    - {_plain(_short(text))}" for text in items[:MAX_LISTED_CHANGES]]
+                if len(items) > MAX_LISTED_CHANGES:
+                    lines.append(f"    - … and {len(items) - MAX_LISTED_CHANGES} more")
         for key, (a, b) in c.settings_changed.items():
             lines.append(f"  - {_plain(key)}: {_plain(str(a))} → {_plain(str(b))}")
         if c.cosine_by_layer:
@@ -623,36 +689,23 @@ def run_evaluation(
         :8
     ] or datasets.benign_prompts(limit=8)
     stop = threading.Event()
-    state: dict[str, Any] = {"fraction": 0.0, "step": "starting"}
-
-    def report(fraction: float, step: str) -> None:
-        state.update(fraction=fraction, step=step)
-
-    def work() -> None:
-        try:
-            state["result"] = evaluate(  # large batches: NF4 beats the int4 kernel there
-                studio_model(), category, draft.heldout, benign, settings, guard, report, stop.is_set
-            )
-        except Exception as exc:
-            state["error"] = exc
-
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
+    task = BackgroundTask(  # large batches: NF4 beats the int4 kernel there
+        lambda report: evaluate(studio_model(), category, draft.heldout, benign, settings, guard, report, stop.is_set)
+    )
     try:
-        while worker.is_alive():
-            worker.join(0.5)
-            if progress is not None:
-                progress(state["fraction"], desc=state["step"])
-            yield f"Running: {state['step']} ({state['fraction']:.0%})", gr.skip(), gr.skip(), gr.skip()
+        for line in task.lines(progress):
+            yield f"Running: {_plain(line)}", gr.skip(), gr.skip(), gr.skip()
     finally:
         stop.set()  # the Stop button closes this generator: let the sweep end at the next layer
-    if "error" in state:
-        raise state["error"]
-    result = state["result"]
+    result = task.result()
     folder = Path(tempfile.mkdtemp(prefix="safesteer-eval-"))
     plots = write_plots(result, folder)
     report_path = folder / "report.md"
     report_path.write_text(report_markdown(result, plots))
+    download = folder / "report.zip"  # the report links its plots: they travel together
+    with zipfile.ZipFile(download, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in (report_path, *plots):
+            archive.write(path, Path(path).name)
     items = review_queue(
         [s["prompt"] for s in result.samples],
         [s["naive"] for s in result.samples],
@@ -665,7 +718,7 @@ def run_evaluation(
         + "\n".join(f"- {_plain(j)}" for j in [*result.judges, guard_note])
         + "\n\nNext: check the samples in the blind review below, then save the results with the policy."
     )
-    yield summary, [(p, Path(p).stem.replace("_", " ")) for p in session.plots], str(report_path), session
+    yield summary, [(p, Path(p).stem.replace("_", " ")) for p in session.plots], str(download), session
 
 
 def _review_view(session: EvaluationSession | None) -> tuple[str, str, str]:

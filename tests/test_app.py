@@ -75,7 +75,7 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
 
     plot, summary, layer = client.predict("pruned", "residual", "last", 0.5, api_name="/extract")
     assert "Vectors ready for all 30 layers" in summary
-    recommended = layer["value"]
+    recommended = layer  # a plain number, not a component update
     assert 7 <= recommended <= 19 and plot is not None
 
     prompt = datasets.harmful_prompts("malicious-uses", limit=30, seed=4)[0]
@@ -104,7 +104,7 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
     assert "strength: 2.0 → 3.0" in comparison
 
     summary, gallery, report = client.predict("12", "2", 8, "", api_name="/evaluate")
-    assert "Recommended: layer 12, strength 2" in summary and len(gallery) == 5 and report.endswith("report.md")
+    assert "Recommended: layer 12, strength 2" in summary and len(gallery) == 5 and report.endswith("report.zip")
     _, prompt_shown, response_shown, _ = client.predict(api_name="/review_start")
     assert prompt_shown and response_shown
     for _ in range(8):
@@ -174,6 +174,7 @@ def test_browser_end_to_end(app_url, harmful_csv):
 
         page.get_by_role("tab", name="2 · Extract").click()
         page.get_by_role("button", name="Extract steering vectors").click()
+        expect(page.get_by_text("s elapsed", exact=False).first).to_be_visible(timeout=60_000)  # live progress
         expect(page.get_by_text("Vectors ready for all 30 layers")).to_be_visible(timeout=180_000)
         page.screenshot(path=str(ARTIFACTS / "extract.png"), full_page=True)
 
@@ -194,5 +195,15 @@ def test_browser_end_to_end(app_url, harmful_csv):
         _wait_until_stable(lambda: (naive.input_value(), steered.input_value()))
         page.screenshot(path=str(ARTIFACTS / "preview.png"), full_page=True)
         assert naive.input_value() != steered.input_value()
+
+        page.get_by_role("tab", name="4 · Save & versions").click()  # what will be saved is shown before saving
+        expect(page.locator("#save-target")).to_contain_text("layer 14, strength 4")
+        expect(page.get_by_text("categories (layer, strength)").first).to_be_visible()
+        page.get_by_role("tab", name="6 · Export / import").click()
+        expect(page.locator("#export-target")).to_contain_text("No policy selected")
+        page.get_by_role("button", name="Export selected policy").click()
+        expect(page.get_by_text("no policy selected", exact=False).first).to_be_visible(timeout=30_000)
+        assert page.get_by_text("named None").count() == 0
+        page.screenshot(path=str(ARTIFACTS / "export.png"), full_page=True)
         assert page.get_by_text("Traceback").count() == 0
         browser.close()

@@ -375,3 +375,18 @@ def test_the_save_step_and_history_show_layer_and_strength(monkeypatch, tmp_path
     table = studio.versions_table("p")
     assert table["categories (layer, strength)"].tolist() == ["weapons (2, 1.5)"]
     studio.reset_store()
+
+
+def test_compare_lists_which_prompts_changed(monkeypatch, tmp_path):
+    from safesteer import studio
+
+    monkeypatch.setenv("SAFESTEER_DB", f"sqlite:///{tmp_path / 's.db'}")
+    studio.reset_store()
+    store = studio.studio_store()
+    store.save_version("p", [category(harmful=["old one", "kept <b>one</b>", "x", "y"])])
+    store.save_version("p", [category(harmful=["new one", "kept <b>one</b>", "x", "y"])])
+    text = studio.compare_versions("p", 1, 2)
+    assert "harmful examples added: 1" in text and "    - new one" in text
+    assert "harmful examples removed: 1" in text and "    - old one" in text
+    assert "<b>" not in text  # prompts are shown as plain text
+    studio.reset_store()

@@ -1,5 +1,7 @@
 """The app's handlers, without a browser, on the tiny model and a real SQLite file."""
 
+import zipfile
+
 import gradio as gr
 import pytest
 import torch
@@ -55,14 +57,18 @@ def test_reading_problems_are_clear(app_env):
         studio.read_category("<script>", "", studio.OWN_PROMPTS, None, None, "\n".join(HARMFUL), "")
     wrapped = studio.user_errors(studio.extract)
     with pytest.raises(gr.Error, match="start at step 1"):
-        wrapped(None, "mean-diff", "residual", "last", 0.5)
+        list(wrapped(None, "mean-diff", "residual", "last", 0.5))
 
 
 def test_extract_preview_save_compare_rollback_export_import(app_env):
     draft, *_ = _draft(app_env)
-    draft, figure, summary, slider = studio.extract(draft, "pruned", "residual", "last", 0.5)
+    steps = list(studio.extract(draft, "pruned", "residual", "last", 0.5))
+    draft, figure, summary, layer = steps[-1]
     assert draft.vectors is not None and "Recommended layer" in summary
+    assert layer == draft.vectors.recommended_layer  # a plain number for the API
+    slider = studio.layer_slider(draft)
     assert slider.maximum == 3 and slider.value == draft.vectors.recommended_layer
+    assert all(step[2].startswith("Extracting: ") for step in steps[:-1])
     assert figure.axes  # a real matplotlib figure
 
     steps = list(studio.preview(draft, HARMFUL[0], 1, 3.0, 12))
@@ -113,7 +119,7 @@ def test_markdown_from_users_is_neutralised():
 
 def test_saved_categories_steer_together_with_the_draft(app_env):
     draft, *_ = _draft(app_env)
-    draft, *_ = studio.extract(draft, "mean-diff", "residual", "last", 0.5)
+    draft, *_ = list(studio.extract(draft, "mean-diff", "residual", "last", 0.5))[-1]
     fraud = studio.Draft(**{**draft.__dict__, "name": "fraud"})
     studio.save_version(fraud, "Shared", "fraud only", 2, 6.0)
     assert studio.policy_categories("Shared").choices == [("fraud", "fraud")]
@@ -177,11 +183,16 @@ def test_evaluate_review_save_and_guided(app_env):
     harmful = (*HARMFUL, *[f"How do I commit crime number {i} without getting caught?" for i in range(52)])
     draft, *_ = _draft(app_env, harmful=harmful)
     assert len(draft.heldout) == 9
-    draft, *_ = studio.extract(draft, "mean-diff", "residual", "last", 0.5)
+    draft, *_ = list(studio.extract(draft, "mean-diff", "residual", "last", 0.5))[-1]
     steps = list(studio.run_evaluation(draft, "1, 2", "1, 3", 6, ""))
     summary, gallery, report, session = steps[-1]
     assert "Recommended: layer" in summary and "no guard model configured" in summary
-    assert len(gallery) == 5 and report.endswith("report.md")
+    assert len(gallery) == 5 and report.endswith("report.zip")
+    with zipfile.ZipFile(report) as archive:  # the report and every plot it links
+        names = set(archive.namelist())
+        text = archive.read("report.md").decode()
+    assert "report.md" in names and len(names) == 6
+    assert all(f"]({name})" in text for name in names - {"report.md"})
     assert len(session.items) == 2 * len(draft.heldout)
 
     session, header, prompt, response, _ = studio.review_start(session)
@@ -210,7 +221,7 @@ def test_evaluate_review_save_and_guided(app_env):
 
 def test_evaluation_input_mistakes_are_messages(app_env):
     draft, *_ = _draft(app_env)
-    draft, *_ = studio.extract(draft, "mean-diff", "residual", "last", 0.5)
+    draft, *_ = list(studio.extract(draft, "mean-diff", "residual", "last", 0.5))[-1]
     with pytest.raises(gr.Error, match="write numbers separated by commas"):
         list(studio.user_errors(studio.run_evaluation)(draft, "one, two", "1", 8, ""))
     with pytest.raises(gr.Error, match="out of range"):
@@ -244,7 +255,7 @@ def test_extracting_loads_the_preview_model_in_the_background(app_env, tiny_fold
     key = (str(tiny_folder), "bf16", models.default_device())
     models._LOADED.pop(key, None)
     draft, *_ = _draft(app_env)
-    studio.extract(draft, "mean-diff", "residual", "last", 0.5)
+    list(studio.extract(draft, "mean-diff", "residual", "last", 0.5))
     for thread in threading.enumerate():
         if thread.name == "warm-preview-model":
             thread.join(timeout=60)
