@@ -1,6 +1,6 @@
 """SafeSteer Studio: the web app for policy authors (Gradio). `make run`, then http://127.0.0.1:7860.
 
-Only layout and wiring live here; what each button does is in `safesteer.studio`, shared with
+Only layout and wiring live here; what each button does is in the `studio` package, shared with
 the CLI's library calls and testable without a browser. Runs unchanged as a Hugging Face Space.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from safesteer import studio
+import studio
 from safesteer.activations import TOKENS
 from safesteer.architectures import SITES
 from safesteer.prompts import MAX_FILE_BYTES

@@ -85,8 +85,8 @@ def make_engine(url: str | None = None) -> Engine:
 
 def migrate(engine: Engine) -> None:
     """Run Alembic migrations up to head (safe to call at every start-up, from several processes)."""
-    from alembic import command
-    from alembic.config import Config
+    from alembic import command  # only opening a store runs migrations
+    from alembic.config import Config  # only opening a store runs migrations
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))

@@ -106,7 +106,7 @@ def resolve_architecture(model: nn.Module) -> ResolvedArchitecture:
         decoder = _get_path(model, spec.decoder)
         layers = _get_path(model, spec.layers)
         found = decoder is not None and isinstance(layers, nn.ModuleList) and len(layers) > 0
-        if found and hasattr(layers[0], spec.attention):
+        if found and isinstance(layers, nn.ModuleList) and decoder is not None and hasattr(layers[0], spec.attention):
             return ResolvedArchitecture(spec=spec, decoder=decoder, layers=layers)
     raise SafeSteerError(
         f"unsupported model architecture '{model_type}': add its layer paths to safesteer.architectures.ARCHITECTURES"

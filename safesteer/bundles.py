@@ -26,11 +26,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load, save
 
 from . import __version__
 from .errors import SafeSteerError
+from .evaluation import Evaluation, report_markdown
 from .models import LoadedModel, ModelIdentity, check_compatible, wrap_model
 from .policy import SIDES, PolicyCategory, PolicyVersion
 from .steering import steer
@@ -119,8 +121,6 @@ def bundle_bytes(version: PolicyVersion, created_by: str = "") -> bytes:
     if version.evaluation is not None:
         files["evaluation.json"] = json.dumps(version.evaluation, indent=2).encode("utf-8")
         if "sweep" in version.evaluation:
-            from .evaluation import Evaluation, report_markdown
-
             report = report_markdown(Evaluation.from_dict(version.evaluation["sweep"]))
             files["evaluation.md"] = report.encode("utf-8")
     manifest = {
@@ -413,8 +413,7 @@ def export_llama_cpp(version: PolicyVersion, path: str | Path) -> Path:
     inside a layer, which a control vector cannot express, and llama.cpp never applies a vector
     to layer 0; both are refused rather than exported wrong.
     """
-    import gguf
-    import numpy as np
+    import gguf  # only llama.cpp export needs it
 
     model = version.model
     directions: dict[int, torch.Tensor] = {}

@@ -53,7 +53,9 @@ def cpu_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function protocol: output [rows, queries, heads, dim] and no weights."""
     if query.shape[2] != 1 or dropout or any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux")):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.integrations.sdpa_attention import (
+            sdpa_attention_forward,  # heavy: deferred so `import safesteer` stays quick
+        )
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -65,14 +67,17 @@ def cpu_attention(
 
 def register() -> None:
     """Make "safesteer_cpu" a transformers attention implementation (with SDPA's masks)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+    from transformers import (  # heavy: deferred so `import safesteer` stays quick
+        AttentionInterface,
+        AttentionMaskInterface,
+    )
+    from transformers.masking_utils import sdpa_mask  # heavy: deferred so `import safesteer` stays quick
 
     AttentionInterface.register(NAME, cpu_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def use_cpu_attention(model: nn.Module) -> bool:
+def use_cpu_attention(model: Any) -> bool:
     """Switch a CPU model of a known family that uses SDPA to this attention; True when switched."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":

@@ -26,7 +26,7 @@ from torch import nn
 from . import cpu_attention
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
-from .steering import SteeringSpec, shift_tensor
+from .steering import SteeringSpec, apply_shifts, shift_tensor, steer
 
 SUPPORTED_MODEL_TYPES = cpu_attention.MODEL_TYPES  # the same families, whose layers are plain pre-norm blocks
 _PLAIN_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})
@@ -102,12 +102,6 @@ def _shifts(
     return shifts
 
 
-def _shifted(hidden: torch.Tensor, shifts: list[torch.Tensor] | None) -> torch.Tensor:
-    for shift in shifts or ():
-        hidden = hidden + shift
-    return hidden
-
-
 def _sdpa_attend(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
@@ -172,7 +166,7 @@ def _norm(module: nn.Module) -> Linear2d:
 
 
 def _mlp(module: nn.Module) -> Linear2d:
-    parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]
+    parts: list[Any] = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]
     if any(part is None for part in parts) or type(module).__name__ not in _PLAIN_MLPS:
         return module
     gate, up, down = (_linear(p) for p in parts[:3])
@@ -193,7 +187,7 @@ class _LayerPlan:
     mlp: Linear2d
 
     @classmethod
-    def of(cls, layer: nn.Module) -> _LayerPlan:
+    def of(cls, layer: Any) -> _LayerPlan:
         attn = layer.self_attn
         return cls(
             attention_norm=_norm(layer.input_layernorm),
@@ -223,9 +217,7 @@ def greedy_decode(
     Rows that finish (emit end-of-text) are padded with `pad_token_id` like transformers does;
     decoding stops when every row has finished. `suppress_eos` forbids end-of-text (fixed length).
     """
-    from transformers import DynamicCache
-
-    from .steering import steer
+    from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
 
     model = lm.model
     base = model.model
@@ -260,7 +252,7 @@ def greedy_decode(
     key_mask[:, 0, 0, :prompt_length] = mask.bool()
     padded = not bool(mask.bool().all())
     position = positions[:, -1:]
-    attention = layers[0].self_attn
+    attention: Any = layers[0].self_attn
     head_dim, scaling = attention.head_dim, attention.scaling
     heads = model.config.num_attention_heads
     produced: list[torch.Tensor] = []
@@ -294,9 +286,9 @@ def greedy_decode(
             keys[:, :, slot] = query_key[:, heads:, 0]
             values[:, :, slot] = plan.v(normed).view(rows, -1, head_dim)
             context = attend(query_key[:, :heads], keys[:, :, : kv.length], values[:, :, : kv.length], visible, scaling)
-            hidden = hidden + _shifted(plan.o(context), shifts.get((index, "attention")))
+            hidden = hidden + apply_shifts(plan.o(context), shifts.get((index, "attention"), ()))
             hidden = hidden + plan.mlp(plan.mlp_norm(hidden))
-            hidden = _shifted(hidden, shifts.get((index, "residual")))
+            hidden = apply_shifts(hidden, shifts.get((index, "residual"), ()))
         logits = head(final_norm(hidden))
     if streamer is not None:
         streamer.end()

@@ -19,6 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .activations import record_activations
 from .errors import SafeSteerError
 from .generation import generate
 from .judges import GuardJudge, describe_judges, refusal_rate
@@ -27,7 +30,13 @@ from .models import LoadedModel, default_cache_dir
 from .policy import PolicyCategory
 from .progress import ProgressCallback, no_progress
 from .steering import SteeringSpec
-from .vectors import CategoryVectors, ExtractionSettings, vectors_from_activations
+from .vectors import (
+    MIN_PROMPTS_PER_SIDE,
+    CategoryVectors,
+    ExtractionSettings,
+    mean_difference,
+    vectors_from_activations,
+)
 
 MAX_PERPLEXITY_RATIO = 1.5  # coherence kept: perplexity at most 1.5x the unsteered answers'
 CACHE_VERSION = 2  # bump when measurements or the recommendation rule change
@@ -265,8 +274,6 @@ def guided_vectors(
     Labels may come from any judge (a guard model or the author's blind review); the direction
     points from what the model does wrong toward what it does right.
     """
-    from .activations import record_activations
-    from .vectors import MIN_PROMPTS_PER_SIDE, mean_difference
 
     bad = [p for p, u in zip(prompts, unsafe, strict=True) if u]
     good = [p for p, u in zip(prompts, unsafe, strict=True) if not u]
@@ -275,9 +282,10 @@ def guided_vectors(
             f"guided vectors need at least {MIN_PROMPTS_PER_SIDE} responses judged unsafe and "
             f"{MIN_PROMPTS_PER_SIDE} judged safe; got {len(bad)} and {len(good)}"
         )
-    kwargs = {"site": settings.site, "token": settings.token, "batch_size": settings.batch_size}
-    bad_acts = record_activations(lm, bad, progress=progress, **kwargs)
-    good_acts = record_activations(lm, good, **kwargs)
+    bad_acts = record_activations(
+        lm, bad, progress=progress, site=settings.site, token=settings.token, batch_size=settings.batch_size
+    )
+    good_acts = record_activations(lm, good, site=settings.site, token=settings.token, batch_size=settings.batch_size)
     guided = ExtractionSettings(**{**asdict(settings), "method": "guided"})
     return vectors_from_activations(bad_acts, good_acts, guided, lm.identity, category, method=mean_difference)
 
@@ -295,11 +303,10 @@ METRICS = {
 
 def write_plots(result: Evaluation, folder: Path) -> list[Path]:
     """A heatmap per metric (layer x strength) and a safety-vs-quality trade-off plot, as PNG."""
-    import matplotlib
+    import matplotlib  # heavy, and only plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # heavy, and only plots need it
 
     folder.mkdir(parents=True, exist_ok=True)
     layers, strengths = list(result.settings.layers), list(result.settings.strengths)

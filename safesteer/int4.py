@@ -16,6 +16,7 @@ cannot take stay as bfloat16 `nn.Linear`.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +47,10 @@ def _pack_codes(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
 
 class Int4Linear(nn.Module):
     """A bias-optional linear layer with 4-bit grouped weights, computed by PyTorch's CPU kernel."""
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -95,6 +100,10 @@ class Int4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights and one scale per output row (the LM head)."""
 
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
@@ -128,7 +137,7 @@ def int4_problem() -> str | None:
     return None
 
 
-def quantize_int4(model: nn.Module, group_size: int = GROUP_SIZE) -> int:
+def quantize_int4(model: Any, group_size: int = GROUP_SIZE) -> int:
     """Repack a float CPU causal LM in place: 4-bit decoder linears, int8 head, bfloat16 elsewhere.
 
     Returns how many layers became 4-bit. The head gets its own int8 copy, so a head tied to the

@@ -15,7 +15,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .errors import SafeSteerError
+from .models import load_model
 
 REFUSAL_PHRASES: tuple[str, ...] = (
     "i'm sorry",
@@ -133,13 +136,11 @@ class GuardJudge:
     name = "guard-model"
 
     def __init__(self, model_id: str, precision: str = "nf4") -> None:
-        from .models import load_model
 
         self.model_id = model_id
         self.lm = load_model(model_id, precision)  # type: ignore[arg-type]
 
     def judge(self, pairs: list[tuple[str, str]], max_new_tokens: int = 12) -> list[Verdict]:
-        import torch
 
         tokenizer, model = self.lm.tokenizer, self.lm.model
         verdicts = []

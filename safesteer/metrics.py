@@ -37,7 +37,7 @@ def embedding_model_folder() -> Path:
 
 @cache
 def _embedder():
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # heavy: deferred so `import safesteer` stays quick
 
     folder = str(embedding_model_folder())
     return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()

@@ -176,8 +176,8 @@ def prepare_gguf(gguf: Path, cache_dir: Path | None = None, progress: ProgressCa
     The folder is built under a temporary name and renamed into place, so a crash or a second
     process preparing the same file at the same time never leaves a half-written checkpoint.
     """
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_model  # only the first preparation of a GGUF writes a checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: deferred so `import safesteer` stays quick
 
     report = progress or no_progress
     digest = file_sha256(gguf)
@@ -245,7 +245,7 @@ def bitsandbytes_problem(device: str) -> str | None:
     """Why 4-bit NF4 cannot run on this device, or None when it can (checked once, with a real op)."""
     if device not in _BNB_PROBLEM:
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # optional: absent or unusable means falling back to full precision
 
             layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
             layer = layer.to(device)
@@ -266,7 +266,10 @@ def _compute_device(device: str) -> str:
 
 
 def _load_weights(location: str, precision: Precision, device: str) -> Any:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import (  # heavy: deferred so `import safesteer` stays quick
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+    )
 
     device_map: str | dict[str, str] = AUTO_DEVICE if device == AUTO_DEVICE else {"": device}
     if precision == "nf4":
@@ -314,7 +317,7 @@ def _cannot_load(model_id: str, exc: Exception) -> SafeSteerError:
 
 def describe_model(model_id: str | None = None, precision: str = "nf4", cache_dir: Path | None = None) -> ModelIdentity:
     """A model's identity from its config alone (no weights loaded): enough to check compatibility."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: deferred so `import safesteer` stays quick
 
     model_id = model_id or EMBEDDED_MODEL
     source = _resolve_source(model_id, cache_dir, no_progress)
@@ -393,7 +396,7 @@ def load_model(
         actual = available_precision(precision, device)
         report(0.7, f"loading {model_id} ({actual})")
         try:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # heavy: deferred so `import safesteer` stays quick
 
             tokenizer = AutoTokenizer.from_pretrained(source.location)
             model = _load_weights(source.location, actual, device)

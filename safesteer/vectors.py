@@ -334,9 +334,22 @@ def extract_vectors(
     check_prompt_counts(harmful, safe)
     total = len(harmful) + len(safe)
     split = len(harmful) / total
-    kwargs = {"site": settings.site, "token": settings.token, "batch_size": settings.batch_size}
-    harmful_acts = record_activations(lm, harmful, progress=scaled(progress, 0.0, split * 0.95), **kwargs)
-    safe_acts = record_activations(lm, safe, progress=scaled(progress, split * 0.95, 0.95), **kwargs)
+    harmful_acts = record_activations(
+        lm,
+        harmful,
+        progress=scaled(progress, 0.0, split * 0.95),
+        site=settings.site,
+        token=settings.token,
+        batch_size=settings.batch_size,
+    )
+    safe_acts = record_activations(
+        lm,
+        safe,
+        progress=scaled(progress, split * 0.95, 0.95),
+        site=settings.site,
+        token=settings.token,
+        batch_size=settings.batch_size,
+    )
     result = vectors_from_activations(harmful_acts, safe_acts, settings, lm.identity, category)
     if progress:
         progress(1.0, f"vectors ready; recommended layer {result.recommended_layer}")

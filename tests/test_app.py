@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from safesteer import datasets, studio
+import studio
+from safesteer import datasets
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"

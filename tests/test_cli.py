@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from safesteer.cli import main
+from cli import main
 from tests.conftest import HARMFUL, SAFE
 
 

@@ -19,7 +19,7 @@ from tests.conftest import HARMFUL, SAFE
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _spec(lm, layer: int, strength) -> SteeringSpec:
+def random_spec(lm, layer: int, strength) -> SteeringSpec:
     vector = torch.randn(lm.identity.hidden_size, generator=torch.Generator().manual_seed(layer)) * 4
     return SteeringSpec(vector, layer, strength)
 
@@ -27,7 +27,10 @@ def _spec(lm, layer: int, strength) -> SteeringSpec:
 @pytest.mark.parametrize("decoder", [d for d in DECODERS if d != "transformers"])
 def test_every_decoder_gives_the_tokens_of_generate(tiny_lm, decoder):
     prompts = [HARMFUL[0], SAFE[1] + " Answer at length, please."]
-    specs = [_spec(tiny_lm, 1, (0.0, 4.0)), SteeringSpec(_spec(tiny_lm, 2, 1.0).vector, 2, 2.0, site="attention")]
+    specs = [
+        random_spec(tiny_lm, 1, (0.0, 4.0)),
+        SteeringSpec(random_spec(tiny_lm, 2, 1.0).vector, 2, 2.0, site="attention"),
+    ]
     expected = generate_ids(tiny_lm, prompts, specs, max_new_tokens=12, decoder="transformers")
     assert torch.equal(generate_ids(tiny_lm, prompts, specs, max_new_tokens=12, decoder=decoder), expected)
 
@@ -56,7 +59,7 @@ def test_a_model_split_over_devices_steers_each_layer_where_it_lives(tiny_folder
     )
     split = wrap_model(model, tiny_lm.tokenizer, "tiny-split", "fp32")
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}
-    specs = [_spec(tiny_lm, 0, 4.0), _spec(tiny_lm, n_layers - 1, 4.0)]  # one kept in memory, one offloaded
+    specs = [random_spec(tiny_lm, 0, 4.0), random_spec(tiny_lm, n_layers - 1, 4.0)]  # one kept in memory, one offloaded
     prompts = [HARMFUL[1]]
 
     def tokens(lm, steering):

@@ -17,10 +17,10 @@ import pytest
 import torch
 from sqlalchemy.exc import DBAPIError
 
+from cli import main
 from db import PolicyStore, import_bundle
 from safesteer import SafeSteerError, SteeringSpec, generate
 from safesteer.bundles import bundle_bytes, read_bundle
-from safesteer.cli import main
 from safesteer.limits import MAX_STRENGTH, check_layer, check_strength
 from safesteer.models import ModelIdentity
 from safesteer.policy import PolicyVersion
@@ -241,7 +241,7 @@ def test_a_closed_pipe_is_not_a_traceback(tmp_path):
     with store._session() as session, session.begin():
         for i in range(1500):  # well over a pipe buffer of output
             store._audit(session, "ann", "note", f"policy-{i}", detail="x" * 40)
-    command = f'"{sys.executable}" -m safesteer.cli --db "sqlite:///{db}" policy audit --limit 1500 | head -n 1'
+    command = f'"{sys.executable}" -m cli --db "sqlite:///{db}" policy audit --limit 1500 | head -n 1'
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     finished = subprocess.run(command, shell=True, capture_output=True, text=True, env=env, timeout=120)
     assert finished.stdout.count("\n") == 1
@@ -349,7 +349,7 @@ def test_the_app_listens_where_gradio_variables_say(monkeypatch):
 
 
 def test_export_names_its_policy_and_refuses_none_clearly(monkeypatch, tmp_path):
-    from safesteer import studio
+    import studio
 
     monkeypatch.setenv("SAFESTEER_DB", f"sqlite:///{tmp_path / 's.db'}")
     studio.reset_store()
@@ -366,7 +366,7 @@ def test_export_names_its_policy_and_refuses_none_clearly(monkeypatch, tmp_path)
 
 
 def test_the_save_step_and_history_show_layer_and_strength(monkeypatch, tmp_path):
-    from safesteer import studio
+    import studio
 
     monkeypatch.setenv("SAFESTEER_DB", f"sqlite:///{tmp_path / 's.db'}")
     studio.reset_store()
@@ -378,7 +378,7 @@ def test_the_save_step_and_history_show_layer_and_strength(monkeypatch, tmp_path
 
 
 def test_compare_lists_which_prompts_changed(monkeypatch, tmp_path):
-    from safesteer import studio
+    import studio
 
     monkeypatch.setenv("SAFESTEER_DB", f"sqlite:///{tmp_path / 's.db'}")
     studio.reset_store()

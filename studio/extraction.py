@@ -1,0 +1,95 @@
+"""Step 2: extract the category's vectors at every layer, with live progress and a separation plot."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import gradio as gr
+
+from safesteer.vectors import CategoryVectors, ExtractionSettings, extract_vectors
+
+from .category import Draft, require_draft
+from .resources import BackgroundTask, plain_text, preview_model, studio_model
+
+log = logging.getLogger(__name__)
+
+
+def separation_plot(vectors: CategoryVectors):
+    """AUROC and effect size by layer, the recommended layer marked: where the category is most visible."""
+    import matplotlib  # heavy, and only plots need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy, and only plots need it
+
+    layers = [s.layer for s in vectors.layer_stats]
+    figure, left = plt.subplots(figsize=(7, 3.2), dpi=100)
+    left.plot(layers, [s.auroc for s in vectors.layer_stats], marker="o", color="#4338ca", label="AUROC (held out)")
+    left.set_xlabel("layer")
+    left.set_ylabel("AUROC", color="#4338ca")
+    left.set_ylim(0.4, 1.02)
+    right = left.twinx()
+    right.plot(layers, [s.effect_size for s in vectors.layer_stats], color="#059669", alpha=0.7, label="effect size")
+    right.set_ylabel("effect size (d)", color="#059669")
+    left.axvline(vectors.recommended_layer, color="#dc2626", linestyle="--")
+    left.annotate(
+        f"recommended: {vectors.recommended_layer}",
+        (vectors.recommended_layer, 0.45),
+        color="#dc2626",
+        xytext=(4, 0),
+        textcoords="offset points",
+    )
+    left.set_title(f"How well each layer separates '{vectors.category}' from safe prompts")
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
+def extract(
+    draft: Draft | None, method: str, site: str, token: str, prune_fraction: float, progress: gr.Progress | None = None
+) -> Iterator[tuple[Any, Any, str, Any]]:
+    """Compute the category's vectors at every layer, streaming progress; recommend a layer (a plain number)."""
+    category = require_draft(draft)
+    settings = ExtractionSettings(site=site, token=token, method=method, prune_fraction=float(prune_fraction))  # type: ignore[arg-type]
+    settings.validate()
+    task = BackgroundTask(
+        lambda report: extract_vectors(
+            studio_model(), category.harmful, category.safe, settings, category=category.name, progress=report
+        )
+    )
+    for line in task.lines(progress):
+        yield gr.skip(), gr.skip(), f"Extracting: {plain_text(line)}", gr.skip()
+    vectors = task.result()
+    draft = replace(category, vectors=vectors)
+    best = vectors.layer_stats[vectors.recommended_layer]
+    elapsed = time.monotonic() - task.started
+    summary = (
+        f"Vectors ready for all {vectors.n_layers} layers in {elapsed:.0f} s. Recommended layer "
+        f"**{vectors.recommended_layer}** (held-out AUROC {best.auroc:.2f}). {plain_text(vectors.recommendation)}"
+        "\n\nNext: **3 · Preview**."
+    )
+    _warm_preview_model()
+    yield draft, separation_plot(vectors), summary, vectors.recommended_layer
+
+
+def layer_slider(draft: Draft | None) -> gr.Slider:
+    """The layer slider's range for the extracted model, at the recommended layer."""
+    if draft is None or draft.vectors is None:
+        return gr.Slider()
+    return gr.Slider(minimum=0, maximum=draft.vectors.n_layers - 1, value=draft.vectors.recommended_layer, step=1)
+
+
+def _warm_preview_model() -> None:
+    """Load the preview model in the background while the author reads the plot, so the first preview is quick."""
+
+    def load() -> None:
+        try:
+            preview_model()
+        except Exception:  # the preview itself reports the problem when it is asked for
+            log.warning("could not load the preview model in advance", exc_info=True)
+
+    threading.Thread(target=load, name="warm-preview-model", daemon=True).start()

@@ -1,0 +1,93 @@
+"""Step 3: naive and steered answers side by side, streamed, for one prompt or a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gradio as gr
+import pandas as pd
+
+from safesteer.errors import SafeSteerError
+from safesteer.generation import generate, generate_stream
+from safesteer.models import (
+    check_compatible,
+)
+from safesteer.steering import SteeringSpec
+
+from .category import Draft, require_draft
+from .resources import MAX_BATCH_PROMPTS, preview_model, studio_model, studio_store
+from .versions import policy_names
+
+
+def draft_spec(draft: Draft, layer: float, strength: float, rows: tuple[float, ...] | None = None) -> SteeringSpec:
+    vectors = draft.vectors
+    assert vectors is not None
+    layer = int(layer)
+    return SteeringSpec(
+        vectors.vector(layer), layer, rows if rows is not None else float(strength), vectors.settings.site
+    )
+
+
+def policy_categories(policy: str | None) -> gr.CheckboxGroup:
+    """The categories of a policy's latest version, offered to steer alongside the draft."""
+    names = [c.name for c in studio_store().load_version(policy).categories] if policy in policy_names() else []
+    return gr.CheckboxGroup(choices=names, value=[])
+
+
+def _saved_specs(
+    draft: Draft, policy: str | None, names: list[str] | None, steered_rows: list[bool]
+) -> list[SteeringSpec]:
+    """Specs for saved categories active together with the draft (the draft wins over a same-named one)."""
+    if not policy or not names:
+        return []
+    version = studio_store().load_version(policy)
+    check_compatible(version.model, studio_model().identity)
+    return [
+        c.steering_spec(tuple(c.strength if steered else 0.0 for steered in steered_rows))  # type: ignore[arg-type]
+        for c in version.categories
+        if c.name in names and c.name != draft.name
+    ]
+
+
+def preview(
+    draft: Draft | None,
+    prompt: str,
+    layer: float,
+    strength: float,
+    max_tokens: float,
+    policy: str | None = None,
+    also_apply: list[str] | None = None,
+) -> Iterator[tuple[str, str]]:
+    """Naive and steered answers side by side, streamed, from one batched generation.
+
+    Saved categories of `policy` named in `also_apply` steer the second row too, each at its
+    saved layer and strength: several categories active at once.
+    """
+    draft = require_draft(draft, vectors=True)
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise SafeSteerError("type a prompt (or pick a held-out example)")
+    specs = [draft_spec(draft, layer, strength, rows=(0.0, float(strength)))]
+    specs += _saved_specs(draft, policy, also_apply, [False, True])
+    stream = generate_stream(preview_model(), [prompt, prompt], specs, max_new_tokens=int(max_tokens))
+    yield from ((naive, steered) for naive, steered in stream)
+
+
+def preview_batch(
+    draft: Draft | None,
+    prompts_text: str,
+    layer: float,
+    strength: float,
+    max_tokens: float,
+    policy: str | None = None,
+    also_apply: list[str] | None = None,
+) -> pd.DataFrame:
+    """A list of test prompts (default: the held-out ones), naive vs steered, in one batched call."""
+    draft = require_draft(draft, vectors=True)
+    prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()] or draft.heldout
+    prompts = prompts[:MAX_BATCH_PROMPTS]
+    steered_rows = [False] * len(prompts) + [True] * len(prompts)
+    specs = [draft_spec(draft, layer, strength, rows=tuple(float(strength) if r else 0.0 for r in steered_rows))]
+    specs += _saved_specs(draft, policy, also_apply, steered_rows)
+    texts = generate(preview_model(), prompts + prompts, specs, max_new_tokens=int(max_tokens))
+    return pd.DataFrame({"prompt": prompts, "naive": texts[: len(prompts)], "steered": texts[len(prompts) :]})

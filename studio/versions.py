@@ -1,0 +1,159 @@
+"""Steps 4 and 6: save versions, compare and roll back, export and import bundles."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from db import import_bundle
+from safesteer.bundles import MAX_BUNDLE_BYTES, export_bundle, export_llama_cpp
+from safesteer.errors import SafeSteerError
+from safesteer.policy import PolicyCategory
+
+from .category import Draft, require_draft
+from .resources import author_of, plain_text, studio_model, studio_store
+
+
+def policy_names() -> list[str]:
+    return [p.name for p in studio_store().list_policies()]
+
+
+def versions_table(policy: str | None) -> pd.DataFrame:
+    columns = ["version", "author", "saved", "categories (layer, strength)", "note"]
+    if not policy or policy not in policy_names():
+        return pd.DataFrame(columns=columns)
+    return pd.DataFrame(
+        [
+            {
+                "version": v.number,
+                "author": v.author,
+                "saved": v.created_at,
+                "categories (layer, strength)": ", ".join(
+                    f"{name} ({v.operating_points[name][0]}, {v.operating_points[name][1]:g})"
+                    if name in v.operating_points
+                    else name
+                    for name in v.categories
+                ),
+                "note": v.note + (f" (restored from v{v.restored_from})" if v.restored_from else ""),
+            }
+            for v in reversed(studio_store().list_versions(policy))
+        ],
+        columns=columns,
+    )
+
+
+def save_version(
+    draft: Draft | None, policy: str, note: str, layer: float, strength: float, request: gr.Request | None = None
+) -> tuple[str, pd.DataFrame, gr.Dropdown]:
+    """Save the category into a new version of the policy (other categories of the policy are kept)."""
+    draft = require_draft(draft, vectors=True)
+    assert draft.vectors is not None
+    if not (policy or "").strip():
+        raise SafeSteerError("name the policy to save into")
+    policy = policy.strip()
+    store = studio_store()
+    category = PolicyCategory(
+        name=draft.name,
+        description=draft.description,
+        harmful=draft.harmful,
+        safe=draft.safe,
+        vectors=draft.vectors,
+        layer=int(layer),
+        strength=float(strength),
+    )
+    number = store.save_version(
+        policy, [category], author=author_of(request), note=note or "", keep_other_categories=True
+    )
+    categories = store.load_version(policy, number).categories
+    names = policy_names()
+    count = f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'}"
+    message = f"Saved **{plain_text(policy)}** version **{number}** ({count})."
+    return message, versions_table(policy), gr.Dropdown(choices=names, value=policy)
+
+
+MAX_LISTED_CHANGES = 10
+
+
+def _short(text: str, limit: int = 140) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def compare_versions(policy: str, old: float, new: float) -> str:
+    diff = studio_store().diff(policy, int(old), int(new))
+    lines = [f"### {plain_text(policy)}: version {diff.old} → version {diff.new}"]
+    for c in diff.categories:
+        lines.append(f"- **{plain_text(c.name)}**: {c.status}")
+        for label, items in (
+            ("harmful examples added", c.harmful_added),
+            ("harmful examples removed", c.harmful_removed),
+            ("safe examples added", c.safe_added),
+            ("safe examples removed", c.safe_removed),
+        ):
+            if items:
+                lines.append(f"  - {label}: {len(items)}")
+                lines += [f"    - {plain_text(_short(text))}" for text in items[:MAX_LISTED_CHANGES]]
+                if len(items) > MAX_LISTED_CHANGES:
+                    lines.append(f"    - … and {len(items) - MAX_LISTED_CHANGES} more")
+        for key, (a, b) in c.settings_changed.items():
+            lines.append(f"  - {plain_text(key)}: {plain_text(str(a))} → {plain_text(str(b))}")
+        if c.cosine_by_layer:
+            lines.append(f"  - vector similarity (cosine): lowest {min(c.cosine_by_layer):.3f} across layers")
+    return "\n".join(lines)
+
+
+def rollback(policy: str, number: float, request: gr.Request | None = None) -> tuple[str, pd.DataFrame]:
+    new = studio_store().rollback(policy, int(number), actor=author_of(request))
+    return f"Version {int(number)} is live again as version **{new}**; nothing was deleted.", versions_table(policy)
+
+
+def parse_version(text: str | float | None) -> int | None:
+    """A version number typed by a person: empty means the latest."""
+    if text is None or str(text).strip() in ("", "latest"):
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and float(text).is_integer():
+        text = str(int(text))
+    value = str(text).strip().removeprefix("v")
+    if not value.isdigit() or int(value) < 1:
+        raise SafeSteerError(f"a version is a whole number from 1 (or empty for the latest), not {str(text)!r}")
+    return int(value)
+
+
+def save_target(layer: float, strength: float) -> str:
+    """What the Save button will store, so the author sees it before saving."""
+    return f"Saves the draft category at **layer {int(layer)}, strength {float(strength):g}** (set in 3 · Preview)."
+
+
+def export_target(policy: str | None) -> str:
+    name = (policy or "").strip()
+    if not name:
+        return "No policy selected: choose or save one in **4 · Save & versions** first."
+    return f"Exports policy **{plain_text(name)}** (selected in 4 · Save & versions)."
+
+
+def export_policy(policy: str | None, version: str | None, fmt: str, request: gr.Request | None = None) -> str:
+    """Write a bundle (or llama.cpp control vector) to a temporary file for download."""
+    name = (policy or "").strip()
+    if not name:
+        raise SafeSteerError("no policy selected: choose or save one in step 4 first")
+    loaded = studio_store().load_version(name, parse_version(version))
+    folder = Path(tempfile.mkdtemp(prefix="safesteer-export-"))
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in loaded.policy) + f"-v{loaded.number}"
+    if fmt == "llama.cpp control vector (.gguf)":
+        return str(export_llama_cpp(loaded, folder / f"{stem}.gguf"))
+    return str(export_bundle(loaded, folder / f"{stem}.zip", created_by=author_of(request)))
+
+
+def import_policy(file_path: str | None, request: gr.Request | None = None) -> tuple[str, gr.Dropdown]:
+    """Validate an uploaded bundle completely, then save it as a new version."""
+    if not file_path:
+        raise SafeSteerError("choose a bundle file (.zip) to import")
+    path = Path(file_path)
+    if path.stat().st_size > MAX_BUNDLE_BYTES:
+        raise SafeSteerError(f"bundles are at most {MAX_BUNDLE_BYTES // (1024 * 1024)} MB")
+    name, number = import_bundle(
+        studio_store(), path.read_bytes(), target=studio_model().identity, actor=author_of(request)
+    )
+    return f"Imported as **{plain_text(name)}** version **{number}**.", gr.Dropdown(choices=policy_names(), value=name)
