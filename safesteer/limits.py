@@ -52,7 +52,7 @@ def check_layer(value: Any, n_layers: int | None = None) -> int:
 def check_site(value: Any) -> Site:
     if value not in SITES:
         raise SafeSteerError(f"unknown site {value!r}: use one of {', '.join(SITES)}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def max_prompt_tokens() -> int:

@@ -43,7 +43,7 @@ def _saved_specs(
     version = studio_store().load_version(policy)
     check_compatible(version.model, studio_model().identity)
     return [
-        c.steering_spec(tuple(c.strength if steered else 0.0 for steered in steered_rows))  # type: ignore[arg-type]
+        c.steering_spec(tuple(c.strength if steered else 0.0 for steered in steered_rows))
         for c in version.categories
         if c.name in names and c.name != draft.name
     ]
