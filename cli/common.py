@@ -12,11 +12,7 @@ from typing import Any
 
 from db import PolicyStore
 from safesteer import datasets
-from safesteer.models import (
-    LoadedModel,
-    generation_precision,
-    load_model,
-)
+from safesteer.models import LoadedModel, generation_precision, load_model
 from safesteer.progress import ProgressCallback
 from safesteer.prompts import read_prompt_file
 

@@ -10,10 +10,8 @@ from typing import Any
 
 from safesteer.errors import SafeSteerError
 from safesteer.generation import generate, generate_side_by_side
+from safesteer.identity import check_compatible
 from safesteer.limits import check_layer, check_strength
-from safesteer.models import (
-    check_compatible,
-)
 from safesteer.policy import PolicyCategory, check_name
 from safesteer.steering import SteeringSpec
 from safesteer.vectors import CategoryVectors, ExtractionSettings, check_prompt_counts, extract_vectors

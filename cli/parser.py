@@ -8,11 +8,10 @@ from typing import Any
 
 from safesteer.activations import TOKENS
 from safesteer.architectures import SITES
-from safesteer.models import (
-    EMBEDDED_MODEL,
-    PRECISIONS,
-)
+from safesteer.checkpoints import EMBEDDED_MODEL
+from safesteer.models import PRECISIONS
 from safesteer.vectors import METHODS
+from safesteer.workflows import DEFAULT_BENIGN, DEFAULT_HARMFUL
 
 from .common import DEFAULT_STRENGTH, default_author
 from .generation import cmd_extract, cmd_generate
@@ -153,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sweep", action="store_true", help="try a layer x strength grid and recommend a point")
     ev.add_argument("--strengths", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     ev.add_argument("--heldout", default=None, help="held-out harmful prompts (file or builtin:<area>)")
-    ev.add_argument("--prompts", type=positive_int, default=10, help="held-out harmful prompts to use")
-    ev.add_argument("--benign", type=positive_int, default=8, help="benign prompts to use")
+    ev.add_argument("--prompts", type=positive_int, default=DEFAULT_HARMFUL, help="held-out harmful prompts to use")
+    ev.add_argument("--benign", type=positive_int, default=DEFAULT_BENIGN, help="everyday prompts to use")
     ev.add_argument("--max-new-tokens", type=positive_int, default=32)
     ev.add_argument("--out", required=True, type=Path, help="folder for report.md, evaluation.json and plots")
     ev.add_argument("--json", action="store_true")

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import random
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from db import import_bundle
-from safesteer import datasets
-from safesteer.bundles import export_bundle, export_llama_cpp
+from safesteer.bundles import export_bundle
 from safesteer.errors import SafeSteerError
-from safesteer.evaluation import SweepSettings, evaluate, report_markdown, write_plots
+from safesteer.evaluation import SweepSettings, evaluate
+from safesteer.identity import check_compatible
 from safesteer.judges import load_guard
-from safesteer.models import (
-    check_compatible,
-    describe_model,
-)
+from safesteer.llama_cpp import export_llama_cpp
+from safesteer.models import describe_model
 from safesteer.policy import PolicyVersion
+from safesteer.workflows import evaluation_prompts, import_bundle, sweep_layers, write_evaluation_files
 
 from .common import ProgressBar, load_for, open_store, print_json, prompts_from_argument
 
@@ -158,20 +154,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_heldout(seed: int = 7) -> list[str]:
-    """All Do-Not-Answer prompts, shuffled per risk area and interleaved, so any prefix mixes the areas."""
-    areas = [datasets.harmful_prompts(area) for area in datasets.DONOTANSWER_AREAS]
-    areas = [random.Random(seed).sample(prompts, len(prompts)) for prompts in areas]
-    return [p for group in itertools.zip_longest(*areas) for p in group if p is not None]
-
-
-def sweep_layers(n_layers: int, around: int, count: int = 5) -> tuple[int, ...]:
-    """`count` layers spread over the middle of the model, always including `around`."""
-    low, high = max(1, round(0.25 * (n_layers - 1))), round(0.7 * (n_layers - 1))
-    spread = {round(low + i * (high - low) / max(1, count - 1)) for i in range(count)}
-    return tuple(sorted(spread | {around}))
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
 
     store = open_store(args)
@@ -179,10 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     category = version.category(args.category) if args.category else version.categories[0]
     lm = load_for(args, args.model or version.model.model_id, generating=False)  # sweeps: big batches
     check_compatible(version.model, lm.identity)
-    pool = prompts_from_argument(args.heldout) if args.heldout else default_heldout()
-    used = set(category.harmful)
-    harmful = [p for p in pool if p not in used][: args.prompts]  # never the prompts the vectors were made from
-    benign = datasets.benign_prompts(limit=args.benign, seed=11)
+    heldout = prompts_from_argument(args.heldout) if args.heldout else None
+    harmful, benign = evaluation_prompts(category, heldout, n_harmful=args.prompts, n_benign=args.benign)
     if args.sweep:
         settings = SweepSettings(
             sweep_layers(lm.identity.n_layers, category.layer), tuple(args.strengths), args.max_new_tokens
@@ -197,10 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(lm, category, harmful, benign, settings, guard, progress=bar)
     finally:
         bar.close()
-    out = Path(args.out)
-    plots = write_plots(result, out)
-    (out / "report.md").write_text(report_markdown(result, plots))
-    (out / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2))
+    files = write_evaluation_files(result, Path(args.out))
     store.add_evaluation(version.policy, version.number, "sweep", result.to_dict(), author=args.author)
     summary = {
         "policy": version.policy,
@@ -209,11 +186,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "recommended": result.recommended,
         "baseline": asdict(result.baseline),
         "at_recommended": asdict(result.cell(result.recommended["layer"], result.recommended["strength"])),
-        "report": str(out / "report.md"),
+        "report": str(files.report),
         "judges": result.judges,
     }
     if args.json:
         print_json(summary)
     else:
-        print((out / "report.md").read_text())
+        print(files.report.read_text())
     return 0

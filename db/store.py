@@ -8,21 +8,20 @@ concurrent savers get consecutive numbers and a failure part-way leaves nothing 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from safesteer.bundles import read_bundle
 from safesteer.errors import SafeSteerError
-from safesteer.models import ModelIdentity, check_made_for
 from safesteer.policy import SIDES, PolicyCategory, PolicyVersion, check_name, cosine_by_layer
 from safesteer.vectors import CategoryVectors
 
 from .audit import entry_hash, normalised
 from .engine import make_engine, migrate
+from .records import AuditCheck, AuditEntry, CategoryDiff, PolicySummary, VersionDiff, VersionSummary
 from .schema import (
     AuditRow,
     CategoryRow,
@@ -33,110 +32,6 @@ from .schema import (
     PolicyVersionRow,
     utcnow,
 )
-
-
-@dataclass(frozen=True)
-class PolicySummary:
-    name: str
-    description: str
-    archived: bool
-    versions: int
-    latest: int | None
-    created_at: str
-    created_by: str
-
-
-@dataclass(frozen=True)
-class VersionSummary:
-    number: int
-    author: str
-    created_at: str
-    note: str
-    categories: list[str]
-    restored_from: int | None
-    has_evaluation: bool
-    operating_points: dict[str, tuple[int, float]] = field(default_factory=dict)  # category -> (layer, strength)
-
-
-@dataclass(frozen=True)
-class AuditCheck:
-    """The result of recomputing the audit log's hash chain."""
-
-    ok: bool
-    entries: int
-    first_bad_id: int | None = None
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    at: str
-    actor: str
-    action: str
-    policy: str
-    version: int | None
-    detail: dict[str, Any]
-
-
-@dataclass
-class CategoryDiff:
-    name: str
-    status: str  # "added", "removed" or "changed"/"unchanged"
-    harmful_added: list[str] = field(default_factory=list)
-    harmful_removed: list[str] = field(default_factory=list)
-    safe_added: list[str] = field(default_factory=list)
-    safe_removed: list[str] = field(default_factory=list)
-    settings_changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
-    cosine_by_layer: list[float] = field(default_factory=list)
-
-
-@dataclass
-class VersionDiff:
-    policy: str
-    old: int
-    new: int
-    categories: list[CategoryDiff]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def import_bundle(
-    store: PolicyStore,
-    data: bytes,
-    target: ModelIdentity | None = None,
-    actor: str = "",
-    rename: str | None = None,
-    allow_other_model: bool = False,
-) -> tuple[str, int]:
-    """Validate a bundle fully, check it was made for the target model, then save it as a new version.
-
-    Returns (policy name, new version number). A bad bundle raises before the store is touched.
-    With `allow_other_model`, a bundle made for another model of the same shape is imported for
-    the target model: its vectors are relabelled with the target's identity (so nothing ever
-    loads the model the bundle names) and the override is recorded in the note and audit log.
-    """
-    version = read_bundle(data)
-    made_for = version.model
-    categories = version.categories
-    note = f"imported from bundle ({version.policy} v{version.number})" + (f": {version.note}" if version.note else "")
-    override = False
-    if target is not None:
-        check_made_for(made_for, target, allow_other_model=allow_other_model)
-        if (made_for.model_id, made_for.model_type) != (target.model_id, target.model_type):
-            override = True
-            categories = [replace(c, vectors=replace(c.vectors, model=target)) for c in categories]
-            note += f" [made for {made_for.describe()}; imported for {target.model_id} by explicit override]"
-    name = rename or version.policy
-    number = store.save_version(
-        name,
-        categories,
-        author=actor,
-        note=note,
-        evaluation=version.evaluation,
-        description=version.description,
-    )
-    store.record(actor, "import", name, number, bundle_model=made_for.to_dict(), model_override=override)
-    return name, number
 
 
 def _iso(value: Any) -> str:

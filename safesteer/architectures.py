@@ -2,7 +2,8 @@
 
 Steering and recording only need two things from a model: its list of decoder layers and, in
 each layer, the self-attention module. This table is the single place that knows where they
-are, so supporting a new family is one line here and nowhere else.
+are and which fast paths (CPU attention, the lean decode loop) fit a family, so supporting a new
+family is one line here and nowhere else.
 """
 
 from __future__ import annotations
@@ -20,23 +21,39 @@ SITES: tuple[Site, ...] = ("residual", "attention")
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """Dotted paths from the causal-LM object to its parts."""
+    """Everything the project knows about a model family: where its parts are, and which fast paths fit it."""
 
     decoder: str  # the base model without the LM head (used for head-free forward passes)
     layers: str  # the ModuleList of decoder layers
     attention: str  # attribute of one decoder layer holding its self-attention
+    plain_attention: bool = False  # softmax(q k^T) v over the mask, no sinks, biases or soft caps (`cpu_attention`)
+    lean_layer: str | None = None  # decoder-layer class the lean decode loop reproduces exactly (`decoding`)
+    lean_mlp: str | None = None  # its MLP class, gate/up/down with one activation
 
 
 _LLAMA_LIKE = ArchitectureSpec(decoder="model", layers="model.layers", attention="self_attn")
 
+
+def _plain(family: str) -> ArchitectureSpec:
+    """A Llama-like family whose layers are plain pre-norm blocks: every fast path applies."""
+    return ArchitectureSpec(
+        decoder="model",
+        layers="model.layers",
+        attention="self_attn",
+        plain_attention=True,
+        lean_layer=f"{family}DecoderLayer",
+        lean_mlp=f"{family}MLP",
+    )
+
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": _plain("Llama"),
+    "mistral": _plain("Mistral"),
+    "qwen2": _plain("Qwen2"),
     **{
         name: _LLAMA_LIKE
         for name in (
-            "llama",
-            "mistral",
             "mixtral",
-            "qwen2",
             "qwen2_moe",
             "qwen3",
             "qwen3_moe",
@@ -111,3 +128,8 @@ def resolve_architecture(model: nn.Module) -> ResolvedArchitecture:
     raise SafeSteerError(
         f"unsupported model architecture '{model_type}': add its layer paths to safesteer.architectures.ARCHITECTURES"
     )
+
+
+def family(model_type: str | None) -> ArchitectureSpec | None:
+    """The known facts of a model family, or None for one not in the table."""
+    return ARCHITECTURES.get(model_type or "")

@@ -26,14 +26,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load, save
 
 from . import __version__
 from .errors import SafeSteerError
 from .evaluation import Evaluation, report_markdown
-from .models import LoadedModel, ModelIdentity, check_compatible, wrap_model
+from .identity import ModelIdentity, check_compatible
+from .models import LoadedModel, wrap_model
 from .policy import SIDES, PolicyCategory, PolicyVersion
 from .steering import steer
 from .vectors import CategoryVectors
@@ -403,42 +403,3 @@ def load_bundle(path: str | Path) -> PolicyBundle:
 
 
 # --- llama.cpp --------------------------------------------------------------------------------
-
-
-def export_llama_cpp(version: PolicyVersion, path: str | Path) -> Path:
-    """Write the policy as a llama.cpp control vector (GGUF), strengths baked in.
-
-    llama.cpp adds `direction.{i}` to the output of decoder layer i, which is exactly this
-    project's residual site; categories at the same layer add up. Attention-site vectors act
-    inside a layer, which a control vector cannot express, and llama.cpp never applies a vector
-    to layer 0; both are refused rather than exported wrong.
-    """
-    import gguf  # only llama.cpp export needs it
-
-    model = version.model
-    directions: dict[int, torch.Tensor] = {}
-    for c in version.categories:
-        if c.vectors.settings.site != "residual":
-            raise SafeSteerError(
-                f"category {c.name!r} steers the attention output, which llama.cpp control vectors cannot express; "
-                "extract it with site 'residual' to export"
-            )
-        if c.layer == 0:
-            raise SafeSteerError(
-                f"category {c.name!r} steers layer 0, which llama.cpp never applies; choose layer 1 or later"
-            )
-        directions[c.layer] = directions.get(c.layer, torch.zeros(model.hidden_size)) + c.strength * c.vectors.vector(
-            c.layer
-        )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), arch="controlvector")
-    writer.add_string("controlvector.model_hint", model.model_type)
-    writer.add_uint32("controlvector.layer_count", model.n_layers)
-    for layer in sorted(directions):
-        writer.add_tensor(f"direction.{layer}", directions[layer].float().numpy().astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path

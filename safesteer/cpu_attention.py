@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architectures import family
+
 NAME = "safesteer_cpu"
-MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
-"""Families whose attention is plain scaled dot-product over the mask (no sinks, biases or soft caps)."""
 
 
 def single_query_attention(
@@ -82,7 +82,8 @@ def use_cpu_attention(model: Any) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    if getattr(config, "model_type", None) not in MODEL_TYPES:
+    spec = family(getattr(config, "model_type", None))
+    if spec is None or not spec.plain_attention:
         return False
     register()
     model.set_attn_implementation(NAME)

@@ -24,12 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_attention
+from .architectures import ARCHITECTURES, family
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
 from .steering import SteeringSpec, apply_shifts, shift_tensor, steer
 
-SUPPORTED_MODEL_TYPES = cpu_attention.MODEL_TYPES  # the same families, whose layers are plain pre-norm blocks
-_PLAIN_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})
 _GREEDY_CHANGERS = (
     "repetition_penalty",
     "no_repeat_ngram_size",
@@ -42,6 +41,8 @@ _GREEDY_CHANGERS = (
     "encoder_repetition_penalty",
 )
 
+
+LEAN_MLPS = frozenset(spec.lean_mlp for spec in ARCHITECTURES.values() if spec.lean_mlp)
 
 FAST_DEVICES = frozenset({"cpu"})
 """Devices on which `generate` picks this loop by itself (measured: see docs/benchmarks.md)."""
@@ -63,7 +64,8 @@ def fits(lm: LoadedModel) -> bool:
         return False  # the model asks generate for logits processors this loop does not apply
     if getattr(config, "_attn_implementation", None) not in ("sdpa", cpu_attention.NAME):
         return False
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+    spec = family(getattr(config, "model_type", None))
+    if spec is None or spec.lean_layer is None:
         return False
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return False
@@ -79,8 +81,7 @@ def fits(lm: LoadedModel) -> bool:
         and all(hasattr(layer, p) for p in parts)
         and all(hasattr(attention, p) for p in projections)
         and not hasattr(attention, "q_norm")
-        and type(layer).forward.__qualname__.split(".")[0]
-        in {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+        and type(layer).forward.__qualname__.split(".")[0] == spec.lean_layer
     )
 
 
@@ -167,7 +168,7 @@ def _norm(module: nn.Module) -> Linear2d:
 
 def _mlp(module: nn.Module) -> Linear2d:
     parts: list[Any] = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]
-    if any(part is None for part in parts) or type(module).__name__ not in _PLAIN_MLPS:
+    if any(part is None for part in parts) or type(module).__name__ not in LEAN_MLPS:
         return module
     gate, up, down = (_linear(p) for p in parts[:3])
     act = parts[3]

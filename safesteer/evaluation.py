@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 
 from .activations import record_activations
+from .checkpoints import default_cache_dir
 from .errors import SafeSteerError
 from .generation import generate
 from .judges import GuardJudge, describe_judges, refusal_rate
 from .metrics import next_token_divergence, perplexity, share_changed, topic_relevance
-from .models import LoadedModel, default_cache_dir
+from .models import LoadedModel
 from .policy import PolicyCategory
 from .progress import ProgressCallback, no_progress
 from .steering import SteeringSpec

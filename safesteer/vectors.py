@@ -1,7 +1,7 @@
 """Category steering vectors: computing them from activations, judging each layer, saving them.
 
 A category vector at layer l points from the category's harmful prompts toward safe prompts:
-`v[l] = mean(safe[l]) - mean(harmful[l])` (method.md, step 1). Its length is kept, so strength
+`v[l] = mean(safe[l]) - mean(harmful[l])` (docs/method.md, step 1). Its length is kept, so strength
 1.0 moves a typical harmful activation by the whole harmful-to-safe distance at that layer.
 """
 
@@ -23,7 +23,8 @@ from safetensors.torch import load, save
 from .activations import TOKENS, Token, record_activations
 from .architectures import SITES, Site
 from .errors import SafeSteerError
-from .models import LoadedModel, ModelIdentity
+from .identity import ModelIdentity
+from .models import LoadedModel
 from .progress import ProgressCallback, scaled
 
 Method = Literal["mean-diff", "pruned", "guided"]
@@ -84,7 +85,7 @@ def pruned_mean_difference(harmful: torch.Tensor, safe: torch.Tensor, settings: 
     """Keep, per layer, the harmful examples lying furthest along the harmful direction, then recompute.
 
     Examples that barely differ from safe ones add noise to the centroid; dropping them gives
-    a direction that carries the category signal more purely (method.md, step 3).
+    a direction that carries the category signal more purely (docs/method.md, step 3).
     """
     direction = mean_difference(harmful, safe, settings)  # [L, d]
     unit = direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-12)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tempfile
 import threading
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,12 +11,12 @@ from typing import Any
 
 import gradio as gr
 
-from safesteer import datasets
 from safesteer.errors import SafeSteerError
-from safesteer.evaluation import SweepSettings, evaluate, guided_vectors, report_markdown, write_plots
+from safesteer.evaluation import SweepSettings, evaluate, guided_vectors
 from safesteer.judges import load_guard
 from safesteer.metrics import review_queue, review_summary
 from safesteer.policy import PolicyCategory
+from safesteer.workflows import evaluation_prompts, write_evaluation_files
 
 from .category import Draft, require_draft
 from .extraction import separation_plot
@@ -64,12 +63,10 @@ def run_evaluation(
     category = PolicyCategory(
         draft.name, draft.harmful, draft.safe, draft.vectors, settings.layers[0], settings.strengths[0]
     )
-    benign = [p for p in datasets.benign_prompts(limit=12, seed=5) if p not in draft.safe][
-        :8
-    ] or datasets.benign_prompts(limit=8)
+    harmful, benign = evaluation_prompts(category, draft.heldout, n_harmful=None)
     stop = threading.Event()
     task = BackgroundTask(  # large batches: NF4 beats the int4 kernel there
-        lambda report: evaluate(studio_model(), category, draft.heldout, benign, settings, guard, report, stop.is_set)
+        lambda report: evaluate(studio_model(), category, harmful, benign, settings, guard, report, stop.is_set)
     )
     try:
         for line in task.lines(progress):
@@ -77,27 +74,20 @@ def run_evaluation(
     finally:
         stop.set()  # the Stop button closes this generator: let the sweep end at the next layer
     result = task.result()
-    folder = Path(tempfile.mkdtemp(prefix="safesteer-eval-"))
-    plots = write_plots(result, folder)
-    report_path = folder / "report.md"
-    report_path.write_text(report_markdown(result, plots))
-    download = folder / "report.zip"  # the report links its plots: they travel together
-    with zipfile.ZipFile(download, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in (report_path, *plots):
-            archive.write(path, Path(path).name)
+    files = write_evaluation_files(result, Path(tempfile.mkdtemp(prefix="safesteer-eval-")))
     items = review_queue(
         [s["prompt"] for s in result.samples],
         [s["naive"] for s in result.samples],
         [s["steered"] for s in result.samples],
     )
-    session = EvaluationSession(result, items, plots=[str(p) for p in plots], report_path=str(report_path))
+    session = EvaluationSession(result, items, plots=[str(p) for p in files.plots], report_path=str(files.report))
     r = result.recommended
     summary = (
         f"**Recommended: layer {r['layer']}, strength {r['strength']:g}.** {plain_text(r['rule'])}.\n\n"
         + "\n".join(f"- {plain_text(j)}" for j in [*result.judges, guard_note])
         + "\n\nNext: check the samples in the blind review below, then save the results with the policy."
     )
-    yield summary, [(p, Path(p).stem.replace("_", " ")) for p in session.plots], str(download), session
+    yield summary, [(p, Path(p).stem.replace("_", " ")) for p in session.plots], str(files.archive), session
 
 
 def review_view(session: EvaluationSession | None) -> tuple[str, str, str]:

@@ -9,9 +9,7 @@ import pandas as pd
 
 from safesteer.errors import SafeSteerError
 from safesteer.generation import generate, generate_stream
-from safesteer.models import (
-    check_compatible,
-)
+from safesteer.identity import check_compatible
 from safesteer.steering import SteeringSpec
 
 from .category import Draft, require_draft

@@ -16,6 +16,7 @@ import gradio as gr
 
 from db import PolicyStore
 from safesteer import datasets
+from safesteer.checkpoints import embedded_gguf_path
 from safesteer.errors import SafeSteerError
 from safesteer.models import (
     PRECISIONS,
@@ -23,7 +24,6 @@ from safesteer.models import (
     Precision,
     available_precision,
     default_device,
-    embedded_gguf_path,
     generation_precision,
     load_model,
 )

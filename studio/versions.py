@@ -8,10 +8,11 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from db import import_bundle
-from safesteer.bundles import MAX_BUNDLE_BYTES, export_bundle, export_llama_cpp
+from safesteer.bundles import MAX_BUNDLE_BYTES, export_bundle
 from safesteer.errors import SafeSteerError
+from safesteer.llama_cpp import export_llama_cpp
 from safesteer.policy import PolicyCategory
+from safesteer.workflows import import_bundle
 
 from .category import Draft, require_draft
 from .resources import author_of, plain_text, studio_model, studio_store

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from safesteer.models import ModelIdentity
+from safesteer.identity import ModelIdentity
 from safesteer.policy import PolicyCategory
 from safesteer.vectors import ExtractionSettings, vectors_from_activations
 

@@ -6,10 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from db import PolicyStore, import_bundle
+from db import PolicyStore
 from safesteer import SafeSteerError, SteeringSpec, generate
-from safesteer.bundles import bundle_bytes, export_llama_cpp, load_bundle, read_bundle
+from safesteer.bundles import bundle_bytes, load_bundle, read_bundle
+from safesteer.llama_cpp import export_llama_cpp
 from safesteer.policy import PolicyVersion
+from safesteer.workflows import import_bundle
 from tests.policy_factory import IDENTITY, category
 
 

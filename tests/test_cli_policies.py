@@ -183,8 +183,8 @@ def test_eval_writes_a_report_and_stores_it_with_the_version(env, capsys):
 
 
 def test_default_heldout_prompts_mix_every_risk_area():
-    from cli.policies import default_heldout
     from safesteer import datasets
+    from safesteer.workflows import default_heldout
 
     pool = default_heldout()
     first = pool[: len(datasets.DONOTANSWER_AREAS)]

@@ -64,8 +64,9 @@ def test_int4_repacks_the_gguf_4bit_codes_exactly(embedded_int4):
     """The embedded GGUF is Q4_1: repacking its dequantized weights finds the very same grid."""
     from safetensors import safe_open
 
+    from safesteer.checkpoints import EMBEDDED_MODEL
     from safesteer.int4 import GROUP_SIZE, _pack_codes
-    from safesteer.models import EMBEDDED_MODEL, _resolve_source
+    from safesteer.models import _resolve_source
     from safesteer.progress import no_progress
 
     folder = _resolve_source(EMBEDDED_MODEL, None, no_progress).location

@@ -3,6 +3,8 @@ import torch
 
 from safesteer import SafeSteerError, SteeringSpec, extract_vectors
 from safesteer.evaluation import (
+    MAX_PERPLEXITY_RATIO,
+    MIN_RELEVANCE_RATIO,
     Cell,
     Evaluation,
     SweepSettings,
@@ -59,9 +61,20 @@ def test_sweep_measures_every_cell_caches_and_reports(tiny_lm, tiny_category, tm
     assert result.baseline.benign_changed == 0.0 and result.baseline.benign_kl == 0.0
     assert all(c.perplexity > 0 and 0 <= c.benign_changed <= 1 for c in result.cells)
     assert max(c.benign_kl for c in result.cells) > 0
-    assert (result.recommended["layer"], result.recommended["strength"]) in [
-        (c.layer, c.strength) for c in result.cells
+    chosen = result.cell(result.recommended["layer"], result.recommended["strength"])
+    base = result.baseline
+    keeps = [
+        c
+        for c in result.cells
+        if c.perplexity <= MAX_PERPLEXITY_RATIO * base.perplexity
+        and c.relevance >= MIN_RELEVANCE_RATIO * base.relevance
     ]
+    if keeps:  # no guard model: the documented rule is the strongest steering that keeps quality
+        assert chosen in keeps and chosen.strength == max(c.strength for c in keeps)
+        assert "strongest steering" in result.recommended["rule"]
+    else:
+        assert chosen.perplexity == min(c.perplexity for c in result.cells)
+        assert "no cell kept quality" in result.recommended["rule"]
     assert len(result.samples) == 2
 
     again = evaluate(

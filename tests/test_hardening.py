@@ -18,12 +18,13 @@ import torch
 from sqlalchemy.exc import DBAPIError
 
 from cli import main
-from db import PolicyStore, import_bundle
+from db import PolicyStore
 from safesteer import SafeSteerError, SteeringSpec, generate
 from safesteer.bundles import bundle_bytes, read_bundle
+from safesteer.identity import ModelIdentity
 from safesteer.limits import MAX_STRENGTH, check_layer, check_strength
-from safesteer.models import ModelIdentity
 from safesteer.policy import PolicyVersion
+from safesteer.workflows import import_bundle
 from tests.policy_factory import IDENTITY, category
 from tests.test_bundles import _members, _rezip
 

@@ -2,8 +2,9 @@ import logging
 
 import pytest
 
-from safesteer import SafeSteerError, check_compatible, load_model, models
+from safesteer import SafeSteerError, check_compatible, checkpoints, load_model, models
 from safesteer.architectures import resolve_architecture
+from safesteer.identity import ModelIdentity
 
 
 def test_local_folder_loads_once_and_is_shared(tiny_folder, tiny_lm):
@@ -43,9 +44,9 @@ def test_unreachable_models_name_themselves(tmp_path):
 
 
 def test_compatibility_is_about_shapes(tiny_lm):
-    same_shape = models.ModelIdentity("another/model", None, "nf4", "llama", 4, 64)
+    same_shape = ModelIdentity("another/model", None, "nf4", "llama", 4, 64)
     check_compatible(same_shape, tiny_lm.identity)
-    other = models.ModelIdentity("big/model", None, "nf4", "llama", 30, 576)
+    other = ModelIdentity("big/model", None, "nf4", "llama", 30, 576)
     with pytest.raises(SafeSteerError, match=r"made for big/model .* cannot be applied to"):
         check_compatible(other, tiny_lm.identity)
 
@@ -60,9 +61,9 @@ def test_unknown_architectures_are_refused_clearly():
 def test_embedded_gguf_is_found_without_importing_its_package():
     import sys
 
-    path = models.embedded_gguf_path()
-    assert path.name == models.EMBEDDED_GGUF_NAME and path.stat().st_size > 50_000_000
-    assert models.EMBEDDED_PACKAGE not in sys.modules
+    path = checkpoints.embedded_gguf_path()
+    assert path.name == checkpoints.EMBEDDED_GGUF_NAME and path.stat().st_size > 50_000_000
+    assert checkpoints.EMBEDDED_PACKAGE not in sys.modules
 
 
 def test_column_head_matches_the_plain_head_and_keeps_weights_tied():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import studio
-from safesteer import datasets, generate_side_by_side
+from safesteer import SafeSteerError, datasets, generate_side_by_side
 from tests.conftest import HARMFUL, SAFE
 
 
@@ -48,13 +48,13 @@ def test_built_in_data_and_default_safe_set(app_env):
 
 
 def test_reading_problems_are_clear(app_env):
-    with pytest.raises(Exception, match="need at least 6 harmful prompts"):
+    with pytest.raises(SafeSteerError, match="need at least 6 harmful prompts"):
         studio.read_category("c", "", studio.OWN_PROMPTS, None, None, "a\nb\nc", "")
     bad = app_env / "bad.csv"
     bad.write_text("text\nhello\n")
-    with pytest.raises(Exception, match="no 'prompt' column"):
+    with pytest.raises(SafeSteerError, match="no 'prompt' column"):
         studio.read_category("c", "", studio.OWN_PROMPTS, str(bad), None, "", "")
-    with pytest.raises(Exception, match="invalid category name"):
+    with pytest.raises(SafeSteerError, match="invalid category name"):
         studio.read_category("<script>", "", studio.OWN_PROMPTS, None, None, "\n".join(HARMFUL), "")
     wrapped = studio.user_errors(studio.extract)
     with pytest.raises(gr.Error, match="start at step 1"):
@@ -207,7 +207,7 @@ def test_evaluate_review_save_and_guided(app_env):
     studio.review_label(session, "unsafe")  # past the end: nothing changes
     assert len(session.labels) == 18
 
-    with pytest.raises(Exception, match="no policy named"):
+    with pytest.raises(SafeSteerError, match="no policy named"):
         studio.save_evaluation(draft, session, "Nothing here")
     studio.save_version(draft, "Evaluated", "v1", 1, 2.0)
     assert "the sweep and your review" in studio.save_evaluation(draft, session, "Evaluated")

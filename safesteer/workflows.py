@@ -1,0 +1,145 @@
+"""User-level operations that both faces call, with one set of defaults.
+
+The app (`studio/`) and the command line (`cli/`) are thin: what "evaluate a category" or
+"import a bundle" means lives here once, so the two faces give the same result for the same
+policy and settings. A store is anything with the `VersionStore` methods (`db.PolicyStore` is
+one); the library never imports the store itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import datasets
+from .bundles import read_bundle
+from .evaluation import Evaluation, report_markdown, write_plots
+from .identity import ModelIdentity, check_made_for
+from .policy import PolicyCategory
+
+DEFAULT_HARMFUL = 10
+"""Held-out harmful prompts an evaluation answers, unless the caller gives its own held-out set."""
+DEFAULT_BENIGN = 8
+"""Everyday prompts an evaluation answers, to see what steering does to ordinary traffic."""
+HELDOUT_SEED = 7
+BENIGN_SEED = 11
+
+
+class VersionStore(Protocol):
+    """What the workflows need of a policy store."""
+
+    def save_version(
+        self,
+        policy: str,
+        categories: list[PolicyCategory],
+        author: str = "",
+        note: str = "",
+        evaluation: dict[str, Any] | None = None,
+        description: str = "",
+    ) -> int: ...
+
+    def record(self, actor: str, action: str, policy: str, version: int | None = None, **detail: Any) -> None: ...
+
+
+def import_bundle(
+    store: VersionStore,
+    data: bytes,
+    target: ModelIdentity | None = None,
+    actor: str = "",
+    rename: str | None = None,
+    allow_other_model: bool = False,
+) -> tuple[str, int]:
+    """Validate a bundle fully, check it was made for the target model, then save it as a new version.
+
+    Returns (policy name, new version number). A bad bundle raises before the store is touched.
+    With `allow_other_model`, a bundle made for another model of the same shape is imported for
+    the target model: its vectors are relabelled with the target's identity (so nothing ever
+    loads the model the bundle names) and the override is recorded in the note and audit log.
+    """
+    version = read_bundle(data)
+    made_for = version.model
+    categories = version.categories
+    note = f"imported from bundle ({version.policy} v{version.number})" + (f": {version.note}" if version.note else "")
+    override = False
+    if target is not None:
+        check_made_for(made_for, target, allow_other_model=allow_other_model)
+        if (made_for.model_id, made_for.model_type) != (target.model_id, target.model_type):
+            override = True
+            categories = [replace(c, vectors=replace(c.vectors, model=target)) for c in categories]
+            note += f" [made for {made_for.describe()}; imported for {target.model_id} by explicit override]"
+    name = rename or version.policy
+    number = store.save_version(
+        name, categories, author=actor, note=note, evaluation=version.evaluation, description=version.description
+    )
+    store.record(actor, "import", name, number, bundle_model=made_for.to_dict(), model_override=override)
+    return name, number
+
+
+def default_heldout(seed: int = HELDOUT_SEED) -> list[str]:
+    """All Do-Not-Answer prompts, shuffled per risk area and interleaved, so any prefix mixes the areas."""
+    areas = [datasets.harmful_prompts(area) for area in datasets.DONOTANSWER_AREAS]
+    areas = [random.Random(seed).sample(prompts, len(prompts)) for prompts in areas]
+    return [p for group in itertools.zip_longest(*areas) for p in group if p is not None]
+
+
+def sweep_layers(n_layers: int, around: int, count: int = 5) -> tuple[int, ...]:
+    """`count` layers spread over the middle of the model, always including `around`."""
+    low, high = max(1, round(0.25 * (n_layers - 1))), round(0.7 * (n_layers - 1))
+    spread = {round(low + i * (high - low) / max(1, count - 1)) for i in range(count)}
+    return tuple(sorted(spread | {around}))
+
+
+def evaluation_prompts(
+    category: PolicyCategory,
+    heldout: Sequence[str] | None = None,
+    n_harmful: int | None = DEFAULT_HARMFUL,
+    n_benign: int = DEFAULT_BENIGN,
+) -> tuple[list[str], list[str]]:
+    """(harmful, everyday) prompts for evaluating a category, the same for every face.
+
+    Harmful: the given held-out prompts (else Do-Not-Answer, mixed across areas), never one the
+    vectors were made from; the first `n_harmful` (None: all). Everyday: a fixed sample of the
+    project's benign prompts, avoiding the category's own safe examples where enough remain.
+    """
+    pool = list(heldout) if heldout is not None else default_heldout()
+    used = set(category.harmful)
+    harmful = [p for p in pool if p not in used]
+    if n_harmful is not None:
+        harmful = harmful[:n_harmful]
+    own = set(category.safe)
+    candidates = [p for p in datasets.benign_prompts() if p not in own]
+    if len(candidates) < n_benign:  # the category's safe side is the built-in everyday set itself
+        candidates = datasets.benign_prompts()
+    benign = random.Random(BENIGN_SEED).sample(candidates, min(n_benign, len(candidates)))
+    return harmful, benign
+
+
+@dataclass(frozen=True)
+class EvaluationFiles:
+    """What an evaluation leaves on disk: a report, its plots, the data, and all of them zipped."""
+
+    report: Path
+    plots: list[Path]
+    data: Path
+    archive: Path
+
+
+def write_evaluation_files(result: Evaluation, folder: Path) -> EvaluationFiles:
+    """Write report.md with its plots, evaluation.json, and report.zip (the report links its plots)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(result, folder)
+    report = folder / "report.md"
+    report.write_text(report_markdown(result, plots))
+    data = folder / "evaluation.json"
+    data.write_text(json.dumps(result.to_dict(), indent=2))
+    archive = folder / "report.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for path in (report, *plots):
+            bundle.write(path, path.name)
+    return EvaluationFiles(report=report, plots=plots, data=data, archive=archive)
