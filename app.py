@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 import studio
+from safesteer import workflows
 from safesteer.activations import TOKENS
 from safesteer.architectures import SITES
 from safesteer.prompts import MAX_FILE_BYTES
@@ -34,7 +35,7 @@ SITE_HELP = (
     "**residual**: the layer's whole output (portable to llama.cpp). "
     "**attention**: only the attention block's output, as in the papers."
 )
-EXPORT_FORMATS = ["Policy bundle (.zip)", "llama.cpp control vector (.gguf)"]
+EXPORT_FORMATS = [(f.label, f.key) for f in workflows.EXPORT_FORMATS.values()]  # shown label, API value
 
 
 def build_app() -> gr.Blocks:
@@ -187,7 +188,7 @@ def build_app() -> gr.Blocks:
                 export_summary = gr.Markdown(studio.export_target(None), elem_id="export-target")
                 with gr.Row():
                     export_version = gr.Textbox(label="Version", placeholder="latest", max_lines=1)
-                    export_format = gr.Radio(EXPORT_FORMATS, value=EXPORT_FORMATS[0], label="Format")
+                    export_format = gr.Radio(EXPORT_FORMATS, value="bundle", label="Format")
                 export_button = gr.Button("Export selected policy", variant="primary")
                 export_file = gr.File(label="Download", interactive=False)
                 import_file = gr.File(label="Import a policy bundle (.zip)", type="filepath", file_types=[".zip"])

@@ -11,7 +11,7 @@ from safesteer.architectures import SITES
 from safesteer.checkpoints import EMBEDDED_MODEL
 from safesteer.models import PRECISIONS
 from safesteer.vectors import METHODS
-from safesteer.workflows import DEFAULT_BENIGN, DEFAULT_HARMFUL
+from safesteer.workflows import DEFAULT_BENIGN, DEFAULT_HARMFUL, EXPORT_FORMATS
 
 from .common import DEFAULT_STRENGTH, default_author
 from .generation import cmd_extract, cmd_generate
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--policy", required=True)
     export.add_argument("--version", type=positive_int, default=None)
     export.add_argument("--out", required=True, type=Path)
-    export.add_argument("--format", choices=("bundle", "llama-cpp"), default="bundle")
+    export.add_argument("--format", choices=tuple(EXPORT_FORMATS), default="bundle")
     export.set_defaults(handler=cmd_export)
 
     ev = subcommand(commands, "eval", help="measure a saved policy's effect on safety and quality (optionally a sweep)")

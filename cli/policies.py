@@ -9,15 +9,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from safesteer.bundles import export_bundle
 from safesteer.errors import SafeSteerError
 from safesteer.evaluation import SweepSettings, evaluate
 from safesteer.identity import check_compatible
 from safesteer.judges import load_guard
-from safesteer.llama_cpp import export_llama_cpp
 from safesteer.models import describe_model
 from safesteer.policy import PolicyVersion
-from safesteer.workflows import evaluation_prompts, import_bundle, sweep_layers, write_evaluation_files
+from safesteer.workflows import evaluation_prompts, export_version, import_bundle, sweep_layers, write_evaluation_files
 
 from .common import ProgressBar, load_for, open_store, print_json, prompts_from_argument
 
@@ -127,10 +125,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
 
     version = open_store(args).load_version(args.policy, args.version)
-    if args.format == "llama-cpp":
-        path = export_llama_cpp(version, args.out)
-    else:
-        path = export_bundle(version, args.out, created_by=args.author)
+    path = export_version(version, args.out, args.format, created_by=args.author)
     print(json.dumps({"policy": version.policy, "version": version.number, "format": args.format, "out": str(path)}))
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -166,13 +165,3 @@ def load_guard(model_id: str | None) -> tuple[GuardJudge | None, str]:
         return GuardJudge(model_id), f"guard model {model_id}"
     except SafeSteerError as exc:
         return None, f"guard model unavailable ({exc}); the other metrics still ran"
-
-
-def describe_judges(guard: Any) -> list[str]:
-    return [
-        "refusal: phrase-matching baseline (GCG prefix list) on the first 160 characters",
-        "topic relevance: cosine of all-MiniLM-L6-v2 embeddings of prompt and response",
-        "coherence: perplexity of the response under the unsteered model",
-        "unsafe rate: "
-        + (f"guard model {guard.model_id}" if guard else "no guard model here; label a sample in review"),
-    ]

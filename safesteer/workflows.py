@@ -12,16 +12,18 @@ import itertools
 import json
 import random
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import datasets
-from .bundles import read_bundle
+from .bundles import export_bundle, read_bundle
+from .errors import SafeSteerError
 from .evaluation import Evaluation, report_markdown, write_plots
 from .identity import ModelIdentity, check_made_for
-from .policy import PolicyCategory
+from .llama_cpp import export_llama_cpp
+from .policy import PolicyCategory, PolicyVersion
 
 DEFAULT_HARMFUL = 10
 """Held-out harmful prompts an evaluation answers, unless the caller gives its own held-out set."""
@@ -143,3 +145,39 @@ def write_evaluation_files(result: Evaluation, folder: Path) -> EvaluationFiles:
         for path in (report, *plots):
             bundle.write(path, path.name)
     return EvaluationFiles(report=report, plots=plots, data=data, archive=archive)
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A way to hand a policy version to a deployer."""
+
+    key: str  # what the CLI's --format and the app's API take
+    label: str  # what the app shows
+    suffix: str
+    write: Callable[[PolicyVersion, Path, str], Path]
+
+
+EXPORT_FORMATS: dict[str, ExportFormat] = {
+    "bundle": ExportFormat(
+        "bundle", "Policy bundle (.zip)", ".zip", lambda version, path, who: export_bundle(version, path, who)
+    ),
+    "llama-cpp": ExportFormat(
+        "llama-cpp",
+        "llama.cpp control vector (.gguf)",
+        ".gguf",
+        lambda version, path, who: export_llama_cpp(version, path),
+    ),
+}
+
+
+def export_version(version: PolicyVersion, path: str | Path, fmt: str = "bundle", created_by: str = "") -> Path:
+    """Write `version` in one of `EXPORT_FORMATS` (the same keys for the CLI and the app)."""
+    if fmt not in EXPORT_FORMATS:
+        raise SafeSteerError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    return EXPORT_FORMATS[fmt].write(version, Path(path), created_by)
+
+
+def export_file_name(version: PolicyVersion, fmt: str) -> str:
+    """A safe file name for a download: the policy's name, its version and the format's suffix."""
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in version.policy) + f"-v{version.number}"
+    return stem + EXPORT_FORMATS[fmt].suffix

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,9 +78,7 @@ def read_category(
         )
     if len(safe) < MIN_PROMPTS_PER_SIDE:
         raise SafeSteerError(f"need at least {MIN_PROMPTS_PER_SIDE} safe prompts, got {len(safe)}{dropped}")
-    shuffled = harmful[:]
-    random.Random(0).shuffle(shuffled)
-    heldout, train = shuffled[:n_heldout], shuffled[n_heldout:]
+    train, heldout = datasets.split_heldout(harmful, n_heldout)
     draft = Draft(name=name, description=description or "", harmful=train, safe=safe, heldout=heldout, notes=notes)
     table = pd.DataFrame(
         [{"side": "harmful", "prompt": p} for p in train]

@@ -8,11 +8,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from safesteer.bundles import MAX_BUNDLE_BYTES, export_bundle
+from safesteer.bundles import MAX_BUNDLE_BYTES
 from safesteer.errors import SafeSteerError
-from safesteer.llama_cpp import export_llama_cpp
 from safesteer.policy import PolicyCategory
-from safesteer.workflows import import_bundle
+from safesteer.workflows import EXPORT_FORMATS, export_file_name, export_version, import_bundle
 
 from .category import Draft, require_draft
 from .resources import author_of, plain_text, studio_model, studio_store
@@ -141,10 +140,8 @@ def export_policy(policy: str | None, version: str | None, fmt: str, request: gr
         raise SafeSteerError("no policy selected: choose or save one in step 4 first")
     loaded = studio_store().load_version(name, parse_version(version))
     folder = Path(tempfile.mkdtemp(prefix="safesteer-export-"))
-    stem = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in loaded.policy) + f"-v{loaded.number}"
-    if fmt == "llama.cpp control vector (.gguf)":
-        return str(export_llama_cpp(loaded, folder / f"{stem}.gguf"))
-    return str(export_bundle(loaded, folder / f"{stem}.zip", created_by=author_of(request)))
+    path = folder / export_file_name(loaded, fmt) if fmt in EXPORT_FORMATS else folder / "export"
+    return str(export_version(loaded, path, fmt, created_by=author_of(request)))
 
 
 def import_policy(file_path: str | None, request: gr.Request | None = None) -> tuple[str, gr.Dropdown]:

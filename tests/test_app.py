@@ -114,7 +114,7 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
     assert header.startswith("All 8 responses reviewed") and "| naive | 100%" in table
     assert "the sweep and your review" in client.predict("Malicious uses", api_name="/save_evaluation")
 
-    bundle = client.predict("Malicious uses", 2, "Policy bundle (.zip)", api_name="/export")
+    bundle = client.predict("Malicious uses", 2, "bundle", api_name="/export")
     import zipfile
 
     with zipfile.ZipFile(bundle) as zf:

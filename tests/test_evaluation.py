@@ -21,7 +21,8 @@ from tests.conftest import HARMFUL, SAFE
 
 
 def _cell(layer, strength, ppl=3.0, changed=0.1, unsafe=None, refusal=0.0, relevance=0.5):
-    return Cell(layer, strength, refusal, relevance, ppl, changed, 0.0, unsafe)
+    measures = {"refusal_rate": refusal, "relevance": relevance, "perplexity": ppl, "benign_changed": changed}
+    return Cell(layer, strength, {**measures, "benign_kl": 0.0, "unsafe_rate": unsafe})
 
 
 def test_recommendation_rule_with_and_without_a_judge():
@@ -114,3 +115,32 @@ def test_guided_vectors_from_labels(tiny_lm):
     assert vectors.settings.method == "guided" and vectors.vectors.shape == (4, 64)
     with pytest.raises(SafeSteerError, match="at least 4 responses judged unsafe"):
         guided_vectors(tiny_lm, prompts, [True] * 2 + [False] * 14, ExtractionSettings())
+
+
+def test_evaluations_stored_with_fixed_fields_still_load():
+    old_cell = {"layer": 1, "strength": 2.0, "refusal_rate": 0.5, "relevance": 0.4, "perplexity": 3.0}
+    cell = Cell.from_dict({**old_cell, "benign_changed": 0.1, "benign_kl": 0.01, "unsafe_rate": None})
+    assert cell.perplexity == 3.0 and cell.value("relevance") == 0.4 and cell.unsafe_rate is None
+    with pytest.raises(SafeSteerError, match="no measure 'unsafe_rate'"):
+        cell.value("unsafe_rate")
+
+
+def test_a_new_measure_is_one_registration(tiny_lm, tiny_category, tmp_path, monkeypatch):
+    """Registering a measure is all it takes for the sweep, the stored result and the report to carry it."""
+    from safesteer import measures
+
+    monkeypatch.setattr(measures, "MEASURES", dict(measures.MEASURES))
+    measures.register(
+        measures.Measure(
+            "answer_words", "words per answer", False, lambda c: sum(len(a.split()) for a in c.harmful_answers) / 2
+        )
+    )
+    monkeypatch.setattr("safesteer.evaluation.MEASURES", measures.MEASURES)
+    with pytest.raises(ValueError, match="already registered"):
+        measures.register(measures.MEASURES["perplexity"])
+    settings = SweepSettings(layers=(1,), strengths=(2.0,), max_new_tokens=6)
+    result = evaluate(tiny_lm, tiny_category, HARMFUL, SAFE[:4], settings, cache_dir=tmp_path)
+    assert result.baseline.answer_words > 0 and result.cells[0].answer_words > 0
+    assert Evaluation.from_dict(result.to_dict()).cells[0].measures["answer_words"] == result.cells[0].answer_words
+    assert "words per answer" in report_markdown(result)
+    assert "heatmap_answer_words.png" in {p.name for p in write_plots(result, tmp_path / "plots")}

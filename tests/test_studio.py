@@ -101,7 +101,7 @@ def test_extract_preview_save_compare_rollback_export_import(app_env):
 def studio_formats():
     import app
 
-    return app.EXPORT_FORMATS
+    return [key for _, key in app.EXPORT_FORMATS]
 
 
 def test_hostile_import_is_a_message_and_changes_nothing(app_env):
