@@ -21,8 +21,8 @@ import torch
 from timing import summary, timed
 
 from safesteer import SteeringSpec, datasets, extract_vectors, generate, load_model
-from safesteer.bundles import export_llama_cpp
-from safesteer.models import embedded_gguf_path, prepare_gguf
+from safesteer.checkpoints import embedded_gguf_path, prepare_gguf
+from safesteer.llama_cpp import export_llama_cpp
 from safesteer.policy import PolicyCategory, PolicyVersion
 
 ROOT = Path(__file__).resolve().parent
