@@ -111,12 +111,12 @@ def source_of(area: str) -> str:
 def available_areas() -> list[str]:
     """The built-in categories whose data is installed here (a Space may lack either package)."""
     areas: list[str] = []
-    for source, names in (("donotanswer", list(DONOTANSWER_AREAS)), ("strongreject", list(STRONGREJECT))):
+    for locate, names in ((donotanswer_folder, DONOTANSWER_AREAS), (strongreject_file, STRONGREJECT)):
         try:
-            donotanswer_folder() if source == "donotanswer" else strongreject_file()
+            locate()
         except SafeSteerError:
             continue
-        areas += names
+        areas += list(names)
     return areas
 
 

@@ -170,14 +170,18 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
 }
 
 
-def export_version(version: PolicyVersion, path: str | Path, fmt: str = "bundle", created_by: str = "") -> Path:
-    """Write `version` in one of `EXPORT_FORMATS` (the same keys for the CLI and the app)."""
+def export_format(fmt: str) -> ExportFormat:
     if fmt not in EXPORT_FORMATS:
         raise SafeSteerError(f"unknown export format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
-    return EXPORT_FORMATS[fmt].write(version, Path(path), created_by)
+    return EXPORT_FORMATS[fmt]
+
+
+def export_version(version: PolicyVersion, path: str | Path, fmt: str = "bundle", created_by: str = "") -> Path:
+    """Write `version` in one of `EXPORT_FORMATS` (the same keys for the CLI and the app)."""
+    return export_format(fmt).write(version, Path(path), created_by)
 
 
 def export_file_name(version: PolicyVersion, fmt: str) -> str:
     """A safe file name for a download: the policy's name, its version and the format's suffix."""
     stem = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in version.policy) + f"-v{version.number}"
-    return stem + EXPORT_FORMATS[fmt].suffix
+    return stem + export_format(fmt).suffix

@@ -11,7 +11,7 @@ import pandas as pd
 from safesteer.bundles import MAX_BUNDLE_BYTES
 from safesteer.errors import SafeSteerError
 from safesteer.policy import PolicyCategory
-from safesteer.workflows import EXPORT_FORMATS, export_file_name, export_version, import_bundle
+from safesteer.workflows import export_file_name, export_version, import_bundle
 
 from .category import Draft, require_draft
 from .resources import author_of, plain_text, studio_model, studio_store
@@ -140,8 +140,7 @@ def export_policy(policy: str | None, version: str | None, fmt: str, request: gr
         raise SafeSteerError("no policy selected: choose or save one in step 4 first")
     loaded = studio_store().load_version(name, parse_version(version))
     folder = Path(tempfile.mkdtemp(prefix="safesteer-export-"))
-    path = folder / export_file_name(loaded, fmt) if fmt in EXPORT_FORMATS else folder / "export"
-    return str(export_version(loaded, path, fmt, created_by=author_of(request)))
+    return str(export_version(loaded, folder / export_file_name(loaded, fmt), fmt, created_by=author_of(request)))
 
 
 def import_policy(file_path: str | None, request: gr.Request | None = None) -> tuple[str, gr.Dropdown]:
