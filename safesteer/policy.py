@@ -49,7 +49,6 @@ class PolicyCategory:
         self.name = check_name("category", self.name)
         self.layer = check_layer(self.layer, self.vectors.n_layers)
         self.strength = check_strength(self.strength)
-        self.vectors.settings.validate()
 
     def steering_spec(self, strength: float | None = None) -> SteeringSpec:
         return SteeringSpec(

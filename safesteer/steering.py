@@ -43,13 +43,14 @@ class SteeringSpec:
     def __post_init__(self) -> None:
         check_layer(self.layer)
         check_site(self.site)
-        for strength in self.strengths():  # any sign: research may push either way; never NaN, inf or huge
+        given = (self.strength,) if isinstance(self.strength, (int, float)) else tuple(self.strength)
+        for strength in given:  # any sign: research may push either way; never NaN, inf or huge
             check_strength(strength, allow_negative=True)
 
     def strengths(self) -> tuple[float, ...]:
         if isinstance(self.strength, (int, float)):
             return (float(self.strength),)
-        return tuple(float(s) if isinstance(s, (int, float)) else s for s in self.strength)
+        return tuple(float(s) for s in self.strength)
 
     def is_noop(self) -> bool:
         return all(s == 0.0 for s in self.strengths())
