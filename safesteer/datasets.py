@@ -14,10 +14,12 @@ import json
 import random
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 from .errors import SafeSteerError
 
 _DATA = Path(__file__).parent / "data"
+BENIGN_SPLIT_SEED = 20251
 
 DONOTANSWER_AREAS: dict[str, str] = {
     "discrimination": "discrimination_exclusion_toxicity_hateful_offensive",
@@ -134,9 +136,40 @@ def _benign() -> tuple[str, ...]:
     return tuple(dict.fromkeys(line.strip() for line in lines if line.strip() and not line.startswith("#")))
 
 
-def benign_prompts(limit: int | None = None, seed: int = 0) -> list[str]:
-    """The project's everyday requests; with `limit`, a reproducible random sample."""
-    prompts = list(_benign())
+BenignPart = Literal["examples", "heldout", "all"]
+BENIGN_HELDOUT_SHARE = 0.2
+"""Share of the everyday prompts never offered as examples: evaluations measure drift and gate
+false positives on them, so no vector or gate built from the built-in examples has seen them."""
+
+
+def benign_prompts(limit: int | None = None, seed: int = 0, part: BenignPart = "examples") -> list[str]:
+    """The project's everyday requests; with `limit`, a reproducible random sample.
+
+    `part`: "examples" (the built-in safe side), "heldout" (for evaluations) or "all".
+    """
+    everything = list(_benign())
+    order = list(range(len(everything)))
+    random.Random(BENIGN_SPLIT_SEED).shuffle(order)
+    cut = round(len(everything) * BENIGN_HELDOUT_SHARE)
+    chosen = {"all": order, "heldout": sorted(order[:cut]), "examples": sorted(order[cut:])}[part]
+    prompts = [everything[i] for i in chosen]
+    if limit is not None and limit < len(prompts):
+        prompts = random.Random(seed).sample(prompts, limit)
+    return prompts
+
+
+@cache
+def _edgy() -> tuple[str, ...]:
+    lines = (_DATA / "edgy_benign_prompts.txt").read_text(encoding="utf-8").splitlines()
+    return tuple(dict.fromkeys(line.strip() for line in lines if line.strip() and not line.startswith("#")))
+
+
+def edgy_benign_prompts(limit: int | None = None, seed: int = 0) -> list[str]:
+    """Harmless requests that sound harmful ("kill a stuck process"): where gate false positives matter.
+
+    Never offered as examples, so they measure what a gate learnt beyond style.
+    """
+    prompts = list(_edgy())
     if limit is not None and limit < len(prompts):
         prompts = random.Random(seed).sample(prompts, limit)
     return prompts

@@ -27,7 +27,8 @@ from . import cpu_attention
 from .architectures import ARCHITECTURES, family
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
-from .steering import SteeringSpec, apply_shifts, shift_tensor, steer
+from .gates import GateReading
+from .steering import SteeringSpec, SteeringState, apply_shifts, shift_tensor, steer
 
 _GREEDY_CHANGERS = (
     "repetition_penalty",
@@ -92,13 +93,14 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 
 def _shifts(
-    specs: Sequence[SteeringSpec], dtype: torch.dtype, device: torch.device
+    state: SteeringState, rows: int, dtype: torch.dtype, device: torch.device
 ) -> dict[tuple[int, str], list[torch.Tensor]]:
-    """Per (layer, site), each spec's shift for [rows, hidden] states, exactly as the hooks add it."""
+    """Per (layer, site), each spec's shift for [rows, hidden] states, exactly as the hooks add it (gates included)."""
     shifts: dict[tuple[int, str], list[torch.Tensor]] = {}
-    for spec in specs:
-        if not spec.is_noop():
-            shift = shift_tensor(spec.vector, spec.strengths(), dtype, device, ndim=2)
+    for index, spec in enumerate(state.specs):
+        strengths = state.strengths(index, rows)
+        if any(s != 0.0 for s in strengths):
+            shift = shift_tensor(spec.vector, strengths, dtype, device, ndim=2)
             shifts.setdefault((spec.layer, spec.site), []).append(shift)
     return shifts
 
@@ -212,6 +214,7 @@ def greedy_decode(
     pad_token_id: int,
     suppress_eos: bool = False,
     streamer: Any = None,
+    gate_readings: list[GateReading] | None = None,
 ) -> torch.Tensor:
     """New token ids [rows, <= max_new_tokens] for a left-padded batch, steered by `specs`.
 
@@ -230,7 +233,7 @@ def greedy_decode(
         streamer.put(input_ids.cpu())
 
     cache = DynamicCache(config=model.config)
-    with steer(lm, specs):  # the prompt goes through the model's own forward pass and hooks
+    with steer(lm, specs) as state:  # the prompt goes through the model's own forward pass, gates and hooks
         logits = model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -244,7 +247,9 @@ def greedy_decode(
     kv = _StaticCache(cache, len(layers), prompt_length + max_new_tokens, torch.float32 if uses_cpu_attention else None)
     dtype = base.embed_tokens.weight.dtype
     device = input_ids.device
-    shifts = _shifts(specs, dtype, device)
+    shifts = _shifts(state, rows, dtype, device)
+    if gate_readings is not None:
+        gate_readings.extend(state.readings)
     plans = [_LayerPlan.of(layer) for layer in layers]
     final_norm, head = _norm(base.norm), _linear(model.lm_head)
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)

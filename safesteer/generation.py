@@ -17,6 +17,7 @@ import torch
 
 from . import decoding
 from .errors import SafeSteerError
+from .gates import GateReading
 from .limits import max_prompt_tokens
 from .models import LoadedModel
 from .steering import SteeringSpec, steer
@@ -44,6 +45,7 @@ def generate_ids(
     fixed_length: bool = False,
     streamer: Any = None,
     decoder: Decoder = "auto",
+    gate_readings: list[GateReading] | None = None,
 ) -> torch.Tensor:
     """New token ids [rows, <= max_new_tokens] of greedy chat completions, steered by `specs`.
 
@@ -51,6 +53,8 @@ def generate_ids(
     qualify (same tokens, less time) and transformers' generate elsewhere; "transformers" is
     always generate with its dynamic cache; "static" is generate with a preallocated cache;
     "lean" forces the lean loop on any device (benchmarks compare them).
+    Specs with gates steer only the rows their gate fires on; `gate_readings` receives what the
+    gates said about each row.
     """
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         raise SafeSteerError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
@@ -81,9 +85,10 @@ def generate_ids(
             pad_token_id=tokenizer.pad_token_id,
             suppress_eos=fixed_length,
             streamer=streamer,
+            gate_readings=gate_readings,
         )
     cache = {"cache_implementation": "static"} if decoder == "static" else {}
-    with steer(lm, specs), torch.inference_mode():
+    with steer(lm, specs) as state, torch.inference_mode():
         output = lm.model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -96,6 +101,8 @@ def generate_ids(
             streamer=streamer,
             **cache,
         )
+    if gate_readings is not None:
+        gate_readings.extend(state.readings)
     return output[:, batch["input_ids"].shape[1] :]
 
 
@@ -108,6 +115,7 @@ def generate(
     fixed_length: bool = False,
     streamer: Any = None,
     decoder: Decoder = "auto",
+    gate_readings: list[GateReading] | None = None,
 ) -> list[str]:
     """Greedy completions of chat prompts, one per row, with the specs applied (per-row strengths allowed).
 
@@ -125,6 +133,7 @@ def generate(
         fixed_length=fixed_length,
         streamer=streamer,
         decoder=decoder,
+        gate_readings=gate_readings,
     )
     return [text.strip() for text in lm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

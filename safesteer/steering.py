@@ -11,6 +11,12 @@ block) at every position while the block is active. Two properties matter for a 
 
 A strength can be one number or one number per batch row, so naive and steered outputs (or a
 range of strengths) come out of a single `generate` call.
+
+A spec may carry a `Gate` (`gates`): then, before each prompt pass, the block reads every gate
+from an unsteered pass over the prompt, stopped at the deepest gate layer, and the spec steers
+only the rows whose gate fired; the other rows get strength 0, which leaves them exactly
+unsteered. Reading first means the gate's layer may lie before or after the steering layer, and
+a fired row is steered exactly as the `always` mode would steer it, prompt included.
 """
 
 from __future__ import annotations
@@ -19,16 +25,19 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 
 from .architectures import Site
 from .errors import SafeSteerError
+from .gates import Gate, GateReading
 from .limits import check_layer, check_site, check_strength
 from .models import LoadedModel
 
 _ACTIVE_BLOCKS: ContextVar[frozenset[int]] = ContextVar("safesteer_active_blocks", default=frozenset())
+_READING_GATES: ContextVar[int | None] = ContextVar("safesteer_reading_gates", default=None)
+"""Set while this context runs a gate pass: steering hooks stand aside, the pass's own hooks record."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class SteeringSpec:
     layer: int
     strength: float | Sequence[float] = 1.0
     site: Site = "residual"
+    gate: Gate | None = None  # with a gate in mode "gated", only rows whose gate fires are steered
 
     def __post_init__(self) -> None:
         check_layer(self.layer)
@@ -54,6 +64,10 @@ class SteeringSpec:
 
     def is_noop(self) -> bool:
         return all(s == 0.0 for s in self.strengths())
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None and self.gate.mode == "gated"
 
 
 def shift_tensor(
@@ -82,27 +96,159 @@ def apply_shifts(hidden: torch.Tensor, shifts: Sequence[torch.Tensor]) -> torch.
     return hidden
 
 
-def _shift_hook(block: int, vector: torch.Tensor, strengths: tuple[float, ...]):
-    cache: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+class _StopPass(Exception):
+    """Ends a gate pass once the deepest gate layer has been read: later layers are not needed."""
+
+
+def _last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Position of each row's last real token, for left or right padding."""
+    width = mask.shape[1]
+    return width - 1 - mask.long().flip(1).argmax(1)
+
+
+def read_gate_features(
+    lm: LoadedModel,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    gates: Sequence[Gate],
+    inputs_embeds: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Each gate's features `[rows, hidden]` from one unsteered pass over the prompt, stopped early.
+
+    The pass runs the decoder without its LM head up to the deepest gate layer only, with
+    steering hooks of this context standing aside, so gates see what they were trained on.
+    """
+    source = input_ids if input_ids is not None else inputs_embeds
+    if source is None:
+        raise SafeSteerError("a gate needs the prompt's input ids or embeddings")
+    rows, width = source.shape[0], source.shape[1]
+    device = source.device
+    mask = attention_mask if attention_mask is not None else torch.ones(rows, width, dtype=torch.long, device=device)
+    mask = mask.to(device)
+    wanted = {(g.layer, g.site) for g in gates}
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    last = _last_index(mask)
+    token = object()
+
+    def capture(key: tuple[int, str]):
+        def hook(module: torch.nn.Module, args: object, output: object) -> None:
+            if _READING_GATES.get() != id(token):
+                return  # another caller's pass
+            hidden = cast(torch.Tensor, output[0] if isinstance(output, tuple) else output)
+            captured[key] = hidden
+            if len(captured) == len(wanted):
+                raise _StopPass
+
+        return hook
+
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with ExitStack() as stack, torch.inference_mode():
+        for key in wanted:
+            handle = lm.architecture.module(key[0], cast(Site, key[1])).register_forward_hook(capture(key))
+            stack.callback(handle.remove)
+        reset = _READING_GATES.set(id(token))
+        try:
+            lm.architecture.decoder(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds if input_ids is None else None,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+            )
+        except _StopPass:
+            pass
+        finally:
+            _READING_GATES.reset(reset)
+        features = []
+        for gate in gates:
+            hidden = captured[(gate.layer, gate.site)].float()
+            if gate.token == "last":
+                features.append(hidden[torch.arange(rows, device=hidden.device), last.to(hidden.device)])
+            else:
+                weights = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+                features.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
+    return features
+
+
+class SteeringState:
+    """One `steer` block: which rows each gated spec steers, as decided at the latest prompt pass."""
+
+    def __init__(self, specs: Sequence[SteeringSpec]) -> None:
+        self.specs = tuple(specs)
+        self.gated = [i for i, spec in enumerate(self.specs) if spec.gated and not spec.is_noop()]
+        self.fired: list[list[bool]] | None = None  # [rows][k] for the k-th gated spec
+        self.readings: list[GateReading] = []
+        self.generation = 0  # bumped at every decision, so cached shifts are rebuilt
+
+    def decide(self, lm: LoadedModel, input_ids: Any, attention_mask: Any, inputs_embeds: Any = None) -> None:
+        gates = [cast(Gate, self.specs[i].gate) for i in self.gated]
+        features = read_gate_features(lm, input_ids, attention_mask, gates, inputs_embeds)
+        scores = torch.stack([gate.score(f).cpu() for gate, f in zip(gates, features, strict=True)], dim=1)
+        fired = torch.stack([gate.fires(scores[:, k]) for k, gate in enumerate(gates)], dim=1)
+        self.fired = fired.tolist()
+        self.readings.append(GateReading(scores=scores.tolist(), fired=self.fired))
+        self.generation += 1
+
+    def strengths(self, index: int, rows: int) -> tuple[float, ...]:
+        """Spec `index`'s strength per row (or one for all), zero for rows its gate did not fire on."""
+        spec = self.specs[index]
+        given = spec.strengths()
+        if index not in self.gated:
+            return given
+        if self.fired is None or len(self.fired) != rows:
+            raise SafeSteerError("a gated steering vector was applied before its gate was read for this batch")
+        k = self.gated.index(index)
+        per_row = given * rows if len(given) == 1 else given
+        return tuple(s if fired[k] else 0.0 for s, fired in zip(per_row, self.fired, strict=True))
+
+
+def _shift_hook(block: int, index: int, state: SteeringState):
+    cache: dict[tuple[torch.dtype, torch.device, int, int], torch.Tensor | None] = {}
+    spec = state.specs[index]
 
     def hook(module: torch.nn.Module, args: object, output: object) -> object:
-        if block not in _ACTIVE_BLOCKS.get():
-            return None  # another caller's forward pass: leave it untouched
+        if block not in _ACTIVE_BLOCKS.get() or _READING_GATES.get() is not None:
+            return None  # another caller's forward pass, or a gate pass: leave it untouched
         hidden = cast(torch.Tensor, output[0] if isinstance(output, tuple) else output)
-        if len(strengths) not in (1, hidden.shape[0]):
-            raise SafeSteerError(f"{len(strengths)} strengths given for a batch of {hidden.shape[0]} rows")
-        key = (hidden.dtype, hidden.device, hidden.dim())
+        if len(spec.strengths()) not in (1, hidden.shape[0]):
+            raise SafeSteerError(f"{len(spec.strengths())} strengths given for a batch of {hidden.shape[0]} rows")
+        key = (hidden.dtype, hidden.device, hidden.dim(), state.generation)
         if key not in cache:
-            cache[key] = shift_tensor(vector, strengths, hidden.dtype, hidden.device, hidden.dim())
-        shifted = apply_shifts(hidden, (cache[key],))
+            cache.clear()
+            strengths = state.strengths(index, hidden.shape[0])
+            none = all(s == 0.0 for s in strengths)
+            cache[key] = None if none else shift_tensor(spec.vector, strengths, hidden.dtype, hidden.device, hidden.dim())
+        shift = cache[key]
+        if shift is None:
+            return None  # no row of this batch is steered by this spec
+        shifted = apply_shifts(hidden, (shift,))
         return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
     return hook
 
 
+def _gate_hook(block: int, lm: LoadedModel, state: SteeringState):
+    """Before each prompt pass of the model (not decode steps), read the gates for its rows."""
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if block not in _ACTIVE_BLOCKS.get() or _READING_GATES.get() is not None:
+            return None
+        past = kwargs.get("past_key_values")
+        if past is not None and past.get_seq_length() > 0:
+            return None  # a decode step: the decision made at the prompt pass holds
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        state.decide(lm, input_ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"))
+        return None
+
+    return hook
+
+
 @contextmanager
-def steer(lm: LoadedModel, specs: Sequence[SteeringSpec]) -> Iterator[None]:
-    """Apply the specs to `lm` inside the block, for the calling thread only; always clean up."""
+def steer(lm: LoadedModel, specs: Sequence[SteeringSpec]) -> Iterator[SteeringState]:
+    """Apply the specs to `lm` inside the block, for the calling thread only; always clean up.
+
+    The block yields its `SteeringState`: the gates' readings of every prompt pass inside it.
+    """
     hidden = lm.identity.hidden_size
     for spec in specs:
         if tuple(spec.vector.shape) != (hidden,):
@@ -110,17 +256,25 @@ def steer(lm: LoadedModel, specs: Sequence[SteeringSpec]) -> Iterator[None]:
                 f"a steering vector of shape {tuple(spec.vector.shape)} does not fit this model (hidden size {hidden})"
             )
         lm.architecture.module(spec.layer, spec.site)  # validates layer and site before anything is installed
+        if spec.gate is not None:
+            if spec.gate.hidden_size != hidden:
+                raise SafeSteerError(f"a gate of hidden size {spec.gate.hidden_size} does not fit this model ({hidden})")
+            lm.architecture.module(spec.gate.layer, spec.gate.site)
+    state = SteeringState(specs)
     token = object()
     block = id(token)
     with ExitStack() as stack:
-        for spec in specs:
+        if state.gated:
+            handle = lm.model.register_forward_pre_hook(_gate_hook(block, lm, state), with_kwargs=True)
+            stack.callback(handle.remove)
+        for index, spec in enumerate(specs):
             if spec.is_noop():
                 continue  # strength 0 everywhere: no hook, so output is exactly the unsteered one
             module = lm.architecture.module(spec.layer, spec.site)
-            handle = module.register_forward_hook(_shift_hook(block, spec.vector, spec.strengths()))
+            handle = module.register_forward_hook(_shift_hook(block, index, state))
             stack.callback(handle.remove)
         reset = _ACTIVE_BLOCKS.set(_ACTIVE_BLOCKS.get() | {block})
         try:
-            yield
+            yield state
         finally:
             _ACTIVE_BLOCKS.reset(reset)

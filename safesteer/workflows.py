@@ -107,7 +107,7 @@ def evaluation_prompts(
 
     Harmful: the given held-out prompts (else Do-Not-Answer, mixed across areas), never one the
     vectors were made from; the first `n_harmful` (None: all). Everyday: a fixed sample of the
-    project's benign prompts, avoiding the category's own safe examples where enough remain.
+    project's held-out everyday prompts (never offered as examples), minus the category's own safe examples.
     """
     pool = list(heldout) if heldout is not None else default_heldout()
     used = set(category.harmful)
@@ -115,9 +115,7 @@ def evaluation_prompts(
     if n_harmful is not None:
         harmful = harmful[:n_harmful]
     own = set(category.safe)
-    candidates = [p for p in datasets.benign_prompts() if p not in own]
-    if len(candidates) < n_benign:  # the category's safe side is the built-in everyday set itself
-        candidates = datasets.benign_prompts()
+    candidates = [p for p in datasets.benign_prompts(part="heldout") if p not in own]
     benign = random.Random(BENIGN_SEED).sample(candidates, min(n_benign, len(candidates)))
     return harmful, benign
 

@@ -7,7 +7,7 @@ import torch
 
 from safesteer import SteeringSpec, cpu_attention, generate, load_model
 from safesteer.decoding import supports
-from safesteer.generation import generate_stream
+from safesteer.generation import generate_ids, generate_stream
 from safesteer.int4 import int4_problem
 from safesteer.models import wrap_model
 from tests.conftest import HARMFUL, SAFE
@@ -91,7 +91,7 @@ def test_models_the_loop_does_not_reproduce_use_transformers(tiny_lm):
 def test_rows_that_end_early_are_padded_like_transformers(lm):
     """Make a token the model is about to say count as end-of-text, so rows finish at different steps."""
     prompts = SAFE[:3]
-    ids = lm.tokenizer(generate(lm, prompts[1:2], max_new_tokens=4)[0], add_special_tokens=False)["input_ids"]
+    ids = generate_ids(lm, prompts[1:2], max_new_tokens=4)[0].tolist()  # the very tokens it says, not a re-encoding
     stopping = copy.copy(lm)
     stopping.model = copy.copy(lm.model)  # shares the weights; only the generation config differs
     stopping.model.generation_config = copy.deepcopy(lm.model.generation_config)

@@ -1,0 +1,347 @@
+"""Gates: a per-category classifier that decides which requests a category's vector steers.
+
+A category rule must not tax the traffic it is not about. The activations recorded for
+extraction already tell a category's prompts apart from everyday ones, so each category gets a
+small logistic-regression probe on one layer's activations (the same site and token the vectors
+were made from), trained with no extra model pass:
+
+- positives: the category's harmful prompts; negatives: its safe prompts and, when the policy
+  has other categories, their harmful prompts (so categories stay distinct);
+- each group is split three ways: *train* fits the probe at every layer, *calibration* picks
+  the layer (best AUROC, earliest among near-ties: an early gate is cheaper to read) and the
+  threshold (the author's false-positive rate on safe prompts), *test* is only measured, and
+  those figures are stored with the gate. Nothing is tuned on the prompts it is reported on.
+
+At inference `steering` reads the gate from an unsteered pass over the prompt and steers only
+the rows whose gate fires (docs/gates.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load, save
+
+from .activations import TOKENS, Token
+from .architectures import SITES, Site
+from .errors import SafeSteerError
+
+GateMode = Literal["gated", "always"]
+GATE_MODES: tuple[GateMode, ...] = ("gated", "always")
+DEFAULT_FPR = 0.05
+FORMAT_VERSION = 1
+NEAR_TIE = 0.005  # calibration AUROCs this close count as equal; the earlier layer wins
+PENALTY = 1e-2  # L2 on standardised weights: there are far fewer prompts than hidden dimensions
+SPLIT = (0.6, 0.2, 0.2)  # train, calibration, test
+
+
+def check_fpr(fpr: float) -> float:
+    if not (isinstance(fpr, (int, float)) and math.isfinite(fpr) and 0.0 < fpr < 1.0):
+        raise SafeSteerError(f"the gate's false-positive rate must be between 0 and 1 (exclusive), got {fpr!r}")
+    return float(fpr)
+
+
+def check_mode(mode: str) -> GateMode:
+    if mode not in GATE_MODES:
+        raise SafeSteerError(f"unknown gate mode {mode!r}: use one of {', '.join(GATE_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class GateRates:
+    """How often a gate fires on held-out prompts of each group, at one threshold."""
+
+    catch_rate: float  # held-out harmful prompts of the category
+    false_positive_rate: float  # held-out safe prompts
+    other_categories_rate: float | None  # held-out harmful prompts of the policy's other categories
+    n_harmful: int
+    n_safe: int
+    n_other: int
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A trained, calibrated gate: `score(x) = w . (x - center) / scale + bias`, fires when score >= threshold."""
+
+    layer: int
+    site: Site
+    token: Token
+    center: torch.Tensor  # [hidden]
+    scale: torch.Tensor  # [hidden]
+    weights: torch.Tensor  # [hidden]
+    bias: float
+    threshold: float
+    target_fpr: float = DEFAULT_FPR
+    mode: GateMode = "gated"
+    auroc: float = float("nan")  # held-out (test split) AUROC, harmful vs everything else
+    scores: dict[str, list[float]] = field(default_factory=dict)  # held-out scores by group, for plots and rates
+    layer_auroc: list[float] = field(default_factory=list)  # calibration AUROC per layer: why this layer
+
+    def __post_init__(self) -> None:
+        if self.site not in SITES or self.token not in TOKENS:
+            raise SafeSteerError(f"gate site {self.site!r} / token {self.token!r} is not known")
+        check_mode(self.mode)
+        check_fpr(self.target_fpr)
+        if self.layer < 0 or isinstance(self.layer, bool):
+            raise SafeSteerError(f"gate layer {self.layer!r} must be a whole number of at least 0")
+        shapes = {tuple(t.shape) for t in (self.center, self.scale, self.weights)}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            raise SafeSteerError("a gate's center, scale and weights must be vectors of one length")
+        for t in (self.center, self.scale, self.weights):
+            if not torch.isfinite(t).all():
+                raise SafeSteerError("a gate has non-finite parameters")
+        if not (math.isfinite(self.bias) and math.isfinite(self.threshold)):
+            raise SafeSteerError("a gate's bias and threshold must be finite numbers")
+        if not bool((self.scale > 0).all()):
+            raise SafeSteerError("a gate's scale must be positive")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weights.shape[0])
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores of `[rows, hidden]` features (any device and dtype) as float32 `[rows]`."""
+        device = features.device
+        x = (features.float() - self.center.to(device)) / self.scale.to(device)
+        return x @ self.weights.to(device) + self.bias
+
+    def fires(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores >= self.threshold
+
+    def rates(self, threshold: float | None = None) -> GateRates:
+        """Held-out firing rates at `threshold` (default: the gate's own)."""
+        t = self.threshold if threshold is None else threshold
+
+        def rate(group: str) -> float | None:
+            values = self.scores.get(group) or []
+            return sum(v >= t for v in values) / len(values) if values else None
+
+        return GateRates(
+            catch_rate=rate("harmful") or 0.0,
+            false_positive_rate=rate("safe") or 0.0,
+            other_categories_rate=rate("other"),
+            n_harmful=len(self.scores.get("harmful", [])),
+            n_safe=len(self.scores.get("safe", [])),
+            n_other=len(self.scores.get("other", [])),
+        )
+
+    def with_threshold(self, threshold: float) -> Gate:
+        if not math.isfinite(threshold):
+            raise SafeSteerError("a gate threshold must be a finite number")
+        return replace(self, threshold=float(threshold))
+
+    def with_fpr(self, fpr: float) -> Gate:
+        """The same probe, its threshold recalibrated to another false-positive rate on calibration prompts."""
+        calibration = self.scores.get("calibration_safe") or self.scores.get("safe") or []
+        return replace(self, threshold=threshold_for(calibration, check_fpr(fpr)), target_fpr=float(fpr))
+
+    def with_mode(self, mode: str) -> Gate:
+        return replace(self, mode=check_mode(mode))
+
+    def summary(self) -> dict[str, Any]:
+        """What people and scripts see: where it reads, its operating point, its held-out rates."""
+        return {
+            "mode": self.mode,
+            "layer": self.layer,
+            "threshold": round(self.threshold, 4),
+            "target_fpr": self.target_fpr,
+            "auroc": round(self.auroc, 4),
+            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self.rates()).items()},
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "layer": self.layer,
+            "site": self.site,
+            "token": self.token,
+            "bias": self.bias,
+            "threshold": self.threshold,
+            "target_fpr": self.target_fpr,
+            "mode": self.mode,
+            "auroc": self.auroc if math.isfinite(self.auroc) else None,
+            "scores": self.scores,
+            "layer_auroc": self.layer_auroc,
+        }
+
+    def to_bytes(self) -> bytes:
+        """One safetensors blob; settings and held-out scores ride in its header as JSON."""
+        tensors = {"center": self.center, "scale": self.scale, "weights": self.weights}
+        return save(
+            {k: v.contiguous().float() for k, v in tensors.items()}, metadata={"gate": json.dumps(self.metadata())}
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "data") -> Gate:
+        try:
+            tensors = load(data)
+            header_length = int.from_bytes(data[:8], "little")
+            metadata = json.loads(json.loads(data[8 : 8 + header_length])["__metadata__"]["gate"])
+        except Exception as exc:
+            raise SafeSteerError(f"{source} is not a SafeSteer gate ({type(exc).__name__})") from exc
+        return cls.from_parts(tensors, metadata, source)
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], source: str = "data") -> Gate:
+        if int(metadata.get("format_version", 0)) > FORMAT_VERSION:
+            raise SafeSteerError(f"{source}: this gate was written by a newer SafeSteer; upgrade to read it")
+        try:
+            scores = {str(k): [float(v) for v in values] for k, values in dict(metadata.get("scores", {})).items()}
+            auroc_value = metadata.get("auroc")
+            return cls(
+                layer=int(metadata["layer"]),
+                site=metadata["site"],
+                token=metadata["token"],
+                center=tensors["center"].float(),
+                scale=tensors["scale"].float(),
+                weights=tensors["weights"].float(),
+                bias=float(metadata["bias"]),
+                threshold=float(metadata["threshold"]),
+                target_fpr=float(metadata.get("target_fpr", DEFAULT_FPR)),
+                mode=metadata.get("mode", "gated"),
+                auroc=float("nan") if auroc_value is None else float(auroc_value),
+                scores=scores,
+                layer_auroc=[float(v) for v in metadata.get("layer_auroc", [])],
+            )
+        except SafeSteerError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SafeSteerError(f"{source}: the gate is incomplete ({type(exc).__name__}: {exc})") from exc
+
+
+@dataclass(frozen=True)
+class GateReading:
+    """What the gates said about each row of one batch: `scores[row][k]` and `fired[row][k]` per gated spec k."""
+
+    scores: list[list[float]]
+    fired: list[list[bool]]
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def threshold_for(safe_scores: Sequence[float], fpr: float) -> float:
+    """The lowest threshold at which at most `fpr` of these safe scores fire (a gate fires at score >= threshold)."""
+    if not safe_scores:
+        return 0.0
+    ordered = sorted(safe_scores, reverse=True)
+    allowed = math.floor(fpr * len(ordered) + 1e-9)  # how many may fire
+    if allowed >= len(ordered):
+        return ordered[-1]
+    return math.nextafter(ordered[allowed], math.inf)
+
+
+def _auroc(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """AUROC per column of `[p, L]` vs `[n, L]` scores (ties count half)."""
+    greater = (positive.unsqueeze(1) > negative.unsqueeze(0)).float().mean((0, 1))
+    ties = (positive.unsqueeze(1) == negative.unsqueeze(0)).float().mean((0, 1))
+    return greater + 0.5 * ties
+
+
+def _three_way(n: int, rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+    indices = list(range(n))
+    rng.shuffle(indices)
+    n_test = max(1, round(n * SPLIT[2]))
+    n_cal = max(1, round(n * SPLIT[1]))
+    return indices[n_test + n_cal :], indices[n_test : n_test + n_cal], indices[:n_test]
+
+
+def _fit_all_layers(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, penalty: float) -> tuple[torch.Tensor, ...]:
+    """Weighted, L2-penalised logistic regression at every layer at once.
+
+    x `[n, L, d]`, y `[n]` in {0, 1}, weight `[n]` summing to 1 -> center, scale `[L, d]`, w `[L, d]`, b `[L]`.
+    The layers' problems are independent, so one L-BFGS run over all of them solves each.
+    """
+    center = x.mean(0)
+    scale = x.std(0, unbiased=False).clamp(min=1e-4)
+    z = ((x - center) / scale).transpose(0, 1).contiguous()  # [L, n, d]
+    n_layers, _, hidden = z.shape
+    w = torch.zeros(n_layers, hidden, requires_grad=True)
+    b = torch.zeros(n_layers, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = torch.einsum("lnd,ld->ln", z, w) + b[:, None]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, y.expand_as(logits), weight=weight.expand_as(logits), reduction="sum"
+        )
+        loss = loss + penalty * 0.5 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return center, scale, w.detach(), b.detach()
+
+
+def train_gate(
+    harmful: torch.Tensor,
+    safe: torch.Tensor,
+    others: torch.Tensor | None = None,
+    *,
+    site: Site = "residual",
+    token: Token = "last",
+    target_fpr: float = DEFAULT_FPR,
+    seed: int = 0,
+    mode: GateMode = "gated",
+) -> Gate:
+    """Train and calibrate a category's gate from recorded activations `[n, L, d]` (others may be empty)."""
+    check_fpr(target_fpr)
+    others = others if others is not None and others.shape[0] >= 3 else None
+    for name, group, least in (("harmful", harmful, 3), ("safe", safe, 3)):
+        if group.shape[0] < least:
+            raise SafeSteerError(f"a gate needs at least {least} {name} prompts, got {group.shape[0]}")
+    rng = random.Random(seed)
+    groups = {"harmful": harmful, "safe": safe, **({"other": others} if others is not None else {})}
+    splits = {name: _three_way(int(acts.shape[0]), rng) for name, acts in groups.items()}
+
+    def part(index: int) -> dict[str, torch.Tensor]:
+        return {name: groups[name][splits[name][index]].float() for name in groups}
+
+    train, calibration, test = part(0), part(1), part(2)
+    negatives = [train[name] for name in ("safe", "other") if name in train]
+    x = torch.cat([train["harmful"], *negatives])
+    y = torch.cat([torch.ones(train["harmful"].shape[0]), torch.zeros(sum(n.shape[0] for n in negatives))])
+    # Each side weighs half; among negatives, safe prompts and other categories weigh alike.
+    weight = [torch.full((train["harmful"].shape[0],), 0.5 / train["harmful"].shape[0])]
+    for negative in negatives:
+        weight.append(torch.full((negative.shape[0],), 0.5 / len(negatives) / negative.shape[0]))
+    center, scale, w, b = _fit_all_layers(x, y, torch.cat(weight), PENALTY)
+
+    def scores(acts: torch.Tensor) -> torch.Tensor:  # [n, L]
+        return torch.einsum("nld,ld->nl", (acts - center) / scale, w) + b
+
+    cal_negative = torch.cat([scores(calibration[n]) for n in ("safe", "other") if n in calibration])
+    layer_auroc = _auroc(scores(calibration["harmful"]), cal_negative)
+    best = float(layer_auroc.max())
+    layer = int(next(i for i, a in enumerate(layer_auroc.tolist()) if a >= best - NEAR_TIE))
+
+    def at_layer(acts: torch.Tensor) -> list[float]:
+        return scores(acts)[:, layer].tolist()
+
+    calibration_safe = at_layer(calibration["safe"])
+    held_out = {name: at_layer(acts) for name, acts in test.items()}
+    test_negative = [v for name in ("safe", "other") for v in held_out.get(name, [])]
+    test_auroc = float(_auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(test_negative)[:, None])[0])
+    return Gate(
+        layer=layer,
+        site=site,
+        token=token,
+        center=center[layer].clone(),
+        scale=scale[layer].clone(),
+        weights=w[layer].clone(),
+        bias=float(b[layer]),
+        threshold=threshold_for(calibration_safe, target_fpr),
+        target_fpr=target_fpr,
+        mode=mode,
+        auroc=test_auroc,
+        scores={**held_out, "calibration_safe": calibration_safe},
+        layer_auroc=[round(float(a), 4) for a in layer_auroc],
+    )

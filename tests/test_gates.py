@@ -1,0 +1,173 @@
+"""Gates: training and calibration, and gated steering per batch row on the tiny model."""
+
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+from safesteer import SafeSteerError, SteeringSpec, generate, steer
+from safesteer.activations import record_activations
+from safesteer.gates import Gate, GateReading, threshold_for, train_gate
+from safesteer.generation import generate_ids
+from safesteer.steering import read_gate_features
+from tests.conftest import HARMFUL, SAFE
+
+TOKENS = 16
+
+
+def _vector(lm, seed=1, scale=4.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(lm.identity.hidden_size, generator=g) * scale
+
+
+def _gate_for(lm, fire_on: str, quiet_on: str, layer: int, mode="gated") -> Gate:
+    """A hand-made gate at `layer` that fires on `fire_on` and not on `quiet_on` (a line between their features)."""
+    probe = Gate(
+        layer=layer,
+        site="residual",
+        token="last",
+        center=torch.zeros(lm.identity.hidden_size),
+        scale=torch.ones(lm.identity.hidden_size),
+        weights=torch.ones(lm.identity.hidden_size),
+        bias=0.0,
+        threshold=0.0,
+    )
+    batch = lm.encode([fire_on, quiet_on])
+    yes, no = read_gate_features(lm, batch["input_ids"], batch["attention_mask"], [probe, probe])[0]
+    direction = yes - no
+    middle = float(direction @ (yes + no) / 2)
+    return replace(probe, weights=direction, bias=-middle, mode=mode)
+
+
+def test_threshold_allows_at_most_the_requested_false_positive_rate():
+    scores = [float(i) for i in range(100)]
+    for fpr in (0.01, 0.05, 0.2, 0.5):
+        t = threshold_for(scores, fpr)
+        assert sum(s >= t for s in scores) <= fpr * len(scores)
+        assert sum(s >= t for s in scores) == int(fpr * len(scores))  # and not stricter than asked
+
+
+def test_gate_training_and_calibration_on_the_tiny_model(tiny_lm):
+    harmful = record_activations(tiny_lm, HARMFUL * 3)
+    safe = record_activations(tiny_lm, SAFE * 3)
+    gate = train_gate(harmful, safe, target_fpr=0.1, seed=3)
+    assert 0 <= gate.layer < tiny_lm.architecture.n_layers
+    assert len(gate.layer_auroc) == tiny_lm.architecture.n_layers
+    rates = gate.rates()
+    assert rates.n_harmful > 0 and rates.n_safe > 0 and rates.other_categories_rate is None
+    calibration = gate.scores["calibration_safe"]
+    assert sum(s >= gate.threshold for s in calibration) <= 0.1 * len(calibration)
+    # The stored scores are the probe's own: scoring the held-out features again gives them back.
+    scored = gate.score(safe[:, gate.layer])
+    assert set(round(v, 3) for v in gate.scores["safe"]) <= set(round(v, 3) for v in scored.tolist())
+    copy = Gate.from_bytes(gate.to_bytes())
+    assert torch.equal(copy.weights, gate.weights) and copy.threshold == gate.threshold
+    assert copy.rates() == rates and copy.summary() == gate.summary()
+    looser = gate.with_fpr(0.5)
+    assert looser.threshold <= gate.threshold and looser.target_fpr == 0.5
+
+
+def test_other_categories_are_negatives_and_measured(tiny_lm):
+    harmful = record_activations(tiny_lm, HARMFUL * 2)
+    safe = record_activations(tiny_lm, SAFE * 2)
+    others = record_activations(tiny_lm, [p.upper() for p in HARMFUL])
+    gate = train_gate(harmful, safe, others)
+    assert gate.rates().other_categories_rate is not None and gate.rates().n_other >= 1
+
+
+@pytest.mark.parametrize(
+    "harmful,safe,fpr,message",
+    [(2, 8, 0.05, "at least 3 harmful"), (8, 2, 0.05, "at least 3 safe"), (8, 8, 0.0, "between 0 and 1")],
+)
+def test_gate_training_refuses_what_it_cannot_calibrate(tiny_lm, harmful, safe, fpr, message):
+    acts = record_activations(tiny_lm, HARMFUL)
+    with pytest.raises(SafeSteerError, match=message):
+        train_gate(acts[:harmful], acts[:safe], target_fpr=fpr)
+
+
+def test_a_tampered_gate_is_refused():
+    gate = Gate(3, "residual", "last", torch.zeros(4), torch.ones(4), torch.ones(4), 0.0, 0.0)
+    with pytest.raises(SafeSteerError, match="non-finite"):
+        replace(gate, weights=torch.tensor([1.0, float("nan"), 0.0, 0.0]))
+    with pytest.raises(SafeSteerError, match="mode"):
+        gate.with_mode("sometimes")
+    with pytest.raises(SafeSteerError, match="not a SafeSteer gate"):
+        Gate.from_bytes(b"garbage")
+
+
+@pytest.mark.parametrize("decoder", ["transformers", "lean"])
+@pytest.mark.parametrize("gate_layer,steer_layer", [(1, 2), (3, 1)])
+def test_gated_and_ungated_rows_in_one_batch(tiny_lm, decoder, gate_layer, steer_layer):
+    """A row whose gate is quiet is exactly unsteered; a row whose gate fires is exactly `always`-steered."""
+    inside, outside = HARMFUL[2], SAFE[0]
+    gate = _gate_for(tiny_lm, inside, outside, gate_layer)
+    always = SteeringSpec(_vector(tiny_lm), layer=steer_layer, strength=3.0)
+    gated = replace(always, gate=gate)
+    plain = generate(tiny_lm, [outside], max_new_tokens=TOKENS, decoder=decoder)[0]
+    steered = generate(tiny_lm, [inside], [always], max_new_tokens=TOKENS, decoder=decoder)[0]
+    assert steered != generate(tiny_lm, [inside], max_new_tokens=TOKENS, decoder=decoder)[0]
+    readings: list[GateReading] = []
+    both = generate(tiny_lm, [inside, outside], [gated], max_new_tokens=TOKENS, decoder=decoder, gate_readings=readings)
+    assert both == [steered, plain]
+    assert [row[0] for row in readings[0].fired] == [True, False]
+    # An `always` gate steers every row, as before gates existed.
+    forced = replace(always, gate=gate.with_mode("always"))
+    assert generate(tiny_lm, [outside], [forced], max_new_tokens=TOKENS, decoder=decoder)[0] != plain
+
+
+def test_decoders_agree_with_gates(tiny_lm):
+    gate = _gate_for(tiny_lm, HARMFUL[0], SAFE[1], layer=2)
+    spec = SteeringSpec(_vector(tiny_lm), layer=1, strength=(0.0, 2.0, 2.0), gate=gate)
+    prompts = [HARMFUL[0], HARMFUL[0], SAFE[1]]
+    lean = generate_ids(tiny_lm, prompts, [spec], max_new_tokens=TOKENS, decoder="lean", fixed_length=True)
+    hf = generate_ids(tiny_lm, prompts, [spec], max_new_tokens=TOKENS, decoder="transformers", fixed_length=True)
+    assert torch.equal(lean, hf)
+
+
+def test_gate_readings_do_not_steer_or_leave_hooks(tiny_lm):
+    gate = _gate_for(tiny_lm, HARMFUL[0], SAFE[1], layer=2)
+    hooks_before = {
+        (name, key)
+        for name, module in tiny_lm.model.named_modules()
+        for key in (*module._forward_hooks, *module._forward_pre_hooks)
+    }
+    with steer(tiny_lm, [SteeringSpec(_vector(tiny_lm), 1, 2.0, gate=gate)]) as state:
+        with torch.inference_mode():
+            tiny_lm.model(**tiny_lm.encode([SAFE[1]]))
+    assert state.fired == [[False]]
+    hooks_after = {
+        (name, key)
+        for name, module in tiny_lm.model.named_modules()
+        for key in (*module._forward_hooks, *module._forward_pre_hooks)
+    }
+    assert hooks_after == hooks_before
+
+
+def test_two_threads_with_different_gates_do_not_leak(tiny_lm):
+    prompt = HARMFUL[3]
+    fires = replace(
+        SteeringSpec(_vector(tiny_lm), layer=1, strength=3.0), gate=_gate_for(tiny_lm, prompt, SAFE[2], 2)
+    )
+    quiet = replace(fires, gate=_gate_for(tiny_lm, SAFE[2], prompt, 2))
+    expected = {
+        "fires": generate(tiny_lm, [prompt], [fires], max_new_tokens=TOKENS)[0],
+        "quiet": generate(tiny_lm, [prompt], [quiet], max_new_tokens=TOKENS)[0],
+    }
+    assert expected["quiet"] == generate(tiny_lm, [prompt], max_new_tokens=TOKENS)[0]
+    assert expected["fires"] != expected["quiet"]
+    results: dict[str, list[str]] = {"fires": [], "quiet": []}
+    start = threading.Barrier(2)
+
+    def worker(kind):
+        start.wait()
+        for _ in range(5):
+            spec = fires if kind == "fires" else quiet
+            results[kind].append(generate(tiny_lm, [prompt], [spec], max_new_tokens=TOKENS)[0])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {kind: [text] * 5 for kind, text in expected.items()}
