@@ -15,7 +15,14 @@ from safesteer.identity import check_compatible
 from safesteer.judges import load_guard
 from safesteer.models import describe_model
 from safesteer.policy import PolicyVersion
-from safesteer.workflows import evaluation_prompts, export_version, import_bundle, sweep_layers, write_evaluation_files
+from safesteer.workflows import (
+    evaluation_prompts,
+    export_version,
+    export_warning,
+    import_bundle,
+    sweep_layers,
+    write_evaluation_files,
+)
 
 from .common import ProgressBar, load_for, open_store, print_json, prompts_from_argument
 
@@ -125,8 +132,12 @@ def cmd_policy(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
 
     version = open_store(args).load_version(args.policy, args.version)
+    warning = export_warning(version, args.format)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     path = export_version(version, args.out, args.format, created_by=args.author)
-    print(json.dumps({"policy": version.policy, "version": version.number, "format": args.format, "out": str(path)}))
+    summary = {"policy": version.policy, "version": version.number, "format": args.format, "out": str(path)}
+    print(json.dumps({**summary, "warning": warning} if warning else summary))
     return 0
 
 

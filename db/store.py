@@ -364,12 +364,7 @@ class PolicyStore:
             if before is None or after is None:
                 diffs.append(CategoryDiff(name, "added" if before is None else "removed"))
                 continue
-            settings_before = {
-                **before.vectors.metadata()["settings"],
-                "layer": before.layer,
-                "strength": before.strength,
-            }
-            settings_after = {**after.vectors.metadata()["settings"], "layer": after.layer, "strength": after.strength}
+            settings_before, settings_after = before.operating_point(), after.operating_point()
             change = CategoryDiff(
                 name,
                 "changed",

@@ -39,7 +39,8 @@ from .steering import steer
 from .vectors import CategoryVectors
 
 BUNDLE_FORMAT = "safesteer-policy-bundle"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2  # 2: categories may carry a gate (`category.N.gate.*` tensors, "gate" in the manifest)
+READABLE_FORMAT_VERSIONS = (1, 2)  # a version-1 bundle has no gates: its categories steer every prompt
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_MEMBERS = 8
 MAX_MEMBER_BYTES = {
@@ -73,13 +74,14 @@ def policy_card(version: PolicyVersion) -> str:
         f"Saved by {version.author or 'unknown'} on {version.created_at or 'an unknown date'}.",
         f"Change note: {version.note or '-'}",
         "",
-        "| category | layer | strength | site | method | harmful / safe examples |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| category | layer | strength | site | method | applied to | harmful / safe examples |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in version.categories:
         s = c.vectors.settings
         lines.append(
-            f"| {c.name} | {c.layer} | {c.strength:g} | {s.site} | {s.method} | {len(c.harmful)} / {len(c.safe)} |"
+            f"| {c.name} | {c.layer} | {c.strength:g} | {s.site} | {s.method} | {applied_to(c)} "
+            f"| {len(c.harmful)} / {len(c.safe)} |"
         )
     lines += [
         "",
@@ -93,10 +95,23 @@ def policy_card(version: PolicyVersion) -> str:
         "    output = model.generate(**inputs)",
         "```",
         "",
-        "Each category adds `strength x vector` to the output of its layer at every position.",
+        "Each category adds `strength x vector` to the output of its layer at every position of the",
+        "requests it applies to: all of them, or (gated) those its gate fires on, read from the prompt first.",
         "Content warning: `examples.csv` contains harmful prompts by design.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def applied_to(category: PolicyCategory) -> str:
+    """Which requests a category steers, in words (policy cards, `policy show`)."""
+    gate = category.gate
+    if gate is None or gate.mode == "always":
+        return "every request"
+    rates = gate.rates()
+    return (
+        f"requests its gate fires on (layer {gate.layer}; held out: {rates.catch_rate:.0%} caught, "
+        f"{rates.false_positive_rate:.0%} false positives)"
+    )
 
 
 def _examples_csv(version: PolicyVersion) -> bytes:
@@ -112,7 +127,11 @@ def _examples_csv(version: PolicyVersion) -> bytes:
 
 def bundle_bytes(version: PolicyVersion, created_by: str = "") -> bytes:
     """The bundle of a policy version as zip bytes."""
-    tensors = {f"category.{i}": c.vectors.vectors.contiguous().float() for i, c in enumerate(version.categories)}
+    tensors = {
+        (f"category.{i}" if name == "vectors" else f"category.{i}.{name}"): tensor.float()
+        for i, c in enumerate(version.categories)
+        for name, tensor in c.vectors.tensors().items()
+    }
     files: dict[str, bytes] = {
         "vectors.safetensors": save(tensors),
         "examples.csv": _examples_csv(version),
@@ -308,13 +327,17 @@ def _categories(manifest: dict[str, Any], members: dict[str, bytes]) -> list[Pol
         if not torch.isfinite(tensor).all():
             raise _bad(f"category {entry['name']!r} has non-finite vector values")
         metadata = {**entry["vectors"], "model": model.to_dict()}
+        prefix = f"{entry['tensor']}.gate."
+        gate_tensors = {f"gate.{name.removeprefix(prefix)}": t for name, t in tensors.items() if name.startswith(prefix)}
+        if gate_tensors and metadata.get("gate") is None:
+            raise _bad(f"category {entry['name']!r} has gate tensors but no gate settings")
         categories.append(
             PolicyCategory(
                 name=str(entry["name"]),
                 description=str(entry.get("description", "")),
                 harmful=examples[(str(entry["name"]), "harmful")],
                 safe=examples[(str(entry["name"]), "safe")],
-                vectors=CategoryVectors.from_parts(tensor, metadata),
+                vectors=CategoryVectors.from_parts(tensor, metadata, gate_tensors, f"category {entry['name']!r}"),
                 layer=entry["layer"],  # checked by PolicyCategory: whole number, inside the model
                 strength=entry["strength"],  # finite, 0..MAX_STRENGTH
             )
@@ -328,9 +351,10 @@ def read_bundle(data: bytes) -> PolicyVersion:
     manifest = _json(members["manifest.json"], "manifest.json")
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise _bad("'manifest.json' is not a SafeSteer policy bundle manifest")
-    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         found = manifest.get("format_version")
-        raise _bad(f"format version {found!r} is not supported (this SafeSteer reads {BUNDLE_FORMAT_VERSION})")
+        readable = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
+        raise _bad(f"format version {found!r} is not supported (this SafeSteer reads {readable})")
     hashes = manifest.get("files")
     if not isinstance(hashes, dict):
         raise _bad("the manifest has no file hashes")

@@ -25,9 +25,9 @@ from torch import nn
 
 from . import cpu_attention
 from .architectures import ARCHITECTURES, family
+from .gates import GateReading
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
-from .gates import GateReading
 from .steering import SteeringSpec, SteeringState, apply_shifts, shift_tensor, steer
 
 _GREEDY_CHANGERS = (

@@ -170,12 +170,13 @@ class Gate:
             "layer_auroc": self.layer_auroc,
         }
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"center": self.center, "scale": self.scale, "weights": self.weights}
+        return {k: v.contiguous().float() for k, v in tensors.items()}
+
     def to_bytes(self) -> bytes:
         """One safetensors blob; settings and held-out scores ride in its header as JSON."""
-        tensors = {"center": self.center, "scale": self.scale, "weights": self.weights}
-        return save(
-            {k: v.contiguous().float() for k, v in tensors.items()}, metadata={"gate": json.dumps(self.metadata())}
-        )
+        return save(self.to_tensors(), metadata={"gate": json.dumps(self.metadata())})
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "data") -> Gate:

@@ -11,6 +11,22 @@ from .errors import SafeSteerError
 from .policy import PolicyVersion
 
 
+def ungated_warning(version: PolicyVersion) -> str | None:
+    """What changes when a gated policy runs as a control vector, or None when nothing does.
+
+    A control vector is one fixed addition to every request: it cannot read a gate first.
+    """
+    gated = [c.name for c in version.categories if c.mode == "gated"]
+    if not gated:
+        return None
+    names = ", ".join(repr(n) for n in gated)
+    return (
+        f"llama.cpp control vectors cannot gate: {names} steer only the requests their gate fires on here, "
+        "but in llama.cpp they will steer every request, everyday ones included. "
+        "Serve with SafeSteer (or apply the bundle in Python) to keep gating."
+    )
+
+
 def export_llama_cpp(version: PolicyVersion, path: str | Path) -> Path:
     """Write the policy as a llama.cpp control vector (GGUF), strengths baked in.
 

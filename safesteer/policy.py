@@ -7,12 +7,14 @@ with no database or UI attached.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .errors import SafeSteerError
+from .gates import Gate
 from .identity import ModelIdentity
 from .limits import check_layer, check_strength
 from .steering import SteeringSpec
@@ -50,12 +52,37 @@ class PolicyCategory:
         self.layer = check_layer(self.layer, self.vectors.n_layers)
         self.strength = check_strength(self.strength)
 
-    def steering_spec(self, strength: float | None = None) -> SteeringSpec:
+    @property
+    def gate(self) -> Gate | None:
+        return self.vectors.gate
+
+    @property
+    def mode(self) -> str:
+        """ "gated": steer only prompts the category's gate fires on; "always": every prompt (the papers' way)."""
+        return self.vectors.mode
+
+    def operating_point(self) -> dict[str, Any]:
+        """Every setting that decides how this category steers (what `policy diff` compares)."""
+        gate = self.gate
+        return {
+            **self.vectors.metadata()["settings"],
+            "layer": self.layer,
+            "strength": self.strength,
+            "mode": self.mode,
+            "gate_layer": gate.layer if gate else None,
+            "gate_threshold": round(gate.threshold, 6) if gate else None,
+            "gate_fpr": gate.target_fpr if gate else None,
+        }
+
+    def steering_spec(self, strength: float | Sequence[float] | None = None, layer: int | None = None) -> SteeringSpec:
+        """The category as applied: its vector at its layer (or `layer`), its gate deciding which rows."""
+        layer = self.layer if layer is None else layer
         return SteeringSpec(
-            vector=self.vectors.vector(self.layer),
-            layer=self.layer,
+            vector=self.vectors.vector(layer),
+            layer=layer,
             strength=self.strength if strength is None else strength,
             site=self.vectors.settings.site,
+            gate=self.gate,
         )
 
 

@@ -170,6 +170,19 @@ def read_gate_features(
     return features
 
 
+def read_gates(lm: LoadedModel, prompts: Sequence[str], gates: Sequence[Gate], batch_size: int = 16) -> GateReading:
+    """What each gate says about each chat prompt, without generating (evaluations, batch previews)."""
+    scores: list[list[float]] = []
+    fired: list[list[bool]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = lm.encode(list(prompts[start : start + batch_size]))
+        features = read_gate_features(lm, batch["input_ids"], batch["attention_mask"], gates)
+        rows = torch.stack([gate.score(f).cpu() for gate, f in zip(gates, features, strict=True)], dim=1)
+        scores += rows.tolist()
+        fired += torch.stack([gate.fires(rows[:, k]) for k, gate in enumerate(gates)], dim=1).tolist()
+    return GateReading(scores=scores, fired=fired)
+
+
 class SteeringState:
     """One `steer` block: which rows each gated spec steers, as decided at the latest prompt pass."""
 
@@ -217,7 +230,9 @@ def _shift_hook(block: int, index: int, state: SteeringState):
             cache.clear()
             strengths = state.strengths(index, hidden.shape[0])
             none = all(s == 0.0 for s in strengths)
-            cache[key] = None if none else shift_tensor(spec.vector, strengths, hidden.dtype, hidden.device, hidden.dim())
+            cache[key] = (
+                None if none else shift_tensor(spec.vector, strengths, hidden.dtype, hidden.device, hidden.dim())
+            )
         shift = cache[key]
         if shift is None:
             return None  # no row of this batch is steered by this spec
@@ -258,7 +273,9 @@ def steer(lm: LoadedModel, specs: Sequence[SteeringSpec]) -> Iterator[SteeringSt
         lm.architecture.module(spec.layer, spec.site)  # validates layer and site before anything is installed
         if spec.gate is not None:
             if spec.gate.hidden_size != hidden:
-                raise SafeSteerError(f"a gate of hidden size {spec.gate.hidden_size} does not fit this model ({hidden})")
+                raise SafeSteerError(
+                    f"a gate of hidden size {spec.gate.hidden_size} does not fit this model ({hidden})"
+                )
             lm.architecture.module(spec.gate.layer, spec.gate.site)
     state = SteeringState(specs)
     token = object()

@@ -11,8 +11,8 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from safetensors.torch import load, save
 from .activations import TOKENS, Token, record_activations
 from .architectures import SITES, Site
 from .errors import SafeSteerError
+from .gates import DEFAULT_FPR, Gate, check_fpr, train_gate
 from .identity import ModelIdentity
 from .models import LoadedModel
 from .progress import ProgressCallback, scaled
@@ -31,6 +32,7 @@ Method = Literal["mean-diff", "pruned", "guided"]
 METHODS: tuple[Method, ...] = ("mean-diff", "pruned", "guided")
 MIN_PROMPTS_PER_SIDE = 4
 FORMAT_VERSION = 1
+GATED_FORMAT_VERSION = 2  # written when a gate rides along; older readers refuse it instead of dropping the gate
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class ExtractionSettings:
     heldout_fraction: float = 0.25  # share of each side kept out to score the layers
     seed: int = 0
     batch_size: int = 0  # prompts per forward pass; 0 picks by device (activations.default_batch_size)
+    gate: bool = True  # also train the category's gate (gates.py) from the same activations
+    gate_fpr: float = DEFAULT_FPR  # the gate's false-positive rate on held-out safe prompts
 
     def validate(self) -> None:
         if self.site not in SITES:
@@ -58,6 +62,7 @@ class ExtractionSettings:
             raise SafeSteerError("the held-out fraction must be in (0, 1)")
         if self.batch_size < 0:
             raise SafeSteerError("the batch size must be at least 1 (or 0 to pick one for the device)")
+        check_fpr(self.gate_fpr)
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,7 @@ class CategoryVectors:
     n_harmful: int
     n_safe: int
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    gate: Gate | None = None  # which prompts these vectors steer (None: every prompt, the papers' way)
 
     @property
     def n_layers(self) -> int:
@@ -207,10 +213,19 @@ class CategoryVectors:
             raise SafeSteerError(f"layer {layer} is out of range: these vectors have layers 0..{self.n_layers - 1}")
         return self.vectors[layer]
 
+    @property
+    def mode(self) -> str:
+        """ "gated" when a gate decides which prompts are steered, else "always"."""
+        return self.gate.mode if self.gate is not None else "always"
+
+    def with_gate(self, gate: Gate | None) -> CategoryVectors:
+        """The same vectors with another gate (a moved threshold, another mode, or none)."""
+        return replace(self, gate=gate)
+
     def metadata(self) -> dict[str, Any]:
-        """Everything but the tensor, as plain JSON-able data."""
-        return {
-            "format_version": FORMAT_VERSION,
+        """Everything but the tensors, as plain JSON-able data."""
+        data = {
+            "format_version": GATED_FORMAT_VERSION if self.gate is not None else FORMAT_VERSION,
             "category": self.category,
             "recommended_layer": self.recommended_layer,
             "recommendation": self.recommendation,
@@ -221,16 +236,27 @@ class CategoryVectors:
             "created_at": self.created_at,
             "layer_stats": [asdict(s) for s in self.layer_stats],
         }
+        if self.gate is not None:
+            data["gate"] = self.gate.metadata()
+        return data
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The vectors and, with a gate, its parameters, under the names `to_bytes` and bundles use."""
+        tensors = {"vectors": self.vectors.contiguous()}
+        if self.gate is not None:
+            tensors |= {f"gate.{name}": t for name, t in self.gate.to_tensors().items()}
+        return tensors
 
     def summary(self) -> dict[str, Any]:
         """A compact description for people and scripts (the CLI prints this)."""
         data = self.metadata()
         data["layers"] = data.pop("layer_stats")
+        data["gate"] = self.gate.summary() if self.gate is not None else None
         return data
 
     def to_bytes(self) -> bytes:
         """One safetensors blob; the metadata rides in its header as JSON (no pickle anywhere)."""
-        return save({"vectors": self.vectors.contiguous()}, metadata={"safesteer": json.dumps(self.metadata())})
+        return save(self.tensors(), metadata={"safesteer": json.dumps(self.metadata())})
 
     def sha256(self) -> str:
         """Identity of these exact vectors and metadata (used to match evaluations and stored copies)."""
@@ -242,10 +268,11 @@ class CategoryVectors:
             header_length = int.from_bytes(data[:8], "little")
             header = json.loads(data[8 : 8 + header_length])
             metadata = json.loads(header["__metadata__"]["safesteer"])
-            vectors = load(data)["vectors"]
+            tensors = load(data)
+            vectors = tensors.pop("vectors")
         except Exception as exc:
             raise SafeSteerError(f"{source} is not a SafeSteer vectors file ({type(exc).__name__})") from exc
-        return cls.from_parts(vectors, metadata)
+        return cls.from_parts(vectors, metadata, tensors, source)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -254,8 +281,15 @@ class CategoryVectors:
         return path
 
     @classmethod
-    def from_parts(cls, vectors: torch.Tensor, metadata: dict[str, Any]) -> CategoryVectors:
-        if int(metadata.get("format_version", 0)) > FORMAT_VERSION:
+    def from_parts(
+        cls,
+        vectors: torch.Tensor,
+        metadata: dict[str, Any],
+        tensors: dict[str, torch.Tensor] | None = None,
+        source: str = "data",
+    ) -> CategoryVectors:
+        """Vectors from their tensor and metadata; `tensors` holds the gate's (`gate.*`) when there is one."""
+        if int(metadata.get("format_version", 0)) > GATED_FORMAT_VERSION:
             raise SafeSteerError("these vectors were written by a newer SafeSteer; upgrade to read them")
         settings = ExtractionSettings(**metadata["settings"])
         settings.validate()
@@ -275,6 +309,7 @@ class CategoryVectors:
             n_harmful=int(metadata["n_harmful"]),
             n_safe=int(metadata["n_safe"]),
             created_at=str(metadata.get("created_at", "")),
+            gate=_gate_from_parts(metadata, tensors or {}, model, source),
         )
 
     @classmethod
@@ -283,6 +318,18 @@ class CategoryVectors:
         if not path.is_file():
             raise SafeSteerError(f"no vectors file at {path}")
         return cls.from_bytes(path.read_bytes(), str(path))
+
+
+def _gate_from_parts(
+    metadata: dict[str, Any], tensors: dict[str, torch.Tensor], model: ModelIdentity, source: str
+) -> Gate | None:
+    if metadata.get("gate") is None:
+        return None  # vectors from before gates, or made without one: they steer every prompt
+    parts = {name.removeprefix("gate."): t for name, t in tensors.items() if name.startswith("gate.")}
+    gate = Gate.from_parts(parts, metadata["gate"], source)
+    if gate.hidden_size != model.hidden_size or gate.layer >= model.n_layers:
+        raise SafeSteerError(f"{source}: the gate does not fit the model its vectors claim ({model.describe()})")
+    return gate
 
 
 def check_prompt_counts(harmful: list[str], safe: list[str]) -> None:
@@ -300,12 +347,20 @@ def vectors_from_activations(
     model: ModelIdentity,
     category: str = "category",
     method: VectorMethod | None = None,
+    others: torch.Tensor | None = None,
 ) -> CategoryVectors:
-    """Turn recorded activations into scored vectors (the step after recording, and the seam for `guided`)."""
+    """Turn recorded activations into scored vectors and, unless settings say not, the category's gate.
+
+    `others`: activations of the policy's other categories' harmful prompts, which the gate
+    learns to leave alone. This is the step after recording, and the seam for `guided`.
+    """
     method = method or VECTOR_METHODS[settings.method]
     final = method(harmful, safe, settings).float()
     stats = layer_statistics(harmful, safe, final, settings, method)
     layer, reason = recommend_layer(stats)
+    gate = None
+    if settings.gate:
+        gate = train_gate(harmful, safe, others, site=settings.site, token=settings.token, target_fpr=settings.gate_fpr)
     return CategoryVectors(
         category=category,
         vectors=final,
@@ -316,6 +371,7 @@ def vectors_from_activations(
         model=model,
         n_harmful=int(harmful.shape[0]),
         n_safe=int(safe.shape[0]),
+        gate=gate,
     )
 
 
@@ -326,32 +382,42 @@ def extract_vectors(
     settings: ExtractionSettings | None = None,
     category: str = "category",
     progress: ProgressCallback | None = None,
+    others: Sequence[str] = (),
 ) -> CategoryVectors:
-    """Record both prompt sets at every layer and compute the category's vectors."""
+    """Record the prompt sets at every layer and compute the category's vectors and gate.
+
+    `others`: the harmful prompts of the policy's other categories, recorded in the same run so
+    the gate learns to tell this category from them.
+    """
     settings = settings or ExtractionSettings()
     settings.validate()
     if settings.method == "guided":
         _guided_needs_labels(torch.empty(0), torch.empty(0), settings)
     check_prompt_counts(harmful, safe)
-    total = len(harmful) + len(safe)
-    split = len(harmful) / total
-    harmful_acts = record_activations(
-        lm,
-        harmful,
-        progress=scaled(progress, 0.0, split * 0.95),
-        site=settings.site,
-        token=settings.token,
-        batch_size=settings.batch_size,
+    own = set(harmful) | set(safe)
+    others = [p for p in dict.fromkeys(others) if p not in own] if settings.gate else []
+    sets = [("harmful", harmful), ("safe", safe), *([("other categories", others)] if others else [])]
+    total = sum(len(prompts) for _, prompts in sets)
+    recorded: list[torch.Tensor] = []
+    done = 0
+    for _name, prompts in sets:
+        recorded.append(
+            record_activations(
+                lm,
+                list(prompts),
+                progress=scaled(progress, 0.9 * done / total, 0.9 * (done + len(prompts)) / total),
+                site=settings.site,
+                token=settings.token,
+                batch_size=settings.batch_size,
+            )
+        )
+        done += len(prompts)
+    if progress and settings.gate:
+        progress(0.92, "training the gate")
+    result = vectors_from_activations(
+        recorded[0], recorded[1], settings, lm.identity, category, others=recorded[2] if others else None
     )
-    safe_acts = record_activations(
-        lm,
-        safe,
-        progress=scaled(progress, split * 0.95, 0.95),
-        site=settings.site,
-        token=settings.token,
-        batch_size=settings.batch_size,
-    )
-    result = vectors_from_activations(harmful_acts, safe_acts, settings, lm.identity, category)
     if progress:
-        progress(1.0, f"vectors ready; recommended layer {result.recommended_layer}")
+        gate = f"; gate at layer {result.gate.layer}" if result.gate is not None else ""
+        progress(1.0, f"vectors ready; recommended layer {result.recommended_layer}{gate}")
     return result

@@ -22,7 +22,7 @@ from .bundles import export_bundle, read_bundle
 from .errors import SafeSteerError
 from .evaluation import Evaluation, report_markdown, write_plots
 from .identity import ModelIdentity, check_made_for
-from .llama_cpp import export_llama_cpp
+from .llama_cpp import export_llama_cpp, ungated_warning
 from .policy import PolicyCategory, PolicyVersion
 
 DEFAULT_HARMFUL = 10
@@ -153,6 +153,8 @@ class ExportFormat:
     label: str  # what the app shows
     suffix: str
     write: Callable[[PolicyVersion, Path, str], Path]
+    warning: Callable[[PolicyVersion], str | None] = lambda version: None
+    """What the format will do differently from SafeSteer with this version, said before it is used."""
 
 
 EXPORT_FORMATS: dict[str, ExportFormat] = {
@@ -164,6 +166,7 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
         "llama.cpp control vector (.gguf)",
         ".gguf",
         lambda version, path, who: export_llama_cpp(version, path),
+        ungated_warning,
     ),
 }
 
@@ -177,6 +180,10 @@ def export_format(fmt: str) -> ExportFormat:
 def export_version(version: PolicyVersion, path: str | Path, fmt: str = "bundle", created_by: str = "") -> Path:
     """Write `version` in one of `EXPORT_FORMATS` (the same keys for the CLI and the app)."""
     return export_format(fmt).write(version, Path(path), created_by)
+
+
+def export_warning(version: PolicyVersion, fmt: str) -> str | None:
+    return export_format(fmt).warning(version)
 
 
 def export_file_name(version: PolicyVersion, fmt: str) -> str:

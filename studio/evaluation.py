@@ -168,5 +168,5 @@ def guided_from_review(draft: Draft | None, session: EvaluationSession | None) -
     naive = [(i.prompt, session.labels[i.id]) for i in session.items if i.arm == "naive" and i.id in session.labels]
     vectors = guided_vectors(
         studio_model(), [p for p, _ in naive], [u for _, u in naive], draft.vectors.settings, category=draft.name
-    )
+    ).with_gate(draft.vectors.gate)  # the labels say how to steer, not which prompts to steer
     return replace(draft, vectors=vectors), separation_plot(vectors), "Guided vectors computed from your labels."

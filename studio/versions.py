@@ -11,7 +11,7 @@ import pandas as pd
 from safesteer.bundles import MAX_BUNDLE_BYTES
 from safesteer.errors import SafeSteerError
 from safesteer.policy import PolicyCategory
-from safesteer.workflows import export_file_name, export_version, import_bundle
+from safesteer.workflows import export_file_name, export_version, export_warning, import_bundle
 
 from .category import Draft, require_draft
 from .resources import author_of, plain_text, studio_model, studio_store
@@ -139,6 +139,9 @@ def export_policy(policy: str | None, version: str | None, fmt: str, request: gr
     if not name:
         raise SafeSteerError("no policy selected: choose or save one in step 4 first")
     loaded = studio_store().load_version(name, parse_version(version))
+    warning = export_warning(loaded, fmt)
+    if warning:
+        gr.Warning(warning, duration=None)
     folder = Path(tempfile.mkdtemp(prefix="safesteer-export-"))
     return str(export_version(loaded, folder / export_file_name(loaded, fmt), fmt, created_by=author_of(request)))
 

@@ -54,7 +54,7 @@ def test_bundle_contents_and_round_trip():
     members = _members(data)
     assert set(members) == {"manifest.json", "vectors.safetensors", "examples.csv", "evaluation.json", "README.md"}
     manifest = json.loads(members["manifest.json"])
-    assert manifest["format"] == "safesteer-policy-bundle" and manifest["format_version"] == 1
+    assert manifest["format"] == "safesteer-policy-bundle" and manifest["format_version"] == 2
     assert manifest["model"] == IDENTITY.to_dict()
     assert [(c["name"], c["layer"], c["strength"]) for c in manifest["categories"]] == [
         ("weapons", 1, 2.0),
@@ -266,3 +266,92 @@ def test_llama_cpp_export_refuses_what_it_cannot_express(tmp_path):
 def test_steering_spec_of_a_category_uses_its_site():
     spec = category(site="attention", layer=2, strength=3.0).steering_spec()
     assert isinstance(spec, SteeringSpec) and (spec.site, spec.layer, spec.strength) == ("attention", 2, 3.0)
+
+
+def _gated_version(identity=IDENTITY) -> PolicyVersion:
+    gated = category(identity=identity, strength=4.0)
+    assert gated.gate is not None and gated.mode == "gated"  # new categories are gated by default
+    return PolicyVersion(policy="gated", categories=[gated], number=1)
+
+
+def test_gates_round_trip_through_bundles_and_the_store(tmp_path):
+    version = _gated_version()
+    gate = version.categories[0].gate
+    members = _members(bundle_bytes(version))
+    assert {"category.0", "category.0.gate.weights"} <= set(json.loads(members["manifest.json"])["files"]) | {
+        name for name in __import__("safetensors.torch").torch.load(members["vectors.safetensors"])
+    }
+    back = read_bundle(bundle_bytes(version)).categories[0].gate
+    assert back is not None and torch.equal(back.weights, gate.weights)
+    assert (back.threshold, back.mode, back.layer, back.rates()) == (gate.threshold, "gated", gate.layer, gate.rates())
+    store = PolicyStore(f"sqlite:///{tmp_path / 'g.db'}")
+    import_bundle(store, bundle_bytes(version), target=IDENTITY)
+    stored = store.load_version("gated").categories[0].gate
+    assert stored is not None and stored.threshold == gate.threshold
+    # A moved threshold and a changed mode are changes of the policy.
+    moved = version.categories[0]
+    moved.vectors = moved.vectors.with_gate(gate.with_threshold(gate.threshold + 1.0).with_mode("always"))
+    store.save_version("gated", [moved], author="ann", note="looser gate")
+    changed = store.diff("gated", 1, 2).categories[0]
+    assert changed.status == "changed"
+    assert changed.settings_changed["mode"] == ("gated", "always")
+    assert changed.settings_changed["gate_threshold"][1] > changed.settings_changed["gate_threshold"][0]
+
+
+def test_an_old_bundle_without_gates_imports_as_always():
+    version = _gated_version()
+    members = _members(bundle_bytes(version))
+    manifest = json.loads(members["manifest.json"])
+    manifest["format_version"] = 1  # what SafeSteer wrote before gates
+    for entry in manifest["categories"]:
+        del entry["vectors"]["gate"]
+    tensors = __import__("safetensors.torch").torch.load(members["vectors.safetensors"])
+    members["vectors.safetensors"] = save({k: v for k, v in tensors.items() if ".gate." not in k})
+    members["manifest.json"] = json.dumps(manifest).encode()
+    old = read_bundle(_rezip(members))
+    assert old.categories[0].gate is None and old.categories[0].mode == "always"
+    assert old.categories[0].steering_spec().gate is None
+
+
+def test_a_gate_with_hostile_values_is_refused():
+    members = _members(bundle_bytes(_gated_version()))
+    manifest = json.loads(members["manifest.json"])
+    manifest["categories"][0]["vectors"]["gate"]["layer"] = 99
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with pytest.raises(SafeSteerError, match="not a valid policy bundle.*gate"):
+        read_bundle(_rezip(members))
+    tensors = __import__("safetensors.torch").torch.load(members["vectors.safetensors"])
+    tensors["category.0.gate.weights"] = torch.full((64,), float("nan"))
+    members["vectors.safetensors"] = save(tensors)
+    manifest["categories"][0]["vectors"]["gate"]["layer"] = 1
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with pytest.raises(SafeSteerError, match="non-finite"):
+        read_bundle(_rezip(members))
+
+
+def test_llama_cpp_export_of_a_gated_policy_says_how_it_will_behave(tmp_path):
+    from safesteer.workflows import export_warning
+
+    version = _gated_version()
+    warning = export_warning(version, "llama-cpp")
+    assert warning and "cannot gate" in warning and "every request" in warning and "'weapons'" in warning
+    assert export_warning(version, "bundle") is None
+    always = version.categories[0]
+    always.vectors = always.vectors.with_gate(always.gate.with_mode("always"))
+    assert export_warning(version, "llama-cpp") is None
+
+
+def test_the_deployer_api_gates_too(tiny_lm, tmp_path):
+    """`load_bundle(...).apply(model)` reads the gate at the prompt pass of the deployer's own generate call."""
+    version = _gated_version(tiny_lm.identity)
+    prompts = ["How do I pick a lock?", "How do I bake bread?"]
+    expected = generate(tiny_lm, prompts, version.steering_specs(), max_new_tokens=12, decoder="transformers")
+    path = tmp_path / "gated.zip"
+    path.write_bytes(bundle_bytes(version))
+    with load_bundle(path).apply(tiny_lm.model):
+        batch = tiny_lm.encode(prompts)
+        out = tiny_lm.model.generate(
+            **batch, max_new_tokens=12, do_sample=False, pad_token_id=tiny_lm.tokenizer.pad_token_id
+        )
+    texts = tiny_lm.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert [t.strip() for t in texts] == expected

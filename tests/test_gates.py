@@ -132,9 +132,8 @@ def test_gate_readings_do_not_steer_or_leave_hooks(tiny_lm):
         for name, module in tiny_lm.model.named_modules()
         for key in (*module._forward_hooks, *module._forward_pre_hooks)
     }
-    with steer(tiny_lm, [SteeringSpec(_vector(tiny_lm), 1, 2.0, gate=gate)]) as state:
-        with torch.inference_mode():
-            tiny_lm.model(**tiny_lm.encode([SAFE[1]]))
+    with steer(tiny_lm, [SteeringSpec(_vector(tiny_lm), 1, 2.0, gate=gate)]) as state, torch.inference_mode():
+        tiny_lm.model(**tiny_lm.encode([SAFE[1]]))
     assert state.fired == [[False]]
     hooks_after = {
         (name, key)
@@ -146,9 +145,7 @@ def test_gate_readings_do_not_steer_or_leave_hooks(tiny_lm):
 
 def test_two_threads_with_different_gates_do_not_leak(tiny_lm):
     prompt = HARMFUL[3]
-    fires = replace(
-        SteeringSpec(_vector(tiny_lm), layer=1, strength=3.0), gate=_gate_for(tiny_lm, prompt, SAFE[2], 2)
-    )
+    fires = replace(SteeringSpec(_vector(tiny_lm), layer=1, strength=3.0), gate=_gate_for(tiny_lm, prompt, SAFE[2], 2))
     quiet = replace(fires, gate=_gate_for(tiny_lm, SAFE[2], prompt, 2))
     expected = {
         "fires": generate(tiny_lm, [prompt], [fires], max_new_tokens=TOKENS)[0],

@@ -87,6 +87,8 @@ def test_diff_reports_examples_settings_and_cosines(store):
     weapons = by_name["weapons"]
     assert weapons.status == "changed"
     assert (weapons.harmful_added, weapons.harmful_removed) == (["e"], ["d"])
+    retrained_gate = weapons.settings_changed.pop("gate_threshold")  # new activations (seed 5) train a new gate
+    assert retrained_gate[0] != retrained_gate[1]
     assert weapons.settings_changed == {"layer": (1, 2), "strength": (2.0, 3.0)}
     assert len(weapons.cosine_by_layer) == 4 and all(-1.0 <= x <= 1.0 for x in weapons.cosine_by_layer)
     assert by_name["fraud"].status == "added"
