@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from safesteer.errors import SafeSteerError
-from safesteer.generation import generate, generate_side_by_side
+from safesteer.generation import generate_side_by_side
 from safesteer.identity import check_compatible
 from safesteer.limits import check_layer, check_strength
 from safesteer.policy import PolicyCategory, check_name
@@ -29,6 +30,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         method=args.method,
         prune_fraction=args.prune_fraction,
         batch_size=args.batch_size,
+        gate=args.mode != "none",
+        gate_fpr=args.gate_fpr,
     )
     settings.validate()
     try:  # every cheap check before the model loads
@@ -42,15 +45,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if args.layer is not None:
             check_layer(args.layer)
     store = open_store(args) if args.policy else None  # open (and migrate) before the long work
+    others = other_categories_prompts(store, args.policy, args.category) if store is not None else []
     bar = ProgressBar()
     try:
         started = time.perf_counter()
         lm = load_for(args, args.model, bar, generating=False)
         loaded = time.perf_counter()
-        result = extract_vectors(lm, harmful, safe, settings, category=args.category, progress=bar)
+        result = extract_vectors(lm, harmful, safe, settings, category=args.category, progress=bar, others=others)
         finished = time.perf_counter()
     finally:
         bar.close()
+    if result.gate is not None and args.mode == "always":
+        result = result.with_gate(result.gate.with_mode("always"))
     summary: dict[str, Any] = {
         **result.summary(),
         "timing_s": {"load": round(loaded - started, 2), "extract": round(finished - loaded, 2)},
@@ -74,6 +80,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def other_categories_prompts(store: Any, policy: str, category: str) -> list[str]:
+    """Harmful prompts of the policy's other categories, which the new category's gate must leave alone."""
+    try:
+        latest = store.load_version(policy)
+    except SafeSteerError:
+        return []  # a new policy, or one without versions yet
+    return [p for c in latest.categories if c.name != category for p in c.harmful]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if bool(args.vectors) == bool(args.policy):
         raise SafeSteerError("give either --vectors FILE or --policy NAME")
@@ -82,36 +97,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
         version = open_store(args).load_version(args.policy, args.version)
         model = version.model
         specs = version.steering_specs()
+        names = [c.name for c in version.categories]
         described = {
             "policy": version.policy,
             "version": version.number,
-            "categories": {c.name: {"layer": c.layer, "strength": c.strength} for c in version.categories},
+            "categories": {
+                c.name: {"layer": c.layer, "strength": c.strength, "mode": c.mode} for c in version.categories
+            },
         }
     else:
         vectors = CategoryVectors.load(args.vectors)
         layer = vectors.recommended_layer if args.layer is None else args.layer
         model = vectors.model
         specs = [
-            SteeringSpec(vector=vectors.vector(layer), layer=layer, strength=args.strength, site=vectors.settings.site)
+            SteeringSpec(
+                vector=vectors.vector(layer),
+                layer=layer,
+                strength=args.strength,
+                site=vectors.settings.site,
+                gate=vectors.gate,
+            )
         ]
-        described = {"layer": layer, "strength": args.strength}
+        names = [vectors.category]
+        described = {"layer": layer, "strength": args.strength, "mode": vectors.mode}
     lm = load_for(args, args.model or model.model_id, generating=True)
     check_compatible(model, lm.identity)
     started = time.perf_counter()
-    if len(specs) == 1:
-        result = generate_side_by_side(lm, args.prompt, specs, max_new_tokens=args.max_new_tokens).to_dict()
-    else:
-        naive, steered = generate(
-            lm,
-            [args.prompt, args.prompt],
-            [SteeringSpec(s.vector, s.layer, (0.0, s.strengths()[0]), s.site) for s in specs],
-            max_new_tokens=args.max_new_tokens,
-        )
-        result = {"prompt": args.prompt, "naive": naive, "steered": steered}
+    side = generate_side_by_side(lm, args.prompt, specs, max_new_tokens=args.max_new_tokens)
+    result = side.to_dict()
+    result["gates"] = {
+        name: {**asdict(verdict)} if verdict is not None else None
+        for name, verdict in zip(names, side.gates, strict=True)
+    }
+    result["fired"] = [name for name, verdict in zip(names, side.gates, strict=True) if verdict and verdict.fired]
     elapsed = time.perf_counter() - started
     if args.json:
         print_json({**result, **described, "seconds": round(elapsed, 2)})
     else:
         print(f"--- naive ---\n{result['naive']}\n")
         print(f"--- steered ({json.dumps(described)}) ---\n{result['steered']}")
+        for name, verdict in zip(names, side.gates, strict=True):
+            if verdict is not None:
+                said = "fired: steered" if verdict.fired else "did not fire: not steered"
+                print(f"gate of {name!r}: score {verdict.score:.2f} vs threshold {verdict.threshold:.2f}, {said}")
     return 0

@@ -9,6 +9,7 @@ from typing import Any
 from safesteer.activations import TOKENS
 from safesteer.architectures import SITES
 from safesteer.checkpoints import EMBEDDED_MODEL
+from safesteer.gates import DEFAULT_FPR
 from safesteer.models import PRECISIONS
 from safesteer.vectors import METHODS
 from safesteer.workflows import DEFAULT_BENIGN, DEFAULT_HARMFUL, EXPORT_FORMATS
@@ -72,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument(
         "--batch-size", type=positive_int, default=0, help="prompts per pass (default: 16 on a CPU, 64 on a GPU)"
+    )
+    extract.add_argument(
+        "--mode",
+        choices=("gated", "always", "none"),
+        default="gated",
+        help="gated: steer only prompts the category's gate fires on; always: every prompt (gate kept, off); "
+        "none: train no gate",
+    )
+    extract.add_argument(
+        "--gate-fpr", type=float, default=DEFAULT_FPR, help="gate's false-positive rate on held-out safe prompts"
     )
     extract.add_argument(
         "--out", type=Path, default=None, help="save the vectors here (default without --policy: vectors.safetensors)"

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from safesteer.bundles import applied_to
 from safesteer.errors import SafeSteerError
 from safesteer.evaluation import SweepSettings, evaluate
 from safesteer.identity import check_compatible
@@ -45,6 +46,8 @@ def _version_dict(version: PolicyVersion) -> dict[str, Any]:
                 "strength": c.strength,
                 "settings": asdict(c.vectors.settings),
                 "recommended_layer": c.vectors.recommended_layer,
+                "mode": c.mode,
+                "gate": c.gate.summary() if c.gate is not None else None,
                 "harmful_examples": len(c.harmful),
                 "safe_examples": len(c.safe),
             }
@@ -83,8 +86,10 @@ def cmd_policy(args: argparse.Namespace) -> int:
             print(f"{data['policy']} v{data['version']} by {author} at {data['created_at']}: {data['note']}")
             print_table(
                 data["categories"],
-                ["name", "layer", "strength", "recommended_layer", "harmful_examples", "safe_examples"],
+                ["name", "layer", "strength", "mode", "recommended_layer", "harmful_examples", "safe_examples"],
             )
+            for c in store.load_version(args.name, args.version).categories:
+                print(f"{c.name}: steers {applied_to(c)}")
     elif action == "versions":
         rows = [asdict(v) for v in store.list_versions(args.name)]
         print_json(rows) if args.json else print_table(

@@ -328,7 +328,9 @@ def _categories(manifest: dict[str, Any], members: dict[str, bytes]) -> list[Pol
             raise _bad(f"category {entry['name']!r} has non-finite vector values")
         metadata = {**entry["vectors"], "model": model.to_dict()}
         prefix = f"{entry['tensor']}.gate."
-        gate_tensors = {f"gate.{name.removeprefix(prefix)}": t for name, t in tensors.items() if name.startswith(prefix)}
+        gate_tensors = {
+            f"gate.{name.removeprefix(prefix)}": t for name, t in tensors.items() if name.startswith(prefix)
+        }
         if gate_tensors and metadata.get("gate") is None:
             raise _bad(f"category {entry['name']!r} has gate tensors but no gate settings")
         categories.append(

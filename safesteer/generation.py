@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -139,15 +139,45 @@ def generate(
 
 
 @dataclass(frozen=True)
+class GateVerdict:
+    """What one gated spec's gate said about a prompt."""
+
+    score: float
+    threshold: float
+    fired: bool
+
+
+@dataclass(frozen=True)
 class SideBySide:
-    """One prompt answered without and with steering."""
+    """One prompt answered without and with steering; `gates[i]` is spec i's gate verdict (None: not gated)."""
 
     prompt: str
     naive: str
     steered: str
+    gates: tuple[GateVerdict | None, ...] = ()
 
-    def to_dict(self) -> dict[str, str]:
-        return {"prompt": self.prompt, "naive": self.naive, "steered": self.steered}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "naive": self.naive,
+            "steered": self.steered,
+            "gates": [None if g is None else asdict(g) for g in self.gates],
+        }
+
+
+def verdicts(specs: Sequence[SteeringSpec], reading: GateReading | None, row: int) -> tuple[GateVerdict | None, ...]:
+    """Per spec, its gate's verdict on batch row `row` (gated specs only; others None)."""
+    out: list[GateVerdict | None] = []
+    k = 0
+    for spec in specs:
+        if spec.gated and not spec.is_noop() and reading is not None:
+            gate = spec.gate
+            assert gate is not None
+            out.append(GateVerdict(reading.scores[row][k], gate.threshold, reading.fired[row][k]))
+            k += 1
+        else:
+            out.append(None)
+    return tuple(out)
 
 
 def generate_side_by_side(
@@ -155,8 +185,10 @@ def generate_side_by_side(
 ) -> SideBySide:
     """Naive and steered answers to one prompt from a single batched `generate` call."""
     two_rows = [replace(spec, strength=(0.0, spec.strengths()[0])) for spec in specs]
-    naive, steered = generate(lm, [prompt, prompt], two_rows, max_new_tokens=max_new_tokens)
-    return SideBySide(prompt=prompt, naive=naive, steered=steered)
+    readings: list[GateReading] = []
+    naive, steered = generate(lm, [prompt, prompt], two_rows, max_new_tokens=max_new_tokens, gate_readings=readings)
+    gates = verdicts(two_rows, readings[0] if readings else None, row=1)
+    return SideBySide(prompt=prompt, naive=naive, steered=steered, gates=gates)
 
 
 def generate_strength_sweep(

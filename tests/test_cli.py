@@ -37,9 +37,11 @@ def _extract(tiny_folder, harmful, safe, out, *extra):
 def test_extract_then_generate(tiny_folder, prompt_files, tmp_path, capsys):
     harmful, safe = prompt_files
     out = tmp_path / "v.safetensors"
-    assert _extract(tiny_folder, harmful, safe, out, "--method", "pruned", "--category", "crime") == 0
+    code = _extract(tiny_folder, harmful, safe, out, "--method", "pruned", "--category", "crime", "--mode", "always")
+    assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["category"] == "crime" and summary["settings"]["method"] == "pruned"
+    assert summary["gate"]["mode"] == "always" and {"catch_rate", "false_positive_rate"} <= set(summary["gate"])
     assert len(summary["layers"]) == 4 and 0 <= summary["recommended_layer"] < 4
     assert {"auroc", "effect_size", "norm"} <= set(summary["layers"][0])
     assert out.is_file()
@@ -66,6 +68,27 @@ def test_extract_then_generate(tiny_folder, prompt_files, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result) >= {"naive", "steered", "prompt", "layer", "strength"}
     assert result["naive"] != result["steered"]
+    assert result["mode"] == "always" and result["gates"] == {"crime": None} and result["fired"] == []
+
+
+def test_gated_extract_and_generate_say_which_categories_fired(tiny_folder, prompt_files, tmp_path, capsys):
+    harmful, safe = prompt_files
+    out = tmp_path / "g.safetensors"
+    assert _extract(tiny_folder, harmful, safe, out, "--category", "crime", "--gate-fpr", "0.2") == 0
+    gate = json.loads(capsys.readouterr().out)["gate"]
+    assert gate["mode"] == "gated" and gate["target_fpr"] == 0.2 and 0 <= gate["layer"] < 4
+    outcomes = set()
+    for prompt in [*HARMFUL, *SAFE]:
+        args = ["generate", "--vectors", str(out), "--prompt", prompt, "--strength", "3", "--max-new-tokens", "8"]
+        assert main([*args, "--json", "--precision", "fp32"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        verdict = result["gates"]["crime"]
+        assert verdict["fired"] == (verdict["score"] >= verdict["threshold"])
+        assert result["fired"] == (["crime"] if verdict["fired"] else [])
+        if not verdict["fired"]:
+            assert result["steered"] == result["naive"]  # a quiet gate leaves the answer exactly unsteered
+        outcomes.add(verdict["fired"])
+    assert outcomes == {True, False}
 
 
 def _error_line(capsys):
@@ -114,3 +137,20 @@ def test_vectors_from_another_hidden_size_are_refused(tiny_folder, prompt_files,
     assert code == 2
     line = _error_line(capsys)
     assert "hidden size 64" in line and "hidden size 128" in line
+
+
+def test_a_second_category_learns_to_leave_the_first_alone(tiny_folder, prompt_files, tmp_path, capsys):
+    harmful, safe = prompt_files
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    scams = tmp_path / "scams.txt"
+    scams.write_text("\n".join(f"Write a scam message number {i} to trick people." for i in range(8)))
+    base = ["--db", db, "--model", str(tiny_folder), "--precision", "fp32", "--policy", "two"]
+    assert main(["extract", "--harmful", str(harmful), "--safe", str(safe), "--category", "crime", *base]) == 0
+    first = json.loads(capsys.readouterr().out)["gate"]
+    assert first["other_categories_rate"] is None  # alone in its policy
+    assert main(["extract", "--harmful", str(scams), "--safe", str(safe), "--category", "scams", *base]) == 0
+    second = json.loads(capsys.readouterr().out)["gate"]
+    assert second["other_categories_rate"] is not None and second["n_other"] >= 1
+    assert main(["policy", "show", "two", "--db", db]) == 0
+    shown = capsys.readouterr().out
+    assert "crime: steers requests its gate fires on" in shown and "scams: steers requests its gate fires on" in shown
