@@ -4,6 +4,7 @@ import zipfile
 
 import pytest
 import torch
+from safetensors.torch import load as load_tensors
 from safetensors.torch import save
 
 from db import PolicyStore
@@ -279,7 +280,7 @@ def test_gates_round_trip_through_bundles_and_the_store(tmp_path):
     gate = version.categories[0].gate
     members = _members(bundle_bytes(version))
     assert {"category.0", "category.0.gate.weights"} <= set(json.loads(members["manifest.json"])["files"]) | {
-        name for name in __import__("safetensors.torch").torch.load(members["vectors.safetensors"])
+        name for name in load_tensors(members["vectors.safetensors"])
     }
     back = read_bundle(bundle_bytes(version)).categories[0].gate
     assert back is not None and torch.equal(back.weights, gate.weights)
@@ -305,7 +306,7 @@ def test_an_old_bundle_without_gates_imports_as_always():
     manifest["format_version"] = 1  # what SafeSteer wrote before gates
     for entry in manifest["categories"]:
         del entry["vectors"]["gate"]
-    tensors = __import__("safetensors.torch").torch.load(members["vectors.safetensors"])
+    tensors = load_tensors(members["vectors.safetensors"])
     members["vectors.safetensors"] = save({k: v for k, v in tensors.items() if ".gate." not in k})
     members["manifest.json"] = json.dumps(manifest).encode()
     old = read_bundle(_rezip(members))
@@ -318,9 +319,9 @@ def test_a_gate_with_hostile_values_is_refused():
     manifest = json.loads(members["manifest.json"])
     manifest["categories"][0]["vectors"]["gate"]["layer"] = 99
     members["manifest.json"] = json.dumps(manifest).encode()
-    with pytest.raises(SafeSteerError, match="not a valid policy bundle.*gate"):
+    with pytest.raises(SafeSteerError, match=r"not a valid policy bundle.*gate"):
         read_bundle(_rezip(members))
-    tensors = __import__("safetensors.torch").torch.load(members["vectors.safetensors"])
+    tensors = load_tensors(members["vectors.safetensors"])
     tensors["category.0.gate.weights"] = torch.full((64,), float("nan"))
     members["vectors.safetensors"] = save(tensors)
     manifest["categories"][0]["vectors"]["gate"]["layer"] = 1
