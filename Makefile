@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run test test-fast lint format bench bench-gpu bench-peers clean
+.PHONY: install browser run test test-fast lint format bench bench-gates bench-gpu bench-peers clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ format: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/engine.py
+
+# Gates on the embedded model: cross-source catch rate, false positives, distinctness, cost (docs/gates.md).
+bench-gates: install
+	HF_HUB_OFFLINE=1 $(PY) bench/gates.py
 
 # Real-size models with random weights on a GPU (docs/gpu.md); add --peers llama-3.1-8b with repeng,
 # steering-vectors and gguf installed to compare with them.

@@ -35,6 +35,11 @@ SITE_HELP = (
     "**residual**: the layer's whole output (portable to llama.cpp). "
     "**attention**: only the attention block's output, as in the papers."
 )
+GATE_HELP = (
+    "**Gate**: a small classifier trained with the vectors on the same activations decides, per request, "
+    "whether it belongs to this category; only then is it steered, so everyday requests are answered as "
+    "before. Its rates below are measured on prompts it never trained on."
+)
 EXPORT_FORMATS = [(f.label, f.key) for f in workflows.EXPORT_FORMATS.values()]  # shown label, API value
 
 
@@ -86,10 +91,30 @@ def build_app() -> gr.Blocks:
                         info="last: the last prompt token; mean: all prompt tokens",
                     )
                     prune = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="Pruning: share of harmful examples kept")
-                gr.Markdown(METHOD_HELP + "\n\n" + SITE_HELP)
+                with gr.Row():
+                    gate_mode = gr.Radio(
+                        ["gated", "always", "none"],
+                        value="gated",
+                        label="Which prompts to steer",
+                        info="gated: only prompts this category's gate recognises; always: every prompt",
+                    )
+                    gate_fpr = gr.Slider(
+                        0.01,
+                        0.2,
+                        value=0.05,
+                        step=0.01,
+                        label="Gate: allowed false positives on safe prompts",
+                        info="lower: fewer everyday prompts steered, fewer harmful ones caught",
+                    )
+                gr.Markdown(METHOD_HELP + "\n\n" + SITE_HELP + "\n\n" + GATE_HELP)
                 extract_button = gr.Button("Extract steering vectors", variant="primary")
                 extract_summary = gr.Markdown(label="Extraction summary", elem_id="extract-summary")
                 separation = gr.Plot(label="Separation by layer")
+                gate_text = gr.Markdown(elem_id="gate-summary")
+                gate_threshold = gr.Slider(
+                    -100, 100, value=0, step=0.01, label="Gate threshold (move it: the rates follow)", visible=False
+                )
+                gate_scores = gr.Plot(label="Gate scores on held-out prompts")
 
             with gr.Tab("3 · Preview"):
                 with gr.Row():
@@ -111,6 +136,7 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     naive = gr.Textbox(label="Naive (no steering)", lines=10, elem_id="naive-output")
                     steered = gr.Textbox(label="Steered", lines=10, elem_id="steered-output")
+                gate_verdicts = gr.Markdown(elem_id="gate-verdicts")
                 with gr.Accordion("Batch: several test prompts at once", open=False):
                     batch_prompts = gr.Textbox(
                         label="Test prompts, one per line (empty: the held-out examples)", lines=4
@@ -118,10 +144,10 @@ def build_app() -> gr.Blocks:
                     batch_button = gr.Button("Run batch")
                     batch_table = gr.Dataframe(
                         label="Naive vs steered",
-                        headers=["prompt", "naive", "steered"],
+                        headers=["prompt", "steered by", "naive", "steered"],
                         interactive=False,
                         wrap=True,
-                        column_widths=["24%", "38%", "38%"],
+                        column_widths=["22%", "10%", "34%", "34%"],
                         elem_id="batch-table",
                     )
 
@@ -203,11 +229,22 @@ def build_app() -> gr.Blocks:
         )
         extract_button.click(
             studio.user_errors(studio.extract),
-            [draft, method, site, token, prune],
-            [draft, separation, extract_summary, layer],
+            [draft, method, site, token, prune, gate_mode, gate_fpr, policy],
+            [draft, separation, extract_summary, layer, gate_scores, gate_text],
             api_name="extract",
             concurrency_limit=1,
-        ).then(studio.layer_slider, draft, layer, api_visibility="private")
+        ).then(studio.layer_slider, draft, layer, api_visibility="private").then(
+            studio.threshold_slider, draft, gate_threshold, api_visibility="private"
+        )
+        gate_threshold.release(
+            studio.user_errors(studio.move_threshold),
+            [draft, gate_threshold],
+            [draft, gate_scores, gate_text],
+            api_name="move_threshold",
+        )
+        gate_mode.change(
+            studio.user_errors(studio.set_mode), [draft, gate_mode], [draft, gate_text], api_name="set_mode"
+        )
         eval_event = eval_button.click(
             studio.user_errors(studio.run_evaluation),
             [draft, eval_layers, eval_strengths, eval_tokens, guard_model],
@@ -241,7 +278,7 @@ def build_app() -> gr.Blocks:
         preview_button.click(
             studio.user_errors(studio.preview),
             [draft, prompt, layer, strength, max_tokens, policy, also_apply],
-            [naive, steered],
+            [naive, steered, gate_verdicts],
             api_name="preview",
         )
         batch_button.click(

@@ -233,7 +233,7 @@ def greedy_decode(
         streamer.put(input_ids.cpu())
 
     cache = DynamicCache(config=model.config)
-    with steer(lm, specs) as state:  # the prompt goes through the model's own forward pass, gates and hooks
+    with steer(lm, specs, gate_readings) as state:  # the prompt goes through the model's own pass, gates and hooks
         logits = model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -248,8 +248,6 @@ def greedy_decode(
     dtype = base.embed_tokens.weight.dtype
     device = input_ids.device
     shifts = _shifts(state, rows, dtype, device)
-    if gate_readings is not None:
-        gate_readings.extend(state.readings)
     plans = [_LayerPlan.of(layer) for layer in layers]
     final_norm, head = _norm(base.norm), _linear(model.lm_head)
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)

@@ -48,9 +48,10 @@ def check_fpr(fpr: float) -> float:
 
 
 def check_mode(mode: str) -> GateMode:
-    if mode not in GATE_MODES:
-        raise SafeSteerError(f"unknown gate mode {mode!r}: use one of {', '.join(GATE_MODES)}")
-    return mode  # type: ignore[return-value]
+    for known in GATE_MODES:
+        if mode == known:
+            return known
+    raise SafeSteerError(f"unknown gate mode {mode!r}: use one of {', '.join(GATE_MODES)}")
 
 
 @dataclass(frozen=True)

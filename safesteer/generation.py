@@ -88,7 +88,7 @@ def generate_ids(
             gate_readings=gate_readings,
         )
     cache = {"cache_implementation": "static"} if decoder == "static" else {}
-    with steer(lm, specs) as state, torch.inference_mode():
+    with steer(lm, specs, gate_readings), torch.inference_mode():
         output = lm.model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -101,8 +101,6 @@ def generate_ids(
             streamer=streamer,
             **cache,
         )
-    if gate_readings is not None:
-        gate_readings.extend(state.readings)
     return output[:, batch["input_ids"].shape[1] :]
 
 
@@ -218,7 +216,12 @@ class _RowStreamer:
 
 
 def generate_stream(
-    lm: LoadedModel, prompts: Sequence[str], specs: Sequence[SteeringSpec] = (), *, max_new_tokens: int = 64
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    specs: Sequence[SteeringSpec] = (),
+    *,
+    max_new_tokens: int = 64,
+    gate_readings: list[GateReading] | None = None,
 ) -> Iterator[list[str]]:
     """Like `generate`, but yields every row's text so far after each decoding step.
 
@@ -230,7 +233,9 @@ def generate_stream(
 
     def work() -> None:
         try:
-            outcome["texts"] = generate(lm, prompts, specs, max_new_tokens=max_new_tokens, streamer=streamer)
+            outcome["texts"] = generate(
+                lm, prompts, specs, max_new_tokens=max_new_tokens, streamer=streamer, gate_readings=gate_readings
+            )
         except BaseException as exc:  # handed to the caller's thread below
             outcome["error"] = exc
             streamer.end()

@@ -186,11 +186,11 @@ def read_gates(lm: LoadedModel, prompts: Sequence[str], gates: Sequence[Gate], b
 class SteeringState:
     """One `steer` block: which rows each gated spec steers, as decided at the latest prompt pass."""
 
-    def __init__(self, specs: Sequence[SteeringSpec]) -> None:
+    def __init__(self, specs: Sequence[SteeringSpec], readings: list[GateReading] | None = None) -> None:
         self.specs = tuple(specs)
         self.gated = [i for i, spec in enumerate(self.specs) if spec.gated and not spec.is_noop()]
         self.fired: list[list[bool]] | None = None  # [rows][k] for the k-th gated spec
-        self.readings: list[GateReading] = []
+        self.readings: list[GateReading] = readings if readings is not None else []  # appended as passes run
         self.generation = 0  # bumped at every decision, so cached shifts are rebuilt
 
     def decide(self, lm: LoadedModel, input_ids: Any, attention_mask: Any, inputs_embeds: Any = None) -> None:
@@ -259,10 +259,13 @@ def _gate_hook(block: int, lm: LoadedModel, state: SteeringState):
 
 
 @contextmanager
-def steer(lm: LoadedModel, specs: Sequence[SteeringSpec]) -> Iterator[SteeringState]:
+def steer(
+    lm: LoadedModel, specs: Sequence[SteeringSpec], gate_readings: list[GateReading] | None = None
+) -> Iterator[SteeringState]:
     """Apply the specs to `lm` inside the block, for the calling thread only; always clean up.
 
-    The block yields its `SteeringState`: the gates' readings of every prompt pass inside it.
+    The block yields its `SteeringState`; the gates' reading of every prompt pass inside it is
+    appended to `gate_readings` (when given) as soon as it is made, so a stream can show it early.
     """
     hidden = lm.identity.hidden_size
     for spec in specs:
@@ -277,7 +280,7 @@ def steer(lm: LoadedModel, specs: Sequence[SteeringSpec]) -> Iterator[SteeringSt
                     f"a gate of hidden size {spec.gate.hidden_size} does not fit this model ({hidden})"
                 )
             lm.architecture.module(spec.gate.layer, spec.gate.site)
-    state = SteeringState(specs)
+    state = SteeringState(specs, gate_readings)
     token = object()
     block = id(token)
     with ExitStack() as stack:

@@ -19,6 +19,7 @@ from .evaluation import (
     save_evaluation,
 )
 from .extraction import extract, layer_slider, separation_plot
+from .gating import gate_plot, gate_summary, move_threshold, set_mode, threshold_slider
 from .preview import draft_spec, policy_categories, preview, preview_batch
 from .resources import (
     BUILTIN_PREFIX,
@@ -64,9 +65,12 @@ __all__ = [
     "export_policy",
     "export_target",
     "extract",
+    "gate_plot",
+    "gate_summary",
     "guided_from_review",
     "import_policy",
     "layer_slider",
+    "move_threshold",
     "parse_version",
     "plain_text",
     "policy_categories",
@@ -89,8 +93,10 @@ __all__ = [
     "save_target",
     "save_version",
     "separation_plot",
+    "set_mode",
     "studio_model",
     "studio_store",
+    "threshold_slider",
     "user_errors",
     "versions_table",
 ]

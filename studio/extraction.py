@@ -11,10 +11,13 @@ from typing import Any
 
 import gradio as gr
 
+from safesteer.gates import DEFAULT_FPR
 from safesteer.vectors import CategoryVectors, ExtractionSettings, extract_vectors
 
 from .category import Draft, require_draft
-from .resources import BackgroundTask, plain_text, preview_model, studio_model
+from .gating import gate_plot, gate_summary
+from .resources import BackgroundTask, plain_text, preview_model, studio_model, studio_store
+from .versions import policy_names
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +52,52 @@ def separation_plot(vectors: CategoryVectors):
     return figure
 
 
+def other_categories(policy: str | None, name: str) -> list[str]:
+    """Harmful prompts of the selected policy's other categories: the new gate learns to leave them alone."""
+    if not policy or policy not in policy_names():
+        return []
+    return [p for c in studio_store().load_version(policy).categories if c.name != name for p in c.harmful]
+
+
 def extract(
-    draft: Draft | None, method: str, site: str, token: str, prune_fraction: float, progress: gr.Progress | None = None
-) -> Iterator[tuple[Any, Any, str, Any]]:
-    """Compute the category's vectors at every layer, streaming progress; recommend a layer (a plain number)."""
+    draft: Draft | None,
+    method: str,
+    site: str,
+    token: str,
+    prune_fraction: float,
+    mode: str = "gated",
+    gate_fpr: float = DEFAULT_FPR,
+    policy: str | None = None,
+    progress: gr.Progress | None = None,
+) -> Iterator[tuple[Any, ...]]:
+    """Compute the category's vectors at every layer and its gate, streaming progress; recommend a layer."""
     category = require_draft(draft)
-    settings = ExtractionSettings(site=site, token=token, method=method, prune_fraction=float(prune_fraction))  # type: ignore[arg-type]
+    settings = ExtractionSettings(
+        site=site,  # type: ignore[arg-type]
+        token=token,  # type: ignore[arg-type]
+        method=method,  # type: ignore[arg-type]
+        prune_fraction=float(prune_fraction),
+        gate=mode != "none",
+        gate_fpr=float(gate_fpr),
+    )
     settings.validate()
+    others = other_categories(policy, category.name) if settings.gate else []
     task = BackgroundTask(
         lambda report: extract_vectors(
-            studio_model(), category.harmful, category.safe, settings, category=category.name, progress=report
+            studio_model(),
+            category.harmful,
+            category.safe,
+            settings,
+            category=category.name,
+            progress=report,
+            others=others,
         )
     )
     for line in task.lines(progress):
-        yield gr.skip(), gr.skip(), f"Extracting: {plain_text(line)}", gr.skip()
+        yield gr.skip(), gr.skip(), f"Extracting: {plain_text(line)}", gr.skip(), gr.skip(), gr.skip()
     vectors = task.result()
+    if vectors.gate is not None and mode == "always":
+        vectors = vectors.with_gate(vectors.gate.with_mode("always"))
     draft = replace(category, vectors=vectors)
     best = vectors.layer_stats[vectors.recommended_layer]
     elapsed = time.monotonic() - task.started
@@ -73,7 +107,9 @@ def extract(
         "\n\nNext: **3 · Preview**."
     )
     _warm_preview_model()
-    yield draft, separation_plot(vectors), summary, vectors.recommended_layer
+    gate = vectors.gate
+    plot = gate_plot(gate) if gate is not None else None
+    yield draft, separation_plot(vectors), summary, vectors.recommended_layer, plot, gate_summary(gate)
 
 
 def layer_slider(draft: Draft | None) -> gr.Slider:

@@ -8,11 +8,13 @@ import gradio as gr
 import pandas as pd
 
 from safesteer.errors import SafeSteerError
-from safesteer.generation import generate, generate_stream
+from safesteer.gates import GateReading
+from safesteer.generation import generate, generate_stream, verdicts
 from safesteer.identity import check_compatible
 from safesteer.steering import SteeringSpec
 
 from .category import Draft, require_draft
+from .gating import verdict_lines
 from .resources import MAX_BATCH_PROMPTS, preview_model, studio_model, studio_store
 from .versions import policy_names
 
@@ -22,7 +24,11 @@ def draft_spec(draft: Draft, layer: float, strength: float, rows: tuple[float, .
     assert vectors is not None
     layer = int(layer)
     return SteeringSpec(
-        vectors.vector(layer), layer, rows if rows is not None else float(strength), vectors.settings.site
+        vectors.vector(layer),
+        layer,
+        rows if rows is not None else float(strength),
+        vectors.settings.site,
+        gate=vectors.gate,
     )
 
 
@@ -34,17 +40,15 @@ def policy_categories(policy: str | None) -> gr.CheckboxGroup:
 
 def _saved_specs(
     draft: Draft, policy: str | None, names: list[str] | None, steered_rows: list[bool]
-) -> list[SteeringSpec]:
-    """Specs for saved categories active together with the draft (the draft wins over a same-named one)."""
+) -> tuple[list[str], list[SteeringSpec]]:
+    """Names and specs of saved categories active together with the draft (the draft wins over a same-named one)."""
     if not policy or not names:
-        return []
+        return [], []
     version = studio_store().load_version(policy)
     check_compatible(version.model, studio_model().identity)
-    return [
-        c.steering_spec(tuple(c.strength if steered else 0.0 for steered in steered_rows))
-        for c in version.categories
-        if c.name in names and c.name != draft.name
-    ]
+    chosen = [c for c in version.categories if c.name in names and c.name != draft.name]
+    specs = [c.steering_spec(tuple(c.strength if steered else 0.0 for steered in steered_rows)) for c in chosen]
+    return [c.name for c in chosen], specs
 
 
 def preview(
@@ -55,20 +59,25 @@ def preview(
     max_tokens: float,
     policy: str | None = None,
     also_apply: list[str] | None = None,
-) -> Iterator[tuple[str, str]]:
-    """Naive and steered answers side by side, streamed, from one batched generation.
+) -> Iterator[tuple[str, str, str]]:
+    """Naive and steered answers side by side, streamed, from one batched generation; what each gate said.
 
     Saved categories of `policy` named in `also_apply` steer the second row too, each at its
-    saved layer and strength: several categories active at once.
+    saved layer and strength (and gate): several categories active at once.
     """
     draft = require_draft(draft, vectors=True)
     prompt = (prompt or "").strip()
     if not prompt:
         raise SafeSteerError("type a prompt (or pick a held-out example)")
-    specs = [draft_spec(draft, layer, strength, rows=(0.0, float(strength)))]
-    specs += _saved_specs(draft, policy, also_apply, [False, True])
-    stream = generate_stream(preview_model(), [prompt, prompt], specs, max_new_tokens=int(max_tokens))
-    yield from ((naive, steered) for naive, steered in stream)
+    names, saved = _saved_specs(draft, policy, also_apply, [False, True])
+    names, specs = [draft.name, *names], [draft_spec(draft, layer, strength, rows=(0.0, float(strength))), *saved]
+    readings: list[GateReading] = []
+    stream = generate_stream(
+        preview_model(), [prompt, prompt], specs, max_new_tokens=int(max_tokens), gate_readings=readings
+    )
+    for naive, steered in stream:
+        said = verdict_lines(names, verdicts(specs, readings[0], row=1)) if readings else gr.skip()
+        yield naive, steered, said
 
 
 def preview_batch(
@@ -80,12 +89,26 @@ def preview_batch(
     policy: str | None = None,
     also_apply: list[str] | None = None,
 ) -> pd.DataFrame:
-    """A list of test prompts (default: the held-out ones), naive vs steered, in one batched call."""
+    """Test prompts (default: the held-out ones), naive vs steered in one batched call, and which gates fired."""
     draft = require_draft(draft, vectors=True)
     prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()] or draft.heldout
     prompts = prompts[:MAX_BATCH_PROMPTS]
     steered_rows = [False] * len(prompts) + [True] * len(prompts)
+    names, saved = _saved_specs(draft, policy, also_apply, steered_rows)
+    names = [draft.name, *names]
     specs = [draft_spec(draft, layer, strength, rows=tuple(float(strength) if r else 0.0 for r in steered_rows))]
-    specs += _saved_specs(draft, policy, also_apply, steered_rows)
-    texts = generate(preview_model(), prompts + prompts, specs, max_new_tokens=int(max_tokens))
-    return pd.DataFrame({"prompt": prompts, "naive": texts[: len(prompts)], "steered": texts[len(prompts) :]})
+    specs += saved
+    readings: list[GateReading] = []
+    texts = generate(preview_model(), prompts + prompts, specs, max_new_tokens=int(max_tokens), gate_readings=readings)
+    steered_by = []
+    for row in range(len(prompts), 2 * len(prompts)):
+        said = verdicts(specs, readings[0] if readings else None, row)
+        steered_by.append(", ".join(n for n, v in zip(names, said, strict=True) if v is None or v.fired) or "none")
+    return pd.DataFrame(
+        {
+            "prompt": prompts,
+            "steered by": steered_by,
+            "naive": texts[: len(prompts)],
+            "steered": texts[len(prompts) :],
+        }
+    )

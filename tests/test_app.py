@@ -7,6 +7,7 @@ Both use the real embedded model (4-bit). The browser test needs Debian's chromi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -66,7 +67,7 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
 
     client = Client(app_url, verbose=False)
     with pytest.raises(AppError, match="start at step 1"):
-        client.predict("pruned", "residual", "last", 0.5, api_name="/extract")
+        client.predict("pruned", "residual", "last", 0.5, "gated", 0.05, None, api_name="/extract")
 
     table, summary, _ = client.predict(
         "malicious-uses", "", studio.OWN_PROMPTS, handle_file(str(harmful_csv)), None, "", "", api_name="/read_category"
@@ -74,19 +75,32 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
     assert "**26 harmful**" in summary and "**4 held out**" in summary
     assert len(table["data"]) == 30 + len(datasets.benign_prompts())
 
-    plot, summary, layer = client.predict("pruned", "residual", "last", 0.5, api_name="/extract")
+    plot, summary, layer, gate_plot, gate_text = client.predict(
+        "pruned", "residual", "last", 0.5, "gated", 0.05, None, api_name="/extract"
+    )
     assert "Vectors ready for all 30 layers" in summary
     recommended = layer  # a plain number, not a component update
-    assert 7 <= recommended <= 19 and plot is not None
+    assert 7 <= recommended <= 19 and plot is not None and gate_plot is not None
+    assert "catches **" in gate_text and "held-out safe prompts" in gate_text and "**gated**" in gate_text
+    calibrated = float(re.search(r"threshold (-?[\d.]+)", gate_text).group(1))
 
-    prompt = datasets.harmful_prompts("malicious-uses", limit=30, seed=4)[0]
-    naive, steered = client.predict(prompt, recommended, 4.0, 24, None, [], api_name="/preview")
     from safesteer import generate
 
+    everyday = "How do I bake a loaf of bread?"
+    naive, steered, verdicts = client.predict(everyday, recommended, 4.0, 24, None, [], api_name="/preview")
     # the preview answers with the app's generation model (int4 on a CPU) and says so on the page
-    assert naive == generate(studio.preview_model(), [prompt], max_new_tokens=24)[0]
-    assert steered and steered != naive
+    assert naive == generate(studio.preview_model(), [everyday], max_new_tokens=24)[0]
+    assert "gate **did not fire**" in verdicts and steered == naive  # an everyday request is left alone
 
+    _, moved_text = client.predict(-99.0, api_name="/move_threshold")  # the author moves the threshold
+    assert "catches **100%**" in moved_text and "fires on **100%** of held-out safe" in moved_text
+    prompt = datasets.harmful_prompts("malicious-uses", limit=30, seed=4)[0]
+    naive, steered, verdicts = client.predict(prompt, recommended, 4.0, 24, None, [], api_name="/preview")
+    assert "gate **fired**" in verdicts and steered and steered != naive
+    _, back_text = client.predict(calibrated, api_name="/move_threshold")
+    assert back_text == gate_text
+
+    client.predict("always", api_name="/set_mode")
     batch = client.predict(
         "How do I bake bread?\nHow can I hack a wifi network?",
         recommended,
@@ -97,6 +111,8 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
         api_name="/preview_batch",
     )
     assert [row[0] for row in batch["data"]] == ["How do I bake bread?", "How can I hack a wifi network?"]
+    assert [row[1] for row in batch["data"]] == ["malicious-uses", "malicious-uses"]  # mode "always" steers all
+    assert "**gated**" in client.predict("gated", api_name="/set_mode")
 
     status, versions, _ = client.predict("Malicious uses", "first cut", recommended, 2.0, api_name="/save_version")
     assert "version **1**" in status and versions["data"][0][0] == 1
@@ -176,7 +192,9 @@ def test_browser_end_to_end(app_url, harmful_csv):
         page.get_by_role("tab", name="2 · Extract").click()
         page.get_by_role("button", name="Extract steering vectors").click()
         expect(page.get_by_text("s elapsed", exact=False).first).to_be_visible(timeout=60_000)  # live progress
-        expect(page.get_by_text("Vectors ready for all 30 layers")).to_be_visible(timeout=180_000)
+        expect(page.get_by_text("Vectors ready for all 30 layers")).to_be_visible(timeout=300_000)
+        expect(page.locator("#gate-summary")).to_contain_text("of held-out harmful prompts")  # the gate's rates
+        expect(page.locator("#gate-summary")).to_contain_text("held-out safe prompts")
         page.screenshot(path=str(ARTIFACTS / "extract.png"), full_page=True)
 
         page.get_by_role("tab", name="3 · Preview").click()
@@ -195,7 +213,18 @@ def test_browser_end_to_end(app_url, harmful_csv):
         expect(steered).not_to_have_value("", timeout=120_000)
         _wait_until_stable(lambda: (naive.input_value(), steered.input_value()))
         page.screenshot(path=str(ARTIFACTS / "preview.png"), full_page=True)
-        assert naive.input_value() != steered.input_value()
+        verdict = page.locator("#gate-verdicts")
+        expect(verdict).to_contain_text("gate", timeout=30_000)
+        if "did not fire" in verdict.inner_text():
+            assert naive.input_value() == steered.input_value()
+        else:
+            expect(verdict).to_contain_text("gate fired")
+            assert naive.input_value() != steered.input_value()
+        page.get_by_label("Prompt", exact=True).fill("Write a short poem about the sea.")
+        page.get_by_role("button", name="Generate side by side").click()
+        expect(verdict).to_contain_text("did not fire", timeout=120_000)  # an everyday request
+        _wait_until_stable(lambda: (naive.input_value(), steered.input_value()))
+        assert naive.input_value() == steered.input_value()
 
         page.get_by_role("tab", name="4 · Save & versions").click()  # what will be saved is shown before saving
         expect(page.locator("#save-target")).to_contain_text("layer 14, strength 4")

@@ -1,0 +1,127 @@
+"""The gate of the category in progress: its held-out rates, a score plot, and the author's threshold and mode."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import gradio as gr
+
+from safesteer.errors import SafeSteerError
+from safesteer.gates import Gate, check_mode
+from safesteer.generation import GateVerdict
+
+from .category import Draft, require_draft
+
+THRESHOLD_LIMIT = 100.0  # the threshold slider's outer bounds (app.py); scores beyond it fire always or never
+GROUPS = (
+    ("harmful", "this category (held out)", "#dc2626"),
+    ("other", "other categories (held out)", "#d97706"),
+    ("safe", "safe prompts (held out)", "#059669"),
+)
+
+
+def gate_plot(gate: Gate):
+    """Held-out score distributions by group, the threshold marked: how far apart they are and where it cuts."""
+    import matplotlib  # heavy, and only plots need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy, and only plots need it
+
+    figure, axes = plt.subplots(figsize=(7, 3.0), dpi=100)
+    values = [v for name, _, _ in GROUPS for v in gate.scores.get(name, [])]
+    low, high = (min(values), max(values)) if values else (-1.0, 1.0)
+    bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
+    for name, label, color in GROUPS:
+        scores = gate.scores.get(name) or []
+        if scores:
+            axes.hist(scores, bins=bins, alpha=0.55, color=color, label=f"{label}: {len(scores)}")
+    axes.axvline(gate.threshold, color="#111827", linestyle="--")
+    axes.annotate("threshold", (gate.threshold, 0), xytext=(4, 4), textcoords="offset points")
+    axes.set_xlabel("gate score (fires at or above the threshold)")
+    axes.set_ylabel("prompts")
+    axes.legend(fontsize=8)
+    axes.set_title(f"Gate at layer {gate.layer}: scores of prompts it never trained on")
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
+def gate_summary(gate: Gate | None) -> str:
+    """The gate's held-out rates at its threshold, in words an author can act on."""
+    if gate is None:
+        return "No gate: this category steers **every** prompt."
+    rates = gate.rates()
+    other = (
+        f", fires on **{rates.other_categories_rate:.0%}** of other categories' prompts ({rates.n_other})"
+        if rates.other_categories_rate is not None
+        else ""
+    )
+    mode = (
+        "**gated**: only prompts the gate fires on are steered"
+        if gate.mode == "gated"
+        else "**always**: every prompt is steered (the gate is kept but not used)"
+    )
+    return (
+        f"Gate (layer {gate.layer}, threshold {gate.threshold:.2f}): catches **{rates.catch_rate:.0%}** of held-out "
+        f"harmful prompts ({rates.n_harmful}), fires on **{rates.false_positive_rate:.0%}** of held-out safe prompts "
+        f"({rates.n_safe}){other}. Mode: {mode}."
+    )
+
+
+def _gate(draft: Draft | None) -> tuple[Draft, Gate]:
+    draft = require_draft(draft, vectors=True)
+    assert draft.vectors is not None
+    if draft.vectors.gate is None:
+        raise SafeSteerError("these vectors have no gate: extract again to train one")
+    return draft, draft.vectors.gate
+
+
+def threshold_slider(draft: Draft | None) -> Any:
+    """The threshold slider spanning the held-out scores, at the calibrated threshold."""
+    if draft is None or draft.vectors is None or draft.vectors.gate is None:
+        return gr.Slider(visible=False)
+    gate = draft.vectors.gate
+    values = [v for name, _, _ in GROUPS for v in gate.scores.get(name, [])] + [gate.threshold]
+    return gr.Slider(
+        minimum=max(-THRESHOLD_LIMIT, round(min(values) - 0.5, 2)),
+        maximum=min(THRESHOLD_LIMIT, round(max(values) + 0.5, 2)),
+        value=round(gate.threshold, 2),
+        step=0.01,
+        visible=True,
+    )
+
+
+def move_threshold(draft: Draft | None, threshold: float) -> tuple[Draft, Any, str]:
+    """Set the gate's threshold; the held-out rates and the plot follow."""
+    draft, gate = _gate(draft)
+    moved = gate.with_threshold(float(threshold))
+    assert draft.vectors is not None
+    return replace(draft, vectors=draft.vectors.with_gate(moved)), gate_plot(moved), gate_summary(moved)
+
+
+def set_mode(draft: Draft | None, mode: str) -> tuple[Draft, str]:
+    """Gated (steer only what the gate fires on) or always (every prompt, as in the papers)."""
+    if draft is None or draft.vectors is None or draft.vectors.gate is None:
+        return gr.skip(), gr.skip()  # nothing extracted yet: the choice applies at extraction
+    draft, gate = _gate(draft)
+    changed = gate.with_mode(check_mode(mode))
+    assert draft.vectors is not None
+    return replace(draft, vectors=draft.vectors.with_gate(changed)), gate_summary(changed)
+
+
+def verdict_lines(names: Sequence[str], verdicts: Sequence[GateVerdict | None]) -> str:
+    """One line per category for the preview: its gate's score and whether it steered this prompt."""
+    lines = []
+    for name, verdict in zip(names, verdicts, strict=True):
+        if verdict is None:
+            lines.append(f"- **{name}**: always on (no gate in use): steered")
+        elif verdict.fired:
+            lines.append(f"- **{name}**: gate **fired** (score {verdict.score:.2f} ≥ {verdict.threshold:.2f}): steered")
+        else:
+            lines.append(
+                f"- **{name}**: gate **did not fire** (score {verdict.score:.2f} < {verdict.threshold:.2f}): "
+                "not steered, so the answer is the naive one"
+            )
+    return "\n".join(lines)
