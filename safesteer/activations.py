@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import ExitStack
+from contextvars import ContextVar
 from typing import Literal
 
 import torch
@@ -23,6 +24,9 @@ import torch
 from .architectures import Site
 from .models import LoadedModel
 from .progress import ProgressCallback, no_progress
+
+_RECORDING: ContextVar[int | None] = ContextVar("safesteer_recording", default=None)
+"""The recorder whose pass this context runs: hooks on a shared model ignore other callers' passes."""
 
 Token = Literal["last", "mean"]
 TOKENS: tuple[Token, ...] = ("last", "mean")
@@ -63,6 +67,8 @@ class _Recorder:
 
     def hook(self, layer: int):
         def capture(module: torch.nn.Module, args: object, output: object) -> None:
+            if _RECORDING.get() != id(self):
+                return  # another caller's forward pass on the same model (a preview, say)
             hidden = primary_tensor(output)
             if self.in_prefix:
                 if self.prefix_sums is not None:
@@ -118,6 +124,7 @@ def record_activations(
         for layer in range(n_layers):
             handle = lm.architecture.module(layer, site).register_forward_hook(recorder.hook(layer))
             stack.callback(handle.remove)
+        stack.callback(_RECORDING.reset, _RECORDING.set(id(recorder)))
         prefix_cache = None
         if prefix:
             recorder.in_prefix, recorder.prefix_length = True, prefix

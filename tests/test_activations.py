@@ -41,3 +41,28 @@ def test_progress_reaches_one(tiny_lm):
     record_activations(tiny_lm, HARMFUL, batch_size=3, progress=lambda f, d: seen.append(f))
     assert seen[-1] == pytest.approx(1.0)
     assert seen == sorted(seen)
+
+
+def test_recording_ignores_other_callers_passes_on_the_same_model(tiny_lm):
+    """An extraction and a preview may share one model object: each sees only its own passes."""
+    import threading
+
+    from safesteer import generate
+
+    prompts = HARMFUL + SAFE
+    alone = record_activations(tiny_lm, prompts, batch_size=4)
+    stop = threading.Event()
+
+    def preview_traffic():
+        while not stop.is_set():
+            generate(tiny_lm, [SAFE[0]], max_new_tokens=4)
+
+    worker = threading.Thread(target=preview_traffic)
+    worker.start()
+    try:
+        busy = [record_activations(tiny_lm, prompts, batch_size=4) for _ in range(3)]
+    finally:
+        stop.set()
+        worker.join()
+    for recorded in busy:
+        torch.testing.assert_close(recorded, alone)
