@@ -82,8 +82,16 @@ def run_evaluation(
     )
     session = EvaluationSession(result, items, plots=[str(p) for p in files.plots], report_path=str(files.report))
     r = result.recommended
+    gate = result.gate
+    gated = (
+        f"Gated: the gate fired on **{gate['catch_rate']:.0%}** of the held-out harmful prompts and "
+        f"**{gate['false_positive_rate']:.0%}** of the everyday ones; only those were steered.\n\n"
+        if gate
+        else ""
+    )
     summary = (
         f"**Recommended: layer {r['layer']}, strength {r['strength']:g}.** {plain_text(r['rule'])}.\n\n"
+        + gated
         + "\n".join(f"- {plain_text(j)}" for j in [*result.judges, guard_note])
         + "\n\nNext: check the samples in the blind review below, then save the results with the policy."
     )

@@ -144,3 +144,20 @@ def test_a_new_measure_is_one_registration(tiny_lm, tiny_category, tmp_path, mon
     assert Evaluation.from_dict(result.to_dict()).cells[0].measures["answer_words"] == result.cells[0].answer_words
     assert "words per answer" in report_markdown(result)
     assert "heatmap_answer_words.png" in {p.name for p in write_plots(result, tmp_path / "plots")}
+
+
+def test_a_gated_category_is_evaluated_with_gating_on(tiny_lm, tiny_category, tmp_path):
+    from dataclasses import replace
+
+    settings = SweepSettings(layers=(1,), strengths=(4.0,), max_new_tokens=8)
+    gated = evaluate(tiny_lm, tiny_category, HARMFUL, SAFE[:4], settings, cache_dir=tmp_path)
+    assert gated.gate is not None and set(gated.gate) >= {"catch_rate", "false_positive_rate", "layer"}
+    assert len(gated.gate["fired_benign"]) == 4 and "**Gated**" in report_markdown(gated)
+    # A gate that fires on nothing leaves every answer as it was: no drift, whatever the strength.
+    gate = tiny_category.gate
+    silent = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate.with_threshold(1e9)))
+    quiet = evaluate(tiny_lm, silent, HARMFUL, SAFE[:4], settings, cache_dir=tmp_path)
+    assert quiet.gate["catch_rate"] == 0.0 and quiet.cells[0].benign_changed == 0.0
+    assert all(s["naive"] == s["steered"] for s in quiet.samples)
+    always = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate.with_mode("always")))
+    assert evaluate(tiny_lm, always, HARMFUL, SAFE[:4], settings, cache_dir=tmp_path).gate is None
