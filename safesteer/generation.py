@@ -19,7 +19,7 @@ from . import decoding
 from .errors import SafeSteerError
 from .gates import GateReading
 from .limits import max_prompt_tokens
-from .models import LoadedModel
+from .models import LoadedModel, Prompt
 from .steering import SteeringSpec, steer
 
 MAX_NEW_TOKENS_LIMIT = 2048
@@ -38,7 +38,7 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
 
 def generate_ids(
     lm: LoadedModel,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     specs: Sequence[SteeringSpec] = (),
     *,
     max_new_tokens: int = 64,
@@ -106,7 +106,7 @@ def generate_ids(
 
 def generate(
     lm: LoadedModel,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     specs: Sequence[SteeringSpec] = (),
     *,
     max_new_tokens: int = 64,
@@ -217,7 +217,7 @@ class _RowStreamer:
 
 def generate_stream(
     lm: LoadedModel,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     specs: Sequence[SteeringSpec] = (),
     *,
     max_new_tokens: int = 64,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 Precision = Literal["nf4", "int4", "bf16", "fp32"]
+Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
+Prompt = str | Sequence[Message]  # one user message, or a conversation
 PRECISIONS: tuple[Precision, ...] = ("nf4", "int4", "bf16", "fp32")
 """nf4: bitsandbytes 4-bit (CPU or GPU). int4: PyTorch's 4-bit CPU kernel, the fast path for
 generating on a CPU (see `int4`). bf16 and fp32: unquantized."""
@@ -59,15 +62,17 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def chat_text(self, prompt: str) -> str:
-        """The prompt as the model sees it in a chat: its template, ready for the answer."""
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-        return prompt
+    def chat_text(self, prompt: Prompt) -> str:
+        """The prompt as the model sees it in a chat: its template, ready for the answer.
 
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        A prompt is one user message, or a whole conversation (system, user and assistant messages).
+        """
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return "\n\n".join(m["content"] for m in messages)
+
+    def encode(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
         """Left-padded token ids and mask for a batch of chat prompts, on the model's device."""
         batch = self.tokenizer(
             [self.chat_text(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False

@@ -1,0 +1,229 @@
+"""Dynamic batching: concurrent requests, each with its own steering, answered in shared batches.
+
+A server receives requests one by one, each with its own policy version (or none). Generating them
+one after another wastes the model: a decode step of a small model costs about the same for one row
+as for eight. The `Batcher` collects the requests that arrive within a few milliseconds of each
+other, up to a batch size, and answers them with one `generate_ids` call. Each request's steering
+becomes its own rows' strengths (zero on every other row) and its gates are read per row, so a
+request gets exactly the tokens it would get alone: the engine's per-row isolation, reused.
+
+Requests stream: each step's new token goes to its request's queue as soon as the batch makes it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .errors import SafeSteerError
+from .gates import GateReading
+from .generation import _eos_ids, generate_ids
+from .models import LoadedModel, Prompt
+from .steering import SteeringSpec
+
+
+class QueueFull(SafeSteerError):
+    """More requests are waiting than the server accepts; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request: its text, token counts, why it stopped, and which of its categories' gates fired."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of text) or "length" (max tokens)
+    fired: tuple[str, ...]
+
+
+@dataclass
+class Job:
+    """One request: a chat prompt, its steering (named, for reporting), and how many tokens it may have."""
+
+    prompt: Prompt
+    specs: Sequence[SteeringSpec] = ()
+    names: Sequence[str] = ()  # one per spec: the category each spec comes from
+    max_new_tokens: int = 64
+    deltas: queue.Queue[str | None] = field(default_factory=queue.Queue)  # text pieces as they come; None: done
+    result: Future[Completion] = field(default_factory=Future)
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        """Text pieces as the batch produces them; then `result` holds the whole completion."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                piece = self.deltas.get(timeout=left)
+            except queue.Empty:
+                raise TimeoutError("the request took longer than its time limit") from None
+            if piece is None:
+                return
+            yield piece
+
+
+def _merge(jobs: Sequence[Job]) -> tuple[list[SteeringSpec], list[list[tuple[int, str]]]]:
+    """One spec per distinct (vector, layer, site, gate) with a strength per row; and per spec, its (row, name)s."""
+    merged: dict[tuple[int, int, str, int], tuple[SteeringSpec, list[float], list[tuple[int, str]]]] = {}
+    rows = len(jobs)
+    for row, job in enumerate(jobs):
+        for spec, name in zip(job.specs, job.names, strict=True):
+            key = (id(spec.vector), spec.layer, spec.site, id(spec.gate))
+            if key not in merged:
+                merged[key] = (spec, [0.0] * rows, [])
+            _, strengths, users = merged[key]
+            strengths[row] += spec.strengths()[0]
+            users.append((row, name))
+    specs = [replace(base, strength=tuple(strengths)) for base, strengths, _ in merged.values()]
+    return specs, [users for _, _, users in merged.values()]
+
+
+class _Dispatch:
+    """A streamer for the batch: hands each row's new token to its job, and finishes jobs that are done."""
+
+    def __init__(self, lm: LoadedModel, jobs: Sequence[Job]) -> None:
+        self.lm = lm
+        self.jobs = jobs
+        self.eos = set(_eos_ids(lm))
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt ids
+            self._prompt_seen = True
+            return
+        for job, token in zip(self.jobs, value.reshape(-1).tolist(), strict=True):
+            if job.done:
+                continue
+            if token in self.eos:
+                job.done = True
+                continue
+            job.ids.append(int(token))
+            text = self.lm.tokenizer.decode(job.ids, skip_special_tokens=True)
+            if text.startswith(job.text) and not text.endswith("\ufffd"):  # whole characters only
+                job.deltas.put(text[len(job.text) :])
+                job.text = text
+            if len(job.ids) >= job.max_new_tokens:
+                job.done = True
+
+    def end(self) -> None:
+        pass
+
+
+class Batcher:
+    """Answers submitted jobs in batches on one worker thread (the model runs one batch at a time)."""
+
+    def __init__(
+        self, lm: LoadedModel, *, max_batch: int = 16, max_wait_s: float = 0.01, max_queue: int = 64
+    ) -> None:
+        self.lm = lm
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._closing = threading.Event()
+        self.batches: list[int] = []  # sizes of the batches run, for tests and benchmarks
+        self._worker = threading.Thread(target=self._run, name="safesteer-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: Job) -> Job:
+        if self._closing.is_set():
+            raise SafeSteerError("the server is shutting down")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self._queue.maxsize} requests are already waiting; retry shortly") from None
+        return job
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs, finish the ones already taken, then stop the worker."""
+        self._closing.set()
+        self._worker.join(timeout)
+
+    def _gather(self) -> list[Job]:
+        try:
+            first = self._queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        jobs = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(jobs) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                jobs.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
+
+    def _run(self) -> None:
+        while not (self._closing.is_set() and self._queue.empty()):
+            jobs = self._gather()
+            if jobs:
+                self._answer(jobs)
+
+    def _answer(self, jobs: list[Job]) -> None:
+        self.batches.append(len(jobs))
+        try:
+            specs, users = _merge(jobs)
+            readings: list[GateReading] = []
+            batch_prompts = [job.prompt for job in jobs]
+            prompt_tokens = self.lm.encode(batch_prompts)["attention_mask"].sum(dim=1).tolist()
+            generate_ids(
+                self.lm,
+                batch_prompts,
+                specs,
+                max_new_tokens=max(job.max_new_tokens for job in jobs),
+                streamer=_Dispatch(self.lm, jobs),
+                gate_readings=readings,
+            )
+        except BaseException as exc:  # every waiting request hears about it
+            for job in jobs:
+                job.deltas.put(None)
+                if not job.result.done():
+                    job.result.set_exception(exc)
+            return
+        fired: list[list[str]] = [[] for _ in jobs]
+        gated = [k for k, spec in enumerate(specs) if spec.gated and not spec.is_noop()]
+        for position, k in enumerate(gated):
+            for row, name in users[k]:
+                if readings and readings[0].fired[row][position]:
+                    fired[row].append(name)
+        for row, job in enumerate(jobs):
+            length = len(job.ids) >= job.max_new_tokens
+            text = self.lm.tokenizer.decode(job.ids, skip_special_tokens=True)
+            if text != job.text:
+                job.deltas.put(text[len(job.text) :] if text.startswith(job.text) else text)
+            job.deltas.put(None)
+            job.result.set_result(
+                Completion(
+                    text=text.strip(),
+                    prompt_tokens=int(prompt_tokens[row]),
+                    completion_tokens=len(job.ids),
+                    finish_reason="length" if length else "stop",
+                    fired=tuple(fired[row]),
+                )
+            )
+
+
+def answer_alone(lm: LoadedModel, job: Job) -> str:
+    """What one job gets without batching (the reference the batcher must match)."""
+    ids = generate_ids(lm, [job.prompt], list(job.specs), max_new_tokens=job.max_new_tokens)[0].tolist()
+    eos = set(_eos_ids(lm))
+    kept: list[Any] = []
+    for token in ids:
+        if token in eos:
+            break
+        kept.append(token)
+    return str(lm.tokenizer.decode(kept, skip_special_tokens=True)).strip()

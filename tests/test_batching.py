@@ -1,0 +1,93 @@
+"""Dynamic batching: requests with different steering answered together, each exactly as alone."""
+
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+from safesteer.batching import Batcher, Job, QueueFull, answer_alone
+from safesteer.steering import SteeringSpec
+from tests.conftest import HARMFUL, SAFE
+from tests.test_gates import _gate_for
+
+
+def _spec(lm, seed, layer=1, strength=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return SteeringSpec(torch.randn(lm.identity.hidden_size, generator=g) * 4, layer, strength)
+
+
+@pytest.fixture()
+def batcher(tiny_lm):
+    b = Batcher(tiny_lm, max_batch=8, max_wait_s=0.2)
+    yield b
+    b.close()
+
+
+def test_mixed_requests_in_one_batch_match_each_alone(tiny_lm, batcher):
+    a, b = _spec(tiny_lm, 1), _spec(tiny_lm, 2, layer=2, strength=2.0)
+    gated = replace(a, gate=_gate_for(tiny_lm, HARMFUL[1], SAFE[1], layer=2))
+    jobs = [
+        Job(HARMFUL[0], [a], ["weapons"], max_new_tokens=12),
+        Job(SAFE[0], [], [], max_new_tokens=5),
+        Job(HARMFUL[1], [a, b], ["weapons", "fraud"], max_new_tokens=12),
+        Job([{"role": "system", "content": "Be brief."}, {"role": "user", "content": SAFE[2]}], [b], ["fraud"], 9),
+        Job(HARMFUL[1], [gated], ["gated"], max_new_tokens=12),
+        Job(SAFE[1], [gated], ["gated"], max_new_tokens=12),
+    ]
+    for job in jobs:
+        batcher.submit(job)
+    results = [job.result.result(timeout=60) for job in jobs]
+    assert batcher.batches[-1] == len(jobs)  # answered together
+    for job, result in zip(jobs, results, strict=True):
+        assert result.text == answer_alone(tiny_lm, job)
+        assert result.completion_tokens <= job.max_new_tokens
+        assert "".join(job.stream(timeout=5)).strip() == result.text  # the streamed pieces, read afterwards
+    assert results[4].fired == ("gated",) and results[5].fired == ()
+    assert results[1].finish_reason in ("stop", "length") and results[1].completion_tokens <= 5
+
+
+def test_streamed_pieces_add_up_to_the_answer(tiny_lm, batcher):
+    job = batcher.submit(Job(HARMFUL[2], [_spec(tiny_lm, 3)], ["x"], max_new_tokens=16))
+    pieces = list(job.stream(timeout=60))
+    assert len(pieces) > 1 and "".join(pieces).strip() == job.result.result().text
+
+
+def test_a_full_queue_refuses_instead_of_waiting(tiny_lm):
+    slow = Batcher(tiny_lm, max_batch=1, max_wait_s=0.0, max_queue=1)
+    try:
+        jobs, refused = [], 0
+        for _ in range(6):
+            try:
+                jobs.append(slow.submit(Job(SAFE[0], max_new_tokens=30)))
+            except QueueFull:
+                refused += 1
+        assert refused >= 1
+        assert all(job.result.result(timeout=60).text for job in jobs)  # the accepted ones are all answered
+    finally:
+        slow.close()
+
+
+def test_concurrent_submitters_get_their_own_answers(tiny_lm, batcher):
+    specs = [[], [_spec(tiny_lm, 4)], [_spec(tiny_lm, 5, layer=3)]]
+    prompts = [HARMFUL[3], SAFE[3], HARMFUL[4], SAFE[4]]
+    expected = {
+        (p, k): answer_alone(tiny_lm, Job(p, specs[k], ["c"] * len(specs[k]), 10)) for p in prompts for k in range(3)
+    }
+    got: dict[tuple[str, int], list[str]] = {key: [] for key in expected}
+    start = threading.Barrier(len(expected))
+
+    def client(key):
+        start.wait()
+        prompt, k = key
+        for _ in range(2):
+            job = batcher.submit(Job(prompt, specs[k], ["c"] * len(specs[k]), 10))
+            got[key].append(job.result.result(timeout=120).text)
+
+    threads = [threading.Thread(target=client, args=(key,)) for key in expected]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {key: [text, text] for key, text in expected.items()}
+    assert max(batcher.batches) > 1
