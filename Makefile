@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run test test-fast lint format bench bench-gates bench-gpu bench-peers clean
+.PHONY: install browser run serve test test-fast lint format bench bench-gates bench-gpu bench-peers clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ browser:
 
 run: install
 	GRADIO_ANALYTICS_ENABLED=False $(PY) app.py
+
+# Saved policies over an OpenAI-compatible API on http://127.0.0.1:8000 (README: "Serve a policy").
+serve: install
+	HF_HUB_OFFLINE=1 $(PY) -m cli serve
 
 test: install browser
 	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest

@@ -141,3 +141,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 said = "fired: steered" if verdict.fired else "did not fire: not steered"
                 print(f"gate of {name!r}: score {verdict.score:.2f} vs threshold {verdict.threshold:.2f}, {said}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server import ServeSettings, api_keys_from_env, create_app, run
+
+    keys = api_keys_from_env()
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise SafeSteerError(f"set SAFESTEER_API_KEYS before serving on {args.host}: without keys anyone could call it")
+    store = open_store(args)
+    lm = load_for(args, args.model, generating=True)
+    settings = ServeSettings(
+        api_keys=keys,
+        max_tokens_limit=args.max_tokens_limit,
+        max_batch=args.max_batch,
+        timeout_s=args.timeout,
+        max_queue=args.max_queue,
+        audit=args.audit or args.audit_prompts,
+        audit_prompts=args.audit_prompts,
+    )
+    run(create_app(lm, store, settings, base_name=args.model_name), host=args.host, port=args.port)
+    return 0

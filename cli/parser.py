@@ -15,7 +15,7 @@ from safesteer.vectors import METHODS
 from safesteer.workflows import DEFAULT_BENIGN, DEFAULT_HARMFUL, EXPORT_FORMATS
 
 from .common import DEFAULT_STRENGTH, default_author
-from .generation import cmd_extract, cmd_generate
+from .generation import cmd_extract, cmd_generate, cmd_serve
 from .policies import cmd_eval, cmd_export, cmd_import, cmd_policy
 
 
@@ -170,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     with_model(ev, None)
     ev.set_defaults(handler=cmd_eval)
+
+    serve = subcommand(commands, "serve", help="serve saved policies over an OpenAI-compatible API")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (others need SAFESTEER_API_KEYS)")
+    serve.add_argument("--port", type=positive_int, default=8000)
+    serve.add_argument(
+        "--model-name", default="base", help="the `model` value that asks for unsteered answers (default: base)"
+    )
+    serve.add_argument("--max-tokens-limit", type=positive_int, default=512, help="the largest max_tokens accepted")
+    serve.add_argument("--max-batch", type=positive_int, default=16, help="requests answered together at most")
+    serve.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 429")
+    serve.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take")
+    serve.add_argument("--audit", action="store_true", help="record each answer's policy version and gates fired")
+    serve.add_argument("--audit-prompts", action="store_true", help="...with the prompt text (implies --audit)")
+    with_model(serve, None)
+    serve.set_defaults(handler=cmd_serve)
 
     imp = subcommand(commands, "import", help="import a policy bundle as a new version")
     imp.add_argument("file")

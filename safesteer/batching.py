@@ -122,9 +122,7 @@ class _Dispatch:
 class Batcher:
     """Answers submitted jobs in batches on one worker thread (the model runs one batch at a time)."""
 
-    def __init__(
-        self, lm: LoadedModel, *, max_batch: int = 16, max_wait_s: float = 0.01, max_queue: int = 64
-    ) -> None:
+    def __init__(self, lm: LoadedModel, *, max_batch: int = 16, max_wait_s: float = 0.01, max_queue: int = 64) -> None:
         self.lm = lm
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
