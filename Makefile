@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run serve test test-fast lint format bench bench-gates bench-gpu bench-peers clean
+.PHONY: install browser run serve test test-fast lint format bench bench-gates bench-serve bench-gpu bench-peers clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench: install
 # Gates on the embedded model: cross-source catch rate, false positives, distinctness, cost (docs/gates.md).
 bench-gates: install
 	HF_HUB_OFFLINE=1 $(PY) bench/gates.py
+
+# The policy server under 8 concurrent clients vs one at a time (docs/serving.md).
+bench-serve: install
+	HF_HUB_OFFLINE=1 $(PY) bench/serve.py
 
 # Real-size models with random weights on a GPU (docs/gpu.md); add --peers llama-3.1-8b with repeng,
 # steering-vectors and gguf installed to compare with them.
