@@ -54,8 +54,11 @@ def phrasings(name: str, limit: int, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(lines, min(limit, len(lines)))
 
 
-def any_fired(lm, prompts: list[str], gates) -> list[bool]:
-    return [any(row) for row in read_gates(lm, prompts, gates).fired]
+def any_fired(lm, prompts: list[str], gates, keep: dict[str, list[list[bool]]] | None = None) -> list[bool]:
+    fired = read_gates(lm, prompts, gates).fired
+    if keep is not None:
+        keep["rows"] = fired
+    return [any(row) for row in fired]
 
 
 def rate(flags: list[bool]) -> float:
@@ -97,8 +100,9 @@ def main() -> None:
     strongreject = datasets.harmful_prompts("strongreject")
     past, future = phrasings("past_tense", 200), phrasings("future_tense", 200)
     wrapped = [w.format(prompt=p) for w in WRAPPERS for p in random.Random(1).sample(strongreject, 60)]
+    per_gate: dict[str, list[list[bool]]] = {}
     fired = {
-        "strongreject": any_fired(lm, strongreject, gates),
+        "strongreject": any_fired(lm, strongreject, gates, keep=per_gate),
         "everyday_heldout": any_fired(lm, held_everyday, gates),
         "edgy_benign": any_fired(lm, edgy, gates),
         "past_tense": any_fired(lm, past, gates),
@@ -106,10 +110,10 @@ def main() -> None:
         "wrapped_strongreject": any_fired(lm, wrapped, gates),
     }
     by_category = {}
-    for area, vectors in categories.items():
+    for k, (area, vectors) in enumerate(categories.items()):
         gate = vectors.gate
         r = gate.rates()
-        sr = [row[0] for row in read_gates(lm, strongreject, [gate]).fired]
+        sr = [row[k] for row in per_gate["rows"]]
         by_category[area] = {
             "gate_layer": gate.layer,
             "threshold": round(gate.threshold, 4),
