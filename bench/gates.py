@@ -163,7 +163,7 @@ def main() -> None:
     without, _ = timed(lambda: generate_side_by_side(lm, prompt, ungated, max_new_tokens=64), args.repeats)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "settings": {"precision": args.precision, "generation_precision": lm.precision, "fpr": args.fpr},
+        "settings": {"precision": args.precision, "generation_precision": lm.identity.precision, "fpr": args.fpr},
         "sizes": {
             "harmful_examples": {a: len(p) for a, p in harmful.items()},
             "safe_examples": len(safe),

@@ -182,3 +182,11 @@ def test_a_full_queue_answers_429(tiny_lm, tmp_path):
     assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
     refused = next(r for r in statuses if r.status_code == 429).json()["error"]
     assert refused["type"] == "rate_limit_error" and json.dumps(refused)
+
+
+def test_serve_refuses_to_listen_beyond_localhost_without_keys(monkeypatch, capsys):
+    from cli import main
+
+    monkeypatch.delenv("SAFESTEER_API_KEYS", raising=False)
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "set SAFESTEER_API_KEYS" in capsys.readouterr().err
