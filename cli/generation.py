@@ -50,8 +50,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     try:
         started = time.perf_counter()
         lm = load_for(args, args.model, bar, generating=False)
+        gate_lm = load_for(args, args.model, generating=True) if settings.gate else None  # what `generate` reads with
         loaded = time.perf_counter()
-        result = extract_vectors(lm, harmful, safe, settings, category=args.category, progress=bar, others=others)
+        result = extract_vectors(
+            lm, harmful, safe, settings, category=args.category, progress=bar, others=others, gate_lm=gate_lm
+        )
         finished = time.perf_counter()
     finally:
         bar.close()

@@ -83,6 +83,7 @@ class Gate:
     auroc: float = float("nan")  # held-out (test split) AUROC, harmful vs everything else
     scores: dict[str, list[float]] = field(default_factory=dict)  # held-out scores by group, for plots and rates
     layer_auroc: list[float] = field(default_factory=list)  # calibration AUROC per layer: why this layer
+    precision: str = ""  # the weights it was trained on; read it with the same (docs/gates.md)
 
     def __post_init__(self) -> None:
         if self.site not in SITES or self.token not in TOKENS:
@@ -153,6 +154,7 @@ class Gate:
             "threshold": round(self.threshold, 4),
             "target_fpr": self.target_fpr,
             "auroc": round(self.auroc, 4),
+            "precision": self.precision,
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self.rates()).items()},
         }
 
@@ -169,6 +171,7 @@ class Gate:
             "auroc": self.auroc if math.isfinite(self.auroc) else None,
             "scores": self.scores,
             "layer_auroc": self.layer_auroc,
+            "precision": self.precision,
         }
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -210,6 +213,7 @@ class Gate:
                 auroc=float("nan") if auroc_value is None else float(auroc_value),
                 scores=scores,
                 layer_auroc=[float(v) for v in metadata.get("layer_auroc", [])],
+                precision=str(metadata.get("precision", "")),
             )
         except SafeSteerError:
             raise
@@ -293,6 +297,7 @@ def train_gate(
     target_fpr: float = DEFAULT_FPR,
     seed: int = 0,
     mode: GateMode = "gated",
+    precision: str = "",
 ) -> Gate:
     """Train and calibrate a category's gate from recorded activations `[n, L, d]` (others may be empty)."""
     check_fpr(target_fpr)
@@ -346,4 +351,5 @@ def train_gate(
         auroc=test_auroc,
         scores={**held_out, "calibration_safe": calibration_safe},
         layer_auroc=[round(float(a), 4) for a in layer_auroc],
+        precision=precision,
     )

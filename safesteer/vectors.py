@@ -348,11 +348,15 @@ def vectors_from_activations(
     category: str = "category",
     method: VectorMethod | None = None,
     others: torch.Tensor | None = None,
+    gate_activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    gate_precision: str = "",
 ) -> CategoryVectors:
     """Turn recorded activations into scored vectors and, unless settings say not, the category's gate.
 
     `others`: activations of the policy's other categories' harmful prompts, which the gate
-    learns to leave alone. This is the step after recording, and the seam for `guided`.
+    learns to leave alone. `gate_activations` (harmful, safe, others), when the gate must be
+    trained on another model's activations than the vectors (see `extract_vectors`). This is the
+    step after recording, and the seam for `guided`.
     """
     method = method or VECTOR_METHODS[settings.method]
     final = method(harmful, safe, settings).float()
@@ -360,7 +364,16 @@ def vectors_from_activations(
     layer, reason = recommend_layer(stats)
     gate = None
     if settings.gate:
-        gate = train_gate(harmful, safe, others, site=settings.site, token=settings.token, target_fpr=settings.gate_fpr)
+        g_harmful, g_safe, g_others = gate_activations or (harmful, safe, others)
+        gate = train_gate(
+            g_harmful,
+            g_safe,
+            g_others,
+            site=settings.site,
+            token=settings.token,
+            target_fpr=settings.gate_fpr,
+            precision=gate_precision or model.precision,
+        )
     return CategoryVectors(
         category=category,
         vectors=final,
@@ -375,6 +388,33 @@ def vectors_from_activations(
     )
 
 
+def _record_sets(
+    lm: LoadedModel,
+    sets: Sequence[Sequence[str]],
+    settings: ExtractionSettings,
+    progress: ProgressCallback | None,
+    span: tuple[float, float],
+) -> list[torch.Tensor]:
+    """Each prompt set's activations, progress spread over `span` in proportion to the prompts."""
+    total = sum(len(prompts) for prompts in sets) or 1
+    start, width = span
+    recorded, done = [], 0
+    for prompts in sets:
+        part = scaled(progress, start + width * done / total, start + width * (done + len(prompts)) / total)
+        recorded.append(
+            record_activations(
+                lm,
+                list(prompts),
+                progress=part,
+                site=settings.site,
+                token=settings.token,
+                batch_size=settings.batch_size,
+            )
+        )
+        done += len(prompts)
+    return recorded
+
+
 def extract_vectors(
     lm: LoadedModel,
     harmful: list[str],
@@ -383,11 +423,15 @@ def extract_vectors(
     category: str = "category",
     progress: ProgressCallback | None = None,
     others: Sequence[str] = (),
+    gate_lm: LoadedModel | None = None,
 ) -> CategoryVectors:
     """Record the prompt sets at every layer and compute the category's vectors and gate.
 
     `others`: the harmful prompts of the policy's other categories, recorded in the same run so
-    the gate learns to tell this category from them.
+    the gate learns to tell this category from them. `gate_lm`: the model that will read the gate,
+    when it is not `lm` (on a CPU the app and `generate` answer with int4 weights while vectors are
+    extracted with NF4). A gate is a probe of exact activations, so it is trained on the very model
+    that reads it; vectors, being averages, carry over between precisions.
     """
     settings = settings or ExtractionSettings()
     settings.validate()
@@ -396,26 +440,27 @@ def extract_vectors(
     check_prompt_counts(harmful, safe)
     own = set(harmful) | set(safe)
     others = [p for p in dict.fromkeys(others) if p not in own] if settings.gate else []
-    sets = [("harmful", harmful), ("safe", safe), *([("other categories", others)] if others else [])]
-    total = sum(len(prompts) for _, prompts in sets)
-    recorded: list[torch.Tensor] = []
-    done = 0
-    for _name, prompts in sets:
-        recorded.append(
-            record_activations(
-                lm,
-                list(prompts),
-                progress=scaled(progress, 0.9 * done / total, 0.9 * (done + len(prompts)) / total),
-                site=settings.site,
-                token=settings.token,
-                batch_size=settings.batch_size,
-            )
-        )
-        done += len(prompts)
+    sets: list[Sequence[str]] = [harmful, safe, *([others] if others else [])]
+    separate_gate = settings.gate and gate_lm is not None and gate_lm is not lm
+    recorded = _record_sets(lm, sets, settings, progress, (0.0, 0.7 if separate_gate else 0.9))
+    gate_activations = None
+    if separate_gate:
+        assert gate_lm is not None
+        if progress:
+            progress(0.7, f"recording for the gate with the {gate_lm.identity.precision} model that will read it")
+        for_gate = _record_sets(gate_lm, sets, settings, progress, (0.7, 0.2))
+        gate_activations = (for_gate[0], for_gate[1], for_gate[2] if others else None)
     if progress and settings.gate:
         progress(0.92, "training the gate")
     result = vectors_from_activations(
-        recorded[0], recorded[1], settings, lm.identity, category, others=recorded[2] if others else None
+        recorded[0],
+        recorded[1],
+        settings,
+        lm.identity,
+        category,
+        others=recorded[2] if others else None,
+        gate_activations=gate_activations,
+        gate_precision=(gate_lm or lm).identity.precision,
     )
     if progress:
         gate = f"; gate at layer {result.gate.layer}" if result.gate is not None else ""

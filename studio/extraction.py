@@ -91,6 +91,7 @@ def extract(
             category=category.name,
             progress=report,
             others=others,
+            gate_lm=preview_model() if settings.gate else None,  # the gate is read by the model that answers
         )
     )
     for line in task.lines(progress):

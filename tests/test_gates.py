@@ -168,3 +168,20 @@ def test_two_threads_with_different_gates_do_not_leak(tiny_lm):
     for t in threads:
         t.join()
     assert results == {kind: [text] * 5 for kind, text in expected.items()}
+
+
+def test_the_gate_learns_from_the_model_that_reads_it(tiny_lm, tiny_folder):
+    """Vectors from one precision, the gate from the generating model's own activations."""
+    from safesteer import extract_vectors, load_model
+    from safesteer.int4 import int4_problem
+
+    if int4_problem():
+        pytest.skip(int4_problem())
+    reader = load_model(str(tiny_folder), "int4")
+    harmful, safe = HARMFUL * 2, SAFE * 2
+    vectors = extract_vectors(tiny_lm, harmful, safe, gate_lm=reader)
+    direct = train_gate(record_activations(reader, harmful), record_activations(reader, safe), precision="int4")
+    assert vectors.gate.precision == "int4" and vectors.gate.summary()["precision"] == "int4"
+    assert torch.equal(vectors.gate.weights, direct.weights) and vectors.gate.threshold == direct.threshold
+    plain = extract_vectors(tiny_lm, harmful, safe)  # the same model reads it: no second recording
+    assert plain.gate.precision == "fp32" and torch.equal(plain.vectors, vectors.vectors)
