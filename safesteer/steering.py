@@ -125,6 +125,13 @@ def read_gate_features(
     device = source.device
     mask = attention_mask if attention_mask is not None else torch.ones(rows, width, dtype=torch.long, device=device)
     mask = mask.to(device)
+    if input_ids is not None and rows > 1:  # the same prompt twice (naive and steered rows) is read once
+        unique, inverse = torch.unique(
+            torch.cat([input_ids, mask.to(input_ids.dtype)], dim=1), dim=0, return_inverse=True
+        )
+        if unique.shape[0] < rows:
+            once = read_gate_features(lm, unique[:, :width], unique[:, width:], gates)
+            return [features[inverse] for features in once]
     wanted = {(g.layer, g.site) for g in gates}
     captured: dict[tuple[int, str], torch.Tensor] = {}
     last = _last_index(mask)

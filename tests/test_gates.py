@@ -185,3 +185,13 @@ def test_the_gate_learns_from_the_model_that_reads_it(tiny_lm, tiny_folder):
     assert torch.equal(vectors.gate.weights, direct.weights) and vectors.gate.threshold == direct.threshold
     plain = extract_vectors(tiny_lm, harmful, safe)  # the same model reads it: no second recording
     assert plain.gate.precision == "fp32" and torch.equal(plain.vectors, vectors.vectors)
+
+
+def test_repeated_prompts_are_read_once_with_the_same_result(tiny_lm):
+    gate = _gate_for(tiny_lm, HARMFUL[0], SAFE[0], layer=2)
+    batch = tiny_lm.encode([HARMFUL[0], SAFE[0], HARMFUL[0]])
+    together = read_gate_features(tiny_lm, batch["input_ids"], batch["attention_mask"], [gate])[0]
+    for row, prompt in enumerate([HARMFUL[0], SAFE[0], HARMFUL[0]]):
+        alone = tiny_lm.encode([prompt])
+        single = read_gate_features(tiny_lm, alone["input_ids"], alone["attention_mask"], [gate])[0][0]
+        torch.testing.assert_close(together[row], single, atol=1e-4, rtol=1e-4)
