@@ -162,9 +162,10 @@ def main() -> None:
 
     everyday = held_everyday[: args.everyday]
     plain = generate(lm, everyday, max_new_tokens=args.new_tokens)
-    gated = generate(lm, everyday, specs("gated"), max_new_tokens=args.new_tokens)
+    readings: list = []  # what the gates said inside the gated generation itself
+    gated = generate(lm, everyday, specs("gated"), max_new_tokens=args.new_tokens, gate_readings=readings)
     always = generate(lm, everyday, specs("always"), max_new_tokens=args.new_tokens)
-    quiet = [not f for f in any_fired(scores_of(lm, everyday, gates), thresholds)]
+    quiet = [not any(row) for row in readings[0].fired]
     exact = all(g == p for g, p, q in zip(gated, plain, quiet, strict=True) if q)
     drift = {
         "gated_changed": rate([g != p for g, p in zip(gated, plain, strict=True)]),
