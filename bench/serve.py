@@ -44,11 +44,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--precision", default=None, help="the serving model's (default: what `generate` uses here)")
     parser.add_argument("--out", type=Path, default=DOCS / "serving.json")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    lm = load_model(None, generation_precision("nf4"))
+    lm = load_model(None, args.precision or generation_precision("nf4"))
     harmful = datasets.harmful_prompts("malicious-uses")
     vectors = extract_vectors(lm, harmful[:48], datasets.benign_prompts(limit=96), category="malicious-uses")
     layer = vectors.recommended_layer
@@ -98,6 +99,7 @@ def main() -> None:
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "model": lm.identity.describe(),
+        "precision": lm.identity.precision,
         "requests": args.requests,
         "clients": args.clients,
         "max_tokens": args.max_tokens,

@@ -50,7 +50,7 @@ class ServeSettings:
     max_messages: int = 64
     timeout_s: float = 120.0
     max_batch: int = 16
-    max_wait_s: float = 0.01
+    max_wait_s: float = 0.05  # how long the first request of a batch waits for company
     max_queue: int = 64
     audit: bool = False  # record each answer (policy, version, fired categories) in the audit log
     audit_prompts: bool = False  # ...with the prompt text too
