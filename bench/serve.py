@@ -107,6 +107,12 @@ def main() -> None:
         "concurrent": {k: v for k, v in runs["concurrent"].items() if k != "texts"},
         "throughput_ratio": round(runs["concurrent"]["tokens_per_s"] / runs["one_at_a_time"]["tokens_per_s"], 2),
         "identical_answers": runs["concurrent"]["texts"] == runs["one_at_a_time"]["texts"],
+        "identical_share": round(
+            statistics.fmean(
+                a == b for a, b in zip(runs["concurrent"]["texts"], runs["one_at_a_time"]["texts"], strict=True)
+            ),
+            3,
+        ),
         "largest_batch": max(batches),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
