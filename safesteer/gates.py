@@ -39,6 +39,7 @@ FORMAT_VERSION = 1
 NEAR_TIE = 0.005  # calibration AUROCs this close count as equal; the earlier layer wins
 PENALTY = 1e-2  # L2 on standardised weights: there are far fewer prompts than hidden dimensions
 SPLIT = (0.6, 0.2, 0.2)  # train, calibration, test
+OTHER_SHARE = 0.5  # of the negatives' weight, what the policy's other categories get (safe prompts: the rest)
 
 
 def check_fpr(fpr: float) -> float:
@@ -140,8 +141,7 @@ class Gate:
 
     def with_fpr(self, fpr: float) -> Gate:
         """The same probe, its threshold recalibrated to another false-positive rate on calibration prompts."""
-        calibration = self.scores.get("calibration_safe") or self.scores.get("safe") or []
-        return replace(self, threshold=threshold_for(calibration, check_fpr(fpr)), target_fpr=float(fpr))
+        return replace(self, threshold=calibrated_threshold(self.scores, check_fpr(fpr)), target_fpr=float(fpr))
 
     def with_mode(self, mode: str) -> Gate:
         return replace(self, mode=check_mode(mode))
@@ -243,6 +243,18 @@ def threshold_for(safe_scores: Sequence[float], fpr: float) -> float:
     return math.nextafter(ordered[allowed], math.inf)
 
 
+def calibrated_threshold(calibration: dict[str, list[float]], fpr: float) -> float:
+    """The threshold firing on at most `fpr` of calibration safe prompts and `2 * fpr` of other categories'.
+
+    The second bound keeps a policy's categories distinct; without other categories it is void.
+    """
+    threshold = threshold_for(calibration.get("calibration_safe", []), fpr)
+    others = calibration.get("calibration_other")
+    if others:
+        threshold = max(threshold, threshold_for(others, min(1.0, 2 * fpr)))
+    return threshold
+
+
 def _auroc(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """AUROC per column of `[p, L]` vs `[n, L]` scores (ties count half)."""
     greater = (positive.unsqueeze(1) > negative.unsqueeze(0)).float().mean((0, 1))
@@ -316,10 +328,11 @@ def train_gate(
     negatives = [train[name] for name in ("safe", "other") if name in train]
     x = torch.cat([train["harmful"], *negatives])
     y = torch.cat([torch.ones(train["harmful"].shape[0]), torch.zeros(sum(n.shape[0] for n in negatives))])
-    # Each side weighs half; among negatives, safe prompts and other categories weigh alike.
+    # Each side weighs half; the negative half is split between safe prompts and other categories.
+    shares = [1.0 - OTHER_SHARE, OTHER_SHARE] if len(negatives) == 2 else [1.0]
     weight = [torch.full((train["harmful"].shape[0],), 0.5 / train["harmful"].shape[0])]
-    for negative in negatives:
-        weight.append(torch.full((negative.shape[0],), 0.5 / len(negatives) / negative.shape[0]))
+    for negative, share in zip(negatives, shares, strict=True):
+        weight.append(torch.full((negative.shape[0],), 0.5 * share / negative.shape[0]))
     center, scale, w, b = _fit_all_layers(x, y, torch.cat(weight), PENALTY)
 
     def scores(acts: torch.Tensor) -> torch.Tensor:  # [n, L]
@@ -333,7 +346,9 @@ def train_gate(
     def at_layer(acts: torch.Tensor) -> list[float]:
         return scores(acts)[:, layer].tolist()
 
-    calibration_safe = at_layer(calibration["safe"])
+    calibration_scores = {
+        f"calibration_{name}": at_layer(calibration[name]) for name in ("safe", "other") if name in calibration
+    }
     held_out = {name: at_layer(acts) for name, acts in test.items()}
     test_negative = [v for name in ("safe", "other") for v in held_out.get(name, [])]
     test_auroc = float(_auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(test_negative)[:, None])[0])
@@ -345,11 +360,11 @@ def train_gate(
         scale=scale[layer].clone(),
         weights=w[layer].clone(),
         bias=float(b[layer]),
-        threshold=threshold_for(calibration_safe, target_fpr),
+        threshold=calibrated_threshold(calibration_scores, target_fpr),
         target_fpr=target_fpr,
         mode=mode,
         auroc=test_auroc,
-        scores={**held_out, "calibration_safe": calibration_safe},
+        scores={**held_out, **calibration_scores},
         layer_auroc=[round(float(a), 4) for a in layer_auroc],
         precision=precision,
     )

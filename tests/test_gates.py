@@ -72,8 +72,11 @@ def test_other_categories_are_negatives_and_measured(tiny_lm):
     harmful = record_activations(tiny_lm, HARMFUL * 2)
     safe = record_activations(tiny_lm, SAFE * 2)
     others = record_activations(tiny_lm, [p.upper() for p in HARMFUL])
-    gate = train_gate(harmful, safe, others)
+    gate = train_gate(harmful, safe, others, target_fpr=0.2)
     assert gate.rates().other_categories_rate is not None and gate.rates().n_other >= 1
+    for group, allowed in (("calibration_safe", 0.2), ("calibration_other", 0.4)):  # distinct from the others too
+        scores = gate.scores[group]
+        assert sum(v >= gate.threshold for v in scores) <= allowed * len(scores)
 
 
 @pytest.mark.parametrize(
