@@ -75,8 +75,10 @@ def preview(
     stream = generate_stream(
         preview_model(), [prompt, prompt], specs, max_new_tokens=int(max_tokens), gate_readings=readings
     )
+    gated = any(spec.gated and not spec.is_noop() for spec in specs)
     for naive, steered in stream:
-        said = verdict_lines(names, verdicts(specs, readings[0], row=1)) if readings else gr.skip()
+        ready = readings or not gated  # gates are read before the first token; without gates nothing to wait for
+        said = verdict_lines(names, verdicts(specs, readings[0] if readings else None, row=1)) if ready else gr.skip()
         yield naive, steered, said
 
 

@@ -52,6 +52,11 @@ def tiny_category(tiny_lm):
 
 
 def test_sweep_measures_every_cell_caches_and_reports(tiny_lm, tiny_category, tmp_path):
+    from dataclasses import replace
+
+    # Every prompt steered (the papers' way), so each cell's measures see steering; gating has its own test.
+    gate = tiny_category.gate
+    tiny_category = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate.with_mode("always")))
     settings = SweepSettings(layers=(1, 2), strengths=(1.0, 4.0), max_new_tokens=8)
     seen = []
     result = evaluate(

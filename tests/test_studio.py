@@ -64,7 +64,8 @@ def test_reading_problems_are_clear(app_env):
 def test_extract_preview_save_compare_rollback_export_import(app_env):
     draft, *_ = _draft(app_env)
     steps = list(studio.extract(draft, "pruned", "residual", "last", 0.5))
-    draft, figure, summary, layer = steps[-1]
+    draft, figure, summary, layer, gate_figure, gate_text = steps[-1]
+    assert draft.vectors.gate is not None and gate_figure.axes and "catches **" in gate_text
     assert draft.vectors is not None and "Recommended layer" in summary
     assert layer == draft.vectors.recommended_layer  # a plain number for the API
     slider = studio.layer_slider(draft)
@@ -72,15 +73,20 @@ def test_extract_preview_save_compare_rollback_export_import(app_env):
     assert all(step[2].startswith("Extracting: ") for step in steps[:-1])
     assert figure.axes  # a real matplotlib figure
 
+    naive, steered, said = list(studio.preview(draft, HARMFUL[0], 1, 3.0, 12))[-1]
+    assert ("gate **fired**" in said) != ("gate **did not fire**" in said)
+    assert (naive == steered) == ("did not fire" in said)  # a quiet gate leaves the answer as it was
+    draft, _ = studio.set_mode(draft, "always")  # every prompt steered, as in the papers
     steps = list(studio.preview(draft, HARMFUL[0], 1, 3.0, 12))
     expected = generate_side_by_side(
         studio.studio_model(), HARMFUL[0], [studio.draft_spec(draft, 1, 3.0)], max_new_tokens=12
     )
-    assert steps[-1] == (expected.naive, expected.steered)
+    assert steps[-1][:2] == (expected.naive, expected.steered) and "always on" in steps[-1][2]
     assert steps[-1][0] != steps[-1][1]
 
     table = studio.preview_batch(draft, "", 1, 3.0, 8)
-    assert list(table["prompt"]) == draft.heldout and list(table.columns) == ["prompt", "naive", "steered"]
+    assert list(table["prompt"]) == draft.heldout
+    assert list(table.columns) == ["prompt", "steered by", "naive", "steered"] and set(table["steered by"]) == {"crime"}
 
     message, versions, _ = studio.save_version(draft, "Crime policy", "first", 1, 3.0)
     assert "version **1**" in message and list(versions["version"]) == [1]
@@ -121,7 +127,7 @@ def test_markdown_from_users_is_neutralised():
 def test_saved_categories_steer_together_with_the_draft(app_env):
     draft, *_ = _draft(app_env)
     draft, *_ = list(studio.extract(draft, "mean-diff", "residual", "last", 0.5))[-1]
-    fraud = studio.Draft(**{**draft.__dict__, "name": "fraud"})
+    fraud, _ = studio.set_mode(studio.Draft(**{**draft.__dict__, "name": "fraud"}), "always")  # steers every prompt
     studio.save_version(fraud, "Shared", "fraud only", 2, 6.0)
     assert studio.policy_categories("Shared").choices == [("fraud", "fraud")]
 
@@ -130,7 +136,8 @@ def test_saved_categories_steer_together_with_the_draft(app_env):
     assert together[0] == alone[0]  # the naive row is untouched
     assert together[1] != alone[1]  # the saved category adds its own steering
     table = studio.preview_batch(draft, SAFE[0], 1, 2.0, 12, "Shared", ["fraud"])
-    assert list(table.loc[0, ["naive", "steered"]]) == list(together)
+    assert list(table.loc[0, ["naive", "steered"]]) == list(together[:2])
+    assert "**fraud**: always on" in together[2] and "fraud" in table.loc[0, "steered by"]
 
 
 def test_logins_come_from_the_environment_and_name_the_author(tmp_path, monkeypatch):
