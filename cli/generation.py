@@ -16,6 +16,7 @@ from safesteer.limits import check_layer, check_strength
 from safesteer.policy import PolicyCategory, check_name
 from safesteer.steering import SteeringSpec
 from safesteer.vectors import CategoryVectors, ExtractionSettings, check_prompt_counts, extract_vectors
+from safesteer.workflows import other_categories_prompts
 
 from .common import ProgressBar, load_for, open_store, print_json, prompts_from_argument
 
@@ -81,15 +82,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
         summary["saved"] = {"policy": args.policy, "version": number}
     print_json(summary)
     return 0
-
-
-def other_categories_prompts(store: Any, policy: str, category: str) -> list[str]:
-    """Harmful prompts of the policy's other categories, which the new category's gate must leave alone."""
-    try:
-        latest = store.load_version(policy)
-    except SafeSteerError:
-        return []  # a new policy, or one without versions yet
-    return [p for c in latest.categories if c.name != category for p in c.harmful]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

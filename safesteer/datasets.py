@@ -131,8 +131,9 @@ def harmful_prompts(area: str, limit: int | None = None, seed: int = 0) -> list[
 
 
 @cache
-def _benign() -> tuple[str, ...]:
-    lines = (_DATA / "benign_prompts.txt").read_text(encoding="utf-8").splitlines()
+def _project_prompts(file_name: str) -> tuple[str, ...]:
+    """A prompt file written for the project: one per line, `#` comments, duplicates dropped."""
+    lines = (_DATA / file_name).read_text(encoding="utf-8").splitlines()
     return tuple(dict.fromkeys(line.strip() for line in lines if line.strip() and not line.startswith("#")))
 
 
@@ -147,7 +148,7 @@ def benign_prompts(limit: int | None = None, seed: int = 0, part: BenignPart = "
 
     `part`: "examples" (the built-in safe side), "heldout" (for evaluations) or "all".
     """
-    everything = list(_benign())
+    everything = list(_project_prompts("benign_prompts.txt"))
     order = list(range(len(everything)))
     random.Random(BENIGN_SPLIT_SEED).shuffle(order)
     cut = round(len(everything) * BENIGN_HELDOUT_SHARE)
@@ -158,18 +159,12 @@ def benign_prompts(limit: int | None = None, seed: int = 0, part: BenignPart = "
     return prompts
 
 
-@cache
-def _edgy() -> tuple[str, ...]:
-    lines = (_DATA / "edgy_benign_prompts.txt").read_text(encoding="utf-8").splitlines()
-    return tuple(dict.fromkeys(line.strip() for line in lines if line.strip() and not line.startswith("#")))
-
-
 def edgy_benign_prompts(limit: int | None = None, seed: int = 0) -> list[str]:
     """Harmless requests that sound harmful ("kill a stuck process"): where gate false positives matter.
 
     Never offered as examples, so they measure what a gate learnt beyond style.
     """
-    prompts = list(_edgy())
+    prompts = list(_project_prompts("edgy_benign_prompts.txt"))
     if limit is not None and limit < len(prompts):
         prompts = random.Random(seed).sample(prompts, limit)
     return prompts

@@ -48,6 +48,19 @@ class VersionStore(Protocol):
 
     def record(self, actor: str, action: str, policy: str, version: int | None = None, **detail: Any) -> None: ...
 
+    def load_version(self, policy: str, number: int | None = None) -> PolicyVersion: ...
+
+
+def other_categories_prompts(store: VersionStore, policy: str | None, category: str) -> list[str]:
+    """Harmful prompts of the policy's other categories (latest version): a new gate learns to leave them alone."""
+    if not policy:
+        return []
+    try:
+        latest = store.load_version(policy)
+    except SafeSteerError:
+        return []  # a new policy, or one without versions yet
+    return [p for c in latest.categories if c.name != category for p in c.harmful]
+
 
 def import_bundle(
     store: VersionStore,

@@ -13,11 +13,11 @@ import gradio as gr
 
 from safesteer.gates import DEFAULT_FPR
 from safesteer.vectors import CategoryVectors, ExtractionSettings, extract_vectors
+from safesteer.workflows import other_categories_prompts
 
 from .category import Draft, require_draft
 from .gating import gate_plot, gate_summary
 from .resources import BackgroundTask, plain_text, preview_model, studio_model, studio_store
-from .versions import policy_names
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,6 @@ def separation_plot(vectors: CategoryVectors):
     return figure
 
 
-def other_categories(policy: str | None, name: str) -> list[str]:
-    """Harmful prompts of the selected policy's other categories: the new gate learns to leave them alone."""
-    if not policy or policy not in policy_names():
-        return []
-    return [p for c in studio_store().load_version(policy).categories if c.name != name for p in c.harmful]
-
-
 def extract(
     draft: Draft | None,
     method: str,
@@ -81,7 +74,7 @@ def extract(
         gate_fpr=float(gate_fpr),
     )
     settings.validate()
-    others = other_categories(policy, category.name) if settings.gate else []
+    others = other_categories_prompts(studio_store(), policy, category.name) if settings.gate else []
     task = BackgroundTask(
         lambda report: extract_vectors(
             studio_model(),

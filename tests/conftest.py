@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,13 @@ SAFE = [
     "Explain photosynthesis to a child.",
     "How do I kill a stuck Python process?",
 ]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for servers the tests start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

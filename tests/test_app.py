@@ -9,23 +9,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 import studio
 from safesteer import datasets
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def app_url(tmp_path_factory, embedded_lm):
     os.environ.pop("SAFESTEER_MODEL", None)
     os.environ["SAFESTEER_PRECISION"] = "nf4"
     studio.reset_store()
-    port = _free_port()
+    port = free_port()
     demo = app.launch(port=port, prevent_thread_lock=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()

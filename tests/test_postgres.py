@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -13,15 +12,10 @@ import pytest
 
 from db import PolicyStore
 from server import PolicyResolver
+from tests.conftest import free_port
 from tests.policy_factory import category
 
 BIN = Path(shutil.which("pg_ctl") or "/usr/lib/postgresql/bin/pg_ctl").parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_postgres(args: list[str]) -> subprocess.CompletedProcess:
@@ -38,7 +32,7 @@ def postgres_url():
     folder = Path(tempfile.mkdtemp(prefix="safesteer-pg-"))
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     made = _as_postgres([str(BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
     if made.returncode != 0:
         pytest.skip(f"initdb could not run here: {made.stderr.strip()[:200]}")

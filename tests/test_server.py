@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,16 +14,10 @@ import pytest
 from db import PolicyStore
 from safesteer.batching import Job, answer_alone
 from server import ServeSettings, create_app
-from tests.conftest import HARMFUL, SAFE
+from tests.conftest import HARMFUL, SAFE, free_port
 from tests.policy_factory import category
 
 KEY = "test-key-2"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def served(tiny_lm, tmp_path_factory):
     store.save_version("beta", [category("fraud", seed=3, identity=identity, layer=2, strength=3.0)], author="ann")
     settings = ServeSettings(api_keys=("test-key-1", KEY), max_tokens_limit=64, max_wait_s=0.05, audit=True)
     app = create_app(tiny_lm, store, settings)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
