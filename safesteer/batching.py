@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,8 @@ from .gates import GateReading
 from .generation import _eos_ids, generate_ids
 from .models import LoadedModel, Prompt
 from .steering import SteeringSpec
+
+RECENT_BATCHES = 10_000
 
 
 class QueueFull(SafeSteerError):
@@ -128,7 +131,8 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._closing = threading.Event()
-        self.batches: list[int] = []  # sizes of the batches run, for tests and benchmarks
+        # Sizes of the latest batches run (tests, benchmarks); bounded, since a server runs for weeks.
+        self.batches: deque[int] = deque(maxlen=RECENT_BATCHES)
         self._worker = threading.Thread(target=self._run, name="safesteer-batcher", daemon=True)
         self._worker.start()
 
