@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run serve test test-fast lint format bench bench-gates bench-serve bench-gpu bench-peers clean
+.PHONY: install browser run serve test test-fast lint format bench bench-judges bench-gates bench-serve bench-gpu bench-peers clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ format: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/engine.py
+
+# Judges against the labelled reference set's held-out half (docs/judges.md).
+bench-judges: install
+	HF_HUB_OFFLINE=1 $(PY) bench/judges.py
 
 # Gates on the embedded model: cross-source catch rate, false positives, distinctness, cost (docs/gates.md).
 bench-gates: install

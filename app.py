@@ -179,15 +179,18 @@ def build_app() -> gr.Blocks:
             with gr.Tab("5 · Evaluate"):
                 evaluation = gr.State(None)
                 gr.Markdown(
-                    "Measure the category on its **held-out** prompts and on everyday requests: refusal rate, "
-                    "topic relevance, fluency (perplexity) and collateral change, for each layer and strength."
+                    "Measure the category on its **held-out** prompts and on everyday requests, answer by answer: "
+                    "unsafe attempts, degenerate (looping) and off-topic answers, refusals, and everyday answers "
+                    "degraded, for each layer and strength. The recommendation keeps answers as readable as naive."
                 )
                 with gr.Row():
                     eval_layers = gr.Textbox(label="Layers to try", value="8, 12, 16", max_lines=1)
                     eval_strengths = gr.Textbox(label="Strengths to try", value="1, 2, 4", max_lines=1)
                     eval_tokens = gr.Slider(8, 128, value=32, step=8, label="New tokens per answer")
                     guard_model = gr.Textbox(
-                        label="Guard model (optional)", placeholder="e.g. meta-llama/Llama-Guard-3-1B", max_lines=1
+                        label="Unsafe-attempt judge (optional; default: the response probe)",
+                        placeholder="a guard model, e.g. meta-llama/Llama-Guard-3-1B, or any chat model",
+                        max_lines=1,
                     )
                 with gr.Row():
                     eval_button = gr.Button("Run evaluation", variant="primary")
@@ -195,16 +198,30 @@ def build_app() -> gr.Blocks:
                 eval_summary = gr.Markdown(label="Evaluation summary")
                 eval_plots = gr.Gallery(label="Heatmaps and trade-off", columns=3, height="auto", object_fit="contain")
                 eval_report = gr.File(label="Report (Markdown with its plots, zipped)", interactive=False)
-                gr.Markdown("### Blind review\nLabel each answer; naive and steered answers are shuffled and unmarked.")
+                eval_failing = gr.Dataframe(
+                    label="Answers the judges flagged at the recommended point, worst first",
+                    interactive=False,
+                    wrap=True,
+                )
+                gr.Markdown(
+                    "### Blind review\nLabel each answer; naive and steered answers are shuffled and unmarked. "
+                    "Your labels use the reference set's labels, so they can retrain the response probe."
+                )
                 review_header = gr.Markdown()
                 review_prompt = gr.Textbox(label="Prompt", interactive=False, lines=2)
                 review_response = gr.Textbox(label="Response", interactive=False, lines=5)
                 with gr.Row():
                     start_review = gr.Button("Start / restart review")
-                    unsafe_button = gr.Button("Unsafe", variant="stop")
-                    safe_button = gr.Button("Safe")
+                    unsafe_button = gr.Button("Unsafe attempt", variant="stop")
+                    safe_button = gr.Button("Safe, on topic")
+                    refusal_button = gr.Button("Refusal")
+                    degenerate_button = gr.Button("Degenerate")
+                    off_topic_button = gr.Button("Off-topic")
                     skip_button = gr.Button("Skip")
                 review_summary = gr.Markdown()
+                with gr.Row():
+                    labels_button = gr.Button("Download my labels")
+                    labels_file = gr.File(label="Your labels (JSON lines)", interactive=False)
                 with gr.Row():
                     save_eval_button = gr.Button("Save results with the selected policy's newest version")
                     guided_button = gr.Button("Compute guided vectors from my labels")
@@ -248,20 +265,30 @@ def build_app() -> gr.Blocks:
         eval_event = eval_button.click(
             studio.user_errors(studio.run_evaluation),
             [draft, eval_layers, eval_strengths, eval_tokens, guard_model],
-            [eval_summary, eval_plots, eval_report, evaluation],
+            [eval_summary, eval_plots, eval_report, evaluation, eval_failing],
             api_name="evaluate",
             concurrency_limit=1,
         )
         stop_button.click(None, None, None, cancels=[eval_event], api_visibility="private")
         review_outputs = [evaluation, review_header, review_prompt, review_response, review_summary]
         start_review.click(studio.user_errors(studio.review_start), evaluation, review_outputs, api_name="review_start")
-        for button, verdict in ((unsafe_button, "unsafe"), (safe_button, "safe"), (skip_button, "skip")):
+        for button, verdict in (
+            (unsafe_button, "unsafe"),
+            (safe_button, "safe"),
+            (refusal_button, "refusal"),
+            (degenerate_button, "degenerate"),
+            (off_topic_button, "off-topic"),
+            (skip_button, "skip"),
+        ):
             button.click(
                 studio.user_errors(functools.partial(studio.review_label, verdict=verdict)),
                 evaluation,
                 review_outputs,
-                api_name=f"review_{verdict}",
+                api_name=f"review_{verdict.replace('-', '_')}",
             )
+        labels_button.click(
+            studio.user_errors(studio.review_labels_file), evaluation, labels_file, api_name="review_labels"
+        )
         save_eval_button.click(
             studio.user_errors(studio.save_evaluation),
             [draft, evaluation, policy],

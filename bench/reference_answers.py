@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--harmful", type=int, default=36)
     parser.add_argument("--everyday", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "safesteer" / "data" / "reference")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))

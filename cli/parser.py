@@ -159,7 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policy", required=True)
     ev.add_argument("--version", type=positive_int, default=None)
     ev.add_argument("--category", default=None, help="which category (default: the first)")
-    ev.add_argument("--judge", default=None, help="guard model id or folder (e.g. meta-llama/Llama-Guard-3-1B)")
+    ev.add_argument(
+        "--judge",
+        default=None,
+        help="unsafe-attempt judge: a guard model (e.g. meta-llama/Llama-Guard-3-1B) or any causal LM, asked "
+        "StrongREJECT's rubric (default: the response probe trained on the reference set)",
+    )
+    ev.add_argument("--judge-kind", choices=("auto", "guard", "rubric"), default="auto")
+    ev.add_argument("--no-probe", action="store_true", help="without --judge, judge no unsafe attempts at all")
+    ev.add_argument(
+        "--labels", type=Path, default=None, help="your own labelled answers (JSON lines) to train the probe with too"
+    )
     ev.add_argument("--sweep", action="store_true", help="try a layer x strength grid and recommend a point")
     ev.add_argument("--strengths", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     ev.add_argument("--heldout", default=None, help="held-out harmful prompts (file or builtin:<area>)")

@@ -14,6 +14,8 @@ from safesteer.errors import SafeSteerError
 from safesteer.evaluation import SweepSettings, evaluate
 from safesteer.identity import check_compatible
 from safesteer.judges import load_guard
+from safesteer.judges.probe import ProbeJudge, reference_probe
+from safesteer.judges.reference import load_labelled
 from safesteer.models import describe_model
 from safesteer.policy import PolicyVersion
 from safesteer.workflows import (
@@ -180,12 +182,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     else:
         settings = SweepSettings((category.layer,), (category.strength,), args.max_new_tokens)
-    guard, guard_note = load_guard(args.judge)
-    if args.judge and guard is None:
-        print(f"note: {guard_note}", file=sys.stderr)
+    judge, judge_note = load_guard(args.judge, args.judge_kind)
+    if args.judge and judge is None:
+        print(f"note: {judge_note}", file=sys.stderr)
     bar = ProgressBar()
     try:
-        result = evaluate(lm, category, harmful, benign, settings, guard, progress=bar)
+        reader = load_for(args, args.model or version.model.model_id, generating=True)  # reads answers faster
+        if judge is None and not args.no_probe:
+            extra = load_labelled(args.labels) if args.labels else ()
+            judge = ProbeJudge(reference_probe(reader, extra=extra), reader)
+        result = evaluate(lm, category, harmful, benign, settings, judge, progress=bar, probe=not args.no_probe)
     finally:
         bar.close()
     files = write_evaluation_files(result, Path(args.out))
@@ -195,8 +201,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "version": version.number,
         "category": category.name,
         "recommended": result.recommended,
-        "baseline": asdict(result.baseline),
-        "at_recommended": asdict(result.cell(result.recommended["layer"], result.recommended["strength"])),
+        "baseline": result.baseline.measures,
+        "at_recommended": result.cell(result.recommended["layer"], result.recommended["strength"]).measures,
         "report": str(files.report),
         "judges": result.judges,
     }

@@ -255,7 +255,7 @@ def calibrated_threshold(calibration: dict[str, list[float]], fpr: float) -> flo
     return threshold
 
 
-def _auroc(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """AUROC per column of `[p, L]` vs `[n, L]` scores (ties count half)."""
     greater = (positive.unsqueeze(1) > negative.unsqueeze(0)).float().mean((0, 1))
     ties = (positive.unsqueeze(1) == negative.unsqueeze(0)).float().mean((0, 1))
@@ -270,7 +270,9 @@ def _three_way(n: int, rng: random.Random) -> tuple[list[int], list[int], list[i
     return indices[n_test + n_cal :], indices[n_test : n_test + n_cal], indices[:n_test]
 
 
-def _fit_all_layers(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, penalty: float) -> tuple[torch.Tensor, ...]:
+def fit_logistic_all_layers(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, penalty: float
+) -> tuple[torch.Tensor, ...]:
     """Weighted, L2-penalised logistic regression at every layer at once.
 
     x `[n, L, d]`, y `[n]` in {0, 1}, weight `[n]` summing to 1 -> center, scale `[L, d]`, w `[L, d]`, b `[L]`.
@@ -333,13 +335,13 @@ def train_gate(
     weight = [torch.full((train["harmful"].shape[0],), 0.5 / train["harmful"].shape[0])]
     for negative, share in zip(negatives, shares, strict=True):
         weight.append(torch.full((negative.shape[0],), 0.5 * share / negative.shape[0]))
-    center, scale, w, b = _fit_all_layers(x, y, torch.cat(weight), PENALTY)
+    center, scale, w, b = fit_logistic_all_layers(x, y, torch.cat(weight), PENALTY)
 
     def scores(acts: torch.Tensor) -> torch.Tensor:  # [n, L]
         return torch.einsum("nld,ld->nl", (acts - center) / scale, w) + b
 
     cal_negative = torch.cat([scores(calibration[n]) for n in ("safe", "other") if n in calibration])
-    layer_auroc = _auroc(scores(calibration["harmful"]), cal_negative)
+    layer_auroc = auroc(scores(calibration["harmful"]), cal_negative)
     best = float(layer_auroc.max())
     layer = int(next(i for i, a in enumerate(layer_auroc.tolist()) if a >= best - NEAR_TIE))
 
@@ -351,7 +353,7 @@ def train_gate(
     }
     held_out = {name: at_layer(acts) for name, acts in test.items()}
     test_negative = [v for name in ("safe", "other") for v in held_out.get(name, [])]
-    test_auroc = float(_auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(test_negative)[:, None])[0])
+    test_auroc = float(auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(test_negative)[:, None])[0])
     return Gate(
         layer=layer,
         site=site,

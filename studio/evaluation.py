@@ -1,7 +1,8 @@
-"""Step 5: a layer x strength sweep with live progress, the blind review, saving results, guided vectors."""
+"""Step 5: a layer x strength sweep with live progress, the failing answers, the blind review, guided vectors."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -10,17 +11,28 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import pandas as pd
 
 from safesteer.errors import SafeSteerError
-from safesteer.evaluation import SweepSettings, evaluate, guided_vectors
+from safesteer.evaluation import Evaluation, SweepSettings, evaluate, failing_answers, guided_vectors
 from safesteer.judges import load_guard
+from safesteer.judges.reference import LabelledAnswer
 from safesteer.metrics import review_queue, review_summary
 from safesteer.policy import PolicyCategory
 from safesteer.workflows import evaluation_prompts, write_evaluation_files
 
 from .category import Draft, require_draft
 from .extraction import separation_plot
-from .resources import BackgroundTask, author_of, plain_text, studio_model, studio_store
+from .resources import BackgroundTask, author_of, plain_text, preview_model, studio_model, studio_store
+
+REVIEW_LABELS = {  # button -> the reference set's label for a harmful request's answer
+    "unsafe": "unsafe-attempt",
+    "safe": "safe-on-topic",
+    "refusal": "refusal",
+    "degenerate": "degenerate",
+    "off-topic": "off-topic",
+}
+FAILING_COLUMNS = ["answer to", "prompt", "answer", "flagged by", "why"]
 
 
 @dataclass
@@ -29,7 +41,8 @@ class EvaluationSession:
 
     result: Any  # safesteer.evaluation.Evaluation
     items: list[Any] = field(default_factory=list)  # ReviewItem, shuffled, arms hidden
-    labels: dict[int, bool] = field(default_factory=dict)
+    labels: dict[int, bool] = field(default_factory=dict)  # unsafe attempt or not
+    reader_labels: dict[int, str] = field(default_factory=dict)  # the reference set's label for each
     position: int = 0
     plots: list[str] = field(default_factory=list)
     report_path: str = ""
@@ -52,7 +65,7 @@ def run_evaluation(
     max_tokens: float,
     guard_model: str,
     progress: gr.Progress | None = None,
-) -> Iterator[tuple[str, Any, Any, Any]]:
+) -> Iterator[tuple[str, Any, Any, Any, Any]]:
     """Sweep layers x strengths on the held-out prompts; stoppable (the Stop button ends it between layers)."""
     draft = require_draft(draft, vectors=True)
     assert draft.vectors is not None
@@ -65,12 +78,14 @@ def run_evaluation(
     )
     harmful, benign = evaluation_prompts(category, draft.heldout, n_harmful=None)
     stop = threading.Event()
-    task = BackgroundTask(  # large batches: NF4 beats the int4 kernel there
-        lambda report: evaluate(studio_model(), category, harmful, benign, settings, guard, report, stop.is_set)
+    task = BackgroundTask(  # large batches: NF4 beats the int4 kernel there; the probe reads with the fast one
+        lambda report: evaluate(
+            studio_model(), category, harmful, benign, settings, guard, report, stop.is_set, reader=preview_model()
+        )
     )
     try:
         for line in task.lines(progress):
-            yield f"Running: {plain_text(line)}", gr.skip(), gr.skip(), gr.skip()
+            yield f"Running: {plain_text(line)}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
     finally:
         stop.set()  # the Stop button closes this generator: let the sweep end at the next layer
     result = task.result()
@@ -93,9 +108,21 @@ def run_evaluation(
         f"**Recommended: layer {r['layer']}, strength {r['strength']:g}.** {plain_text(r['rule'])}.\n\n"
         + gated
         + "\n".join(f"- {plain_text(j)}" for j in [*result.judges, guard_note])
-        + "\n\nNext: check the samples in the blind review below, then save the results with the policy."
+        + "\n\nNext: read the answers the judges flagged (below, worst first), check a sample in the blind "
+        "review, then save the results with the policy."
     )
-    yield summary, [(p, Path(p).stem.replace("_", " ")) for p in session.plots], str(files.archive), session
+    gallery = [(p, Path(p).stem.replace("_", " ")) for p in session.plots]
+    yield summary, gallery, str(files.archive), session, failing_table(result)
+
+
+def failing_table(result: Evaluation) -> pd.DataFrame:
+    """The recommended point's answers a judge flagged, worst first, with the judges' reasons."""
+    r = result.recommended
+    rows = [
+        [f["kind"], f["prompt"], f["answer"], ", ".join(f["judges"]), f["reason"]]
+        for f in failing_answers(result, result.cell(r["layer"], r["strength"]))
+    ]
+    return pd.DataFrame(rows, columns=FAILING_COLUMNS)
 
 
 def review_view(session: EvaluationSession | None) -> tuple[str, str, str]:
@@ -123,11 +150,13 @@ def review_text(session: EvaluationSession) -> str:
 def review_label(
     session: EvaluationSession | None, verdict: str
 ) -> tuple[EvaluationSession | None, str, str, str, str]:
-    """Record 'unsafe', 'safe' or 'skip' for the current response and show the next one."""
+    """Record a label (`REVIEW_LABELS`' buttons, or 'skip') for the current response and show the next one."""
     if session is None or not session.items:
         raise SafeSteerError("run an evaluation first")
-    if session.position < len(session.items) and verdict in ("unsafe", "safe"):
-        session.labels[session.items[session.position].id] = verdict == "unsafe"
+    if session.position < len(session.items) and verdict in REVIEW_LABELS:
+        item_id = session.items[session.position].id
+        session.reader_labels[item_id] = REVIEW_LABELS[verdict]
+        session.labels[item_id] = verdict == "unsafe"
     session.position = min(session.position + 1, len(session.items))
     header, prompt, response = review_view(session)
     return session, header, prompt, response, review_text(session)
@@ -178,3 +207,28 @@ def guided_from_review(draft: Draft | None, session: EvaluationSession | None) -
         studio_model(), [p for p, _ in naive], [u for _, u in naive], draft.vectors.settings, category=draft.name
     ).with_gate(draft.vectors.gate)  # the labels say how to steer, not which prompts to steer
     return replace(draft, vectors=vectors), separation_plot(vectors), "Guided vectors computed from your labels."
+
+
+def review_labels_file(session: EvaluationSession | None, request: gr.Request | None = None) -> str:
+    """The author's labels in the reference set's format (JSON lines), to retrain the response probe.
+
+    `safesteer eval --labels FILE` adds them to the probe's training answers for the team's model.
+    """
+    if session is None or not session.reader_labels:
+        raise SafeSteerError("label some responses in the blind review first")
+    labeller = author_of(request)
+    by_id = {item.id: item for item in session.items}
+    records = [
+        LabelledAnswer(
+            id=item_id,
+            prompt=by_id[item_id].prompt,
+            answer=by_id[item_id].response,
+            kind="harmful",
+            label=label,
+            labeller=labeller,
+        ).to_record()
+        for item_id, label in sorted(session.reader_labels.items())
+    ]
+    path = Path(tempfile.mkdtemp(prefix="safesteer-labels-")) / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)

@@ -114,8 +114,10 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
     comparison = client.predict("Malicious uses", 1, 2, api_name="/compare")
     assert "strength: 2.0 → 3.0" in comparison
 
-    summary, gallery, report = client.predict("12", "2", 8, "", api_name="/evaluate")
-    assert "Recommended: layer 12, strength 2" in summary and len(gallery) == 5 and report.endswith("report.zip")
+    summary, gallery, report, failing = client.predict("12", "2", 8, "", api_name="/evaluate")
+    assert "Recommended: layer 12, strength 2" in summary and report.endswith("report.zip")
+    assert "tradeoff" in {item["caption"] for item in gallery} and "response probe" in summary
+    assert failing["headers"] == ["answer to", "prompt", "answer", "flagged by", "why"]
     _, prompt_shown, response_shown, _ = client.predict(api_name="/review_start")
     assert prompt_shown and response_shown
     for _ in range(8):

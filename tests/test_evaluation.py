@@ -3,8 +3,6 @@ import torch
 
 from safesteer import SafeSteerError, SteeringSpec, extract_vectors
 from safesteer.evaluation import (
-    MAX_PERPLEXITY_RATIO,
-    MIN_RELEVANCE_RATIO,
     Cell,
     Evaluation,
     SweepSettings,
@@ -20,21 +18,39 @@ from safesteer.vectors import ExtractionSettings
 from tests.conftest import HARMFUL, SAFE
 
 
-def _cell(layer, strength, ppl=3.0, changed=0.1, unsafe=None, refusal=0.0, relevance=0.5):
-    measures = {"refusal_rate": refusal, "relevance": relevance, "perplexity": ppl, "benign_changed": changed}
-    return Cell(layer, strength, {**measures, "benign_kl": 0.0, "unsafe_rate": unsafe})
+def _cell(layer, strength, unsafe=None, degenerate=0.1, off_topic=0.05, degraded=0.0, ppl=3.0):
+    measures = {
+        "unsafe_attempt_rate": unsafe,
+        "degenerate_rate": degenerate,
+        "off_topic_rate": off_topic,
+        "everyday_degraded": degraded,
+        "refusal_rate": 0.0,
+        "relevance": 0.5,
+        "perplexity": ppl,
+        "benign_changed": 0.1,
+        "benign_kl": 0.0,
+    }
+    return Cell(layer, strength, measures)
 
 
-def test_recommendation_rule_with_and_without_a_judge():
-    base = _cell(None, 0.0, ppl=2.0, changed=0.0)
-    cells = [_cell(1, 1.0), _cell(1, 4.0, ppl=9.0), _cell(2, 2.0), _cell(3, 3.0, relevance=0.2)]
-    best = recommend(base, cells)
-    assert (best["layer"], best["strength"]) == (2, 2.0) and "strongest steering" in best["rule"]
-    gentlest = recommend(base, [_cell(1, 4.0, ppl=9.0), _cell(2, 4.0, ppl=5.0)])
-    assert (gentlest["layer"], gentlest["strength"]) == (2, 4.0) and "no cell kept quality" in gentlest["rule"]
-    judged = [_cell(1, 1.0, unsafe=0.2), _cell(2, 2.0, unsafe=0.4), _cell(1, 4.0, ppl=9.0, unsafe=0.0)]
-    best = recommend(_cell(None, 0.0, ppl=2.0, unsafe=0.5), judged)
-    assert (best["layer"], best["strength"]) == (1, 1.0) and "guard model" in best["rule"]
+def test_recommendation_keeps_answers_readable_then_picks_the_safest():
+    base = _cell(None, 0.0, unsafe=0.6, degenerate=0.1, off_topic=0.05)
+    mild = _cell(1, 1.0, unsafe=0.4, degenerate=0.15, degraded=0.05)
+    edge = _cell(2, 2.0, unsafe=0.3, degenerate=0.2, off_topic=0.15, degraded=0.02)  # exactly at the limits
+    loops = _cell(1, 4.0, unsafe=0.0, degenerate=0.6)  # safest, but unreadable: perplexity would have liked it
+    taxing = _cell(3, 3.0, unsafe=0.2, degraded=0.2)  # everyday answers pay for it
+    best = recommend(base, [mild, edge, loops, taxing])
+    assert (best["layer"], best["strength"]) == (2, 2.0) and "lowest unsafe-attempt rate" in best["rule"]
+    assert best["runners_up"] == [{"layer": 1, "strength": 1.0}] and best["kept_quality"]
+
+    cells = (mild, edge, loops, taxing)
+    blind = [Cell(c.layer, c.strength, {**c.measures, "unsafe_attempt_rate": None}) for c in cells]
+    best = recommend(_cell(None, 0.0, None), blind)
+    assert (best["layer"], best["strength"]) == (2, 2.0) and "no unsafe-attempt judge" in best["rule"]
+
+    least_bad = recommend(base, [loops, taxing])
+    assert (least_bad["layer"], least_bad["strength"]) == (3, 3.0) and "no cell kept quality" in least_bad["rule"]
+    assert not least_bad["kept_quality"]
 
 
 def test_perplexity_and_divergence_behave(tiny_lm):
@@ -67,20 +83,17 @@ def test_sweep_measures_every_cell_caches_and_reports(tiny_lm, tiny_category, tm
     assert result.baseline.benign_changed == 0.0 and result.baseline.benign_kl == 0.0
     assert all(c.perplexity > 0 and 0 <= c.benign_changed <= 1 for c in result.cells)
     assert max(c.benign_kl for c in result.cells) > 0
-    chosen = result.cell(result.recommended["layer"], result.recommended["strength"])
-    base = result.baseline
-    keeps = [
-        c
-        for c in result.cells
-        if c.perplexity <= MAX_PERPLEXITY_RATIO * base.perplexity
-        and c.relevance >= MIN_RELEVANCE_RATIO * base.relevance
-    ]
-    if keeps:  # no guard model: the documented rule is the strongest steering that keeps quality
-        assert chosen in keeps and chosen.strength == max(c.strength for c in keeps)
-        assert "strongest steering" in result.recommended["rule"]
-    else:
-        assert chosen.perplexity == min(c.perplexity for c in result.cells)
-        assert "no cell kept quality" in result.recommended["rule"]
+    assert result.recommended == recommend(result.baseline, result.cells)
+    for cell in [result.baseline, *result.cells]:  # every answer carries every judge's verdict and reason
+        assert len(cell.answers) == 2 + 4
+        harmful = [a for a in cell.answers if a["kind"] == "harmful"]
+        assert len(harmful) == 2 and all(
+            set(a["verdicts"]) == {"degenerate", "off_topic", "refusal", "unsafe_attempt"} for a in harmful
+        )
+        assert all(v["reason"] for a in cell.answers for v in a["verdicts"].values())
+        flagged = sum(a["verdicts"]["degenerate"]["flagged"] for a in harmful)
+        assert cell.degenerate_rate == flagged / 2
+    assert "response probe" in " ".join(result.judges)
     assert len(result.samples) == 2
 
     again = evaluate(
@@ -90,10 +103,15 @@ def test_sweep_measures_every_cell_caches_and_reports(tiny_lm, tiny_category, tm
     assert Evaluation.from_dict(result.to_dict()).to_dict() == result.to_dict()
 
     plots = write_plots(result, tmp_path / "plots")
-    assert {p.name for p in plots} >= {"heatmap_perplexity.png", "tradeoff.png"}
-    assert all(p.stat().st_size > 1000 for p in plots)
+    assert "tradeoff.png" in {p.name for p in plots} and all(p.stat().st_size > 1000 for p in plots)
+    for plot in plots:  # a heatmap is drawn only where its rate moves: a flat plot says nothing
+        if plot.name.startswith("heatmap_"):
+            name = plot.stem.removeprefix("heatmap_")
+            values = {c.measures[name] for c in [result.baseline, *result.cells]}
+            assert len(values) > 1
     report = report_markdown(result, plots)
     assert "Recommended: layer" in report and "![tradeoff](tradeoff.png)" in report
+    assert "95% Wilson intervals" in report
 
 
 def test_sweep_can_be_stopped_and_refuses_bad_settings(tiny_lm, tiny_category, tmp_path):
@@ -140,6 +158,7 @@ def test_a_new_measure_is_one_registration(tiny_lm, tiny_category, tmp_path, mon
             "answer_words", "words per answer", False, lambda c: sum(len(a.split()) for a in c.harmful_answers) / 2
         )
     )
+    measures.register(measures.Measure("steered", "steered at all", False, lambda c: float(bool(c.steering))))
     monkeypatch.setattr("safesteer.evaluation.MEASURES", measures.MEASURES)
     with pytest.raises(ValueError, match="already registered"):
         measures.register(measures.MEASURES["perplexity"])
@@ -148,7 +167,7 @@ def test_a_new_measure_is_one_registration(tiny_lm, tiny_category, tmp_path, mon
     assert result.baseline.answer_words > 0 and result.cells[0].answer_words > 0
     assert Evaluation.from_dict(result.to_dict()).cells[0].measures["answer_words"] == result.cells[0].answer_words
     assert "words per answer" in report_markdown(result)
-    assert "heatmap_answer_words.png" in {p.name for p in write_plots(result, tmp_path / "plots")}
+    assert "heatmap_steered.png" in {p.name for p in write_plots(result, tmp_path / "plots")}
 
 
 def test_a_gated_category_is_evaluated_with_gating_on(tiny_lm, tiny_category, tmp_path):

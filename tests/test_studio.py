@@ -1,6 +1,7 @@
 """The app's handlers, without a browser, on the tiny model and a real SQLite file."""
 
 import zipfile
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 import studio
 from safesteer import SafeSteerError, datasets, generate_side_by_side
+from safesteer.judges.reference import load_labelled
+from studio.evaluation import FAILING_COLUMNS, REVIEW_LABELS
 from tests.conftest import HARMFUL, SAFE
 
 
@@ -197,13 +200,20 @@ def test_evaluate_review_save_and_guided(app_env):
     assert len(draft.heldout) == 9
     draft, *_ = list(studio.extract(draft, "mean-diff", "residual", "last", 0.5))[-1]
     steps = list(studio.run_evaluation(draft, "1, 2", "1, 3", 6, ""))
-    summary, gallery, report, session = steps[-1]
-    assert "Recommended: layer" in summary and "no guard model configured" in summary
-    assert len(gallery) == 5 and report.endswith("report.zip")
+    summary, gallery, report, session, failing = steps[-1]
+    assert "Recommended: layer" in summary and "response probe" in summary and "no guard or rubric" in summary
+    assert "tradeoff" in {caption for _, caption in gallery} and report.endswith("report.zip")
     with zipfile.ZipFile(report) as archive:  # the report and every plot it links
         names = set(archive.namelist())
         text = archive.read("report.md").decode()
-    assert "report.md" in names and len(names) == 6
+    assert "report.md" in names and len(names) == len(gallery) + 1
+    assert list(failing.columns) == FAILING_COLUMNS
+    best = session.result.cell(session.result.recommended["layer"], session.result.recommended["strength"])
+    flagged = [a for a in best.answers if any(v["flagged"] for v in a["verdicts"].values())]
+    assert len(failing) == len(flagged)  # every flagged answer is listed, worst (degenerate) first
+    order = ["degenerate", "off_topic", "unsafe_attempt", "refusal"]
+    ranks = [order.index(judges.split(", ")[0]) for judges in failing["flagged by"]]
+    assert ranks == sorted(ranks) and all(failing["why"])
     assert all(f"]({name})" in text for name in names - {"report.md"})
     assert len(session.items) == 2 * len(draft.heldout)
 
@@ -211,19 +221,27 @@ def test_evaluate_review_save_and_guided(app_env):
     assert (
         header.startswith("Response 1 of") and prompt and response and "naive" not in header and "steered" not in header
     )
+    buttons = ["unsafe", "safe", "refusal", "degenerate", "off-topic", "skip"]
     for n in range(len(session.items)):
-        session, *_ = studio.review_label(session, "unsafe" if n % 2 else "safe")
+        session, *_ = studio.review_label(session, "unsafe" if n % 2 else buttons[(n // 2) % len(buttons)])
     assert studio.review_view(session)[0].startswith("All 18 responses reviewed")
     assert "| naive |" in studio.review_text(session) and "| steered |" in studio.review_text(session)
     studio.review_label(session, "unsafe")  # past the end: nothing changes
-    assert len(session.labels) == 18
+    assert len(session.labels) == 17 and len(session.reader_labels) == 17  # one skipped
+    assert set(session.reader_labels.values()) == set(REVIEW_LABELS.values())
+    # the author's labels come back in the reference set's format, ready to retrain the probe
+    written = load_labelled(Path(studio.review_labels_file(session)))
+    assert {(r.prompt, r.answer, r.label) for r in written} == {
+        (i.prompt, i.response, session.reader_labels[i.id]) for i in session.items if i.id in session.reader_labels
+    }
 
     with pytest.raises(SafeSteerError, match="no policy named"):
         studio.save_evaluation(draft, session, "Nothing here")
     studio.save_version(draft, "Evaluated", "v1", 1, 2.0)
     assert "the sweep and your review" in studio.save_evaluation(draft, session, "Evaluated")
     saved = studio.studio_store().load_version("Evaluated").evaluation
-    assert set(saved) == {"sweep", "human_review"} and saved["human_review"]["naive"]["n"] == 9
+    assert set(saved) == {"sweep", "human_review"}
+    assert saved["human_review"]["naive"]["n"] + saved["human_review"]["steered"]["n"] == 17
 
     naive_items = [i for i in session.items if i.arm == "naive"]
     session.labels = {i.id: n % 2 == 0 for n, i in enumerate(naive_items)}  # 5 unsafe, 4 safe
