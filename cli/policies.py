@@ -190,8 +190,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reader = load_for(args, args.model or version.model.model_id, generating=True)  # reads answers faster
         if judge is None and not args.no_probe:
             extra = load_labelled(args.labels) if args.labels else ()
+            bar(0.0, "the response probe: reading the labelled reference answers (once per model; cached)")
             judge = ProbeJudge(reference_probe(reader, extra=extra), reader)
-        result = evaluate(lm, category, harmful, benign, settings, judge, progress=bar, probe=not args.no_probe)
+        result = evaluate(
+            lm, category, harmful, benign, settings, judge, progress=bar, probe=not args.no_probe, reader=reader
+        )
     finally:
         bar.close()
     files = write_evaluation_files(result, Path(args.out))

@@ -216,9 +216,9 @@ def evaluate(
     """Run the sweep on held-out harmful prompts (any used for extraction are dropped) and everyday ones.
 
     `judge` decides unsafe attempts (a guard model or rubric judge); without one, the response
-    probe trained on the reference set does, unless `probe` is False. The probe reads answers
-    with `reader` (default `lm`): another copy of the same weights that runs prompt passes faster,
-    such as int4 for an NF4 model on a CPU.
+    probe trained on the reference set does, unless `probe` is False. The probe and perplexity read
+    answers with `reader` (default `lm`): another copy of the same weights whose prompt passes are
+    faster, such as int4 for an NF4 model on a CPU (about 4x here).
     """
     report = progress or no_progress
     vectors = category.vectors
@@ -238,7 +238,7 @@ def evaluate(
     if judge is None and probe:
         report(0.01, "training the response probe for this model (once; cached after)")
         judge = ProbeJudge(reference_probe(reader or lm, cache_dir), reader or lm)
-    context = JudgeContext(lm=lm, unsafe_judge=judge)
+    context = JudgeContext(lm=reader or lm, unsafe_judge=judge)  # judges read with the fast copy
 
     n = settings.max_new_tokens
     report(0.02, "answering without steering")

@@ -146,7 +146,7 @@ register(
         "perplexity",
         "perplexity",
         True,
-        lambda c: statistics.median(perplexity(c.lm, c.harmful, c.harmful_answers)),
+        lambda c: statistics.median(perplexity(c.context.lm or c.lm, c.harmful, c.harmful_answers)),
         decimals=1,
         plotted=False,
         about=lambda _: (
