@@ -229,15 +229,18 @@ def evaluate(
         raise SafeSteerError(
             "evaluation needs at least 2 held-out harmful prompts (not used for extraction) and 2 benign ones"
         )
+    lm = _answering_model(lm, reader, category)
     judge_name = judge.describe() if judge is not None else ("response probe" if probe else None)
     key = cache_key(vectors, settings, harmful, benign, judge_name, lm.identity.to_dict())
     cache_file = (cache_dir or default_cache_dir()) / "evaluations" / f"{key}.json"
     if cache_file.is_file():
         report(1.0, "loaded from cache")
         return Evaluation.from_dict(json.loads(cache_file.read_text()))
-    if judge is None and probe:
+    if should_stop and should_stop():
+        raise SafeSteerError("evaluation stopped")
+    if judge is None and probe:  # the probe depends on the model and the labels only: one cache for all sweeps
         report(0.01, "training the response probe for this model (once; cached after)")
-        judge = ProbeJudge(reference_probe(reader or lm, cache_dir), reader or lm)
+        judge = ProbeJudge(reference_probe(reader or lm), reader or lm)
     context = JudgeContext(lm=reader or lm, unsafe_judge=judge)  # judges read with the fast copy
 
     n = settings.max_new_tokens
@@ -288,6 +291,21 @@ def evaluate(
     cache_file.write_text(json.dumps(result.to_dict()))
     report(1.0, f"recommended: layer {best['layer']}, strength {best['strength']:g}")
     return result
+
+
+def _answering_model(lm: LoadedModel, reader: LoadedModel | None, category: PolicyCategory) -> LoadedModel:
+    """The copy that answers: a gated category's gate must read the precision it was trained on.
+
+    On a CPU, gates learn from the int4 copy that serves previews and requests, while sweeps
+    default to NF4 for its large-batch speed; NF4's activations would put the gate elsewhere (it
+    fired on every everyday prompt in one check), so a gated sweep answers with the reader then.
+    """
+    gate = category.gate
+    if gate is None or gate.mode != "gated" or reader is None:
+        return lm
+    if gate.precision == reader.identity.precision != lm.identity.precision:
+        return reader
+    return lm
 
 
 def gate_figures(
@@ -454,18 +472,28 @@ def _tradeoff_plot(result: Evaluation, folder: Path, plt: Any) -> Path:
     r = result.recommended
     for axes, (title, x_of), limit in zip(panels, views, limit_x, strict=True):
         for c in result.cells:
-            chosen = c.layer == r["layer"] and c.strength == r["strength"]
-            axes.scatter(x_of(c), c.value("unsafe_attempt_rate"), color="#16a34a" if chosen else "#4338ca", zorder=3)
-            axes.annotate(f"L{c.layer}/{c.strength:g}", (x_of(c), c.value("unsafe_attempt_rate")), fontsize=7)
-        axes.scatter(x_of(base), base.value("unsafe_attempt_rate"), color="#dc2626", label="unsteered", zorder=3)
-        axes.axvline(limit, color="#9ca3af", linestyle="--", label="quality limit")
+            axes.scatter(x_of(c), c.value("unsafe_attempt_rate"), color="#4338ca", alpha=0.6, zorder=3)
+            axes.annotate(f"L{c.layer}/{c.strength:g}", (x_of(c), c.value("unsafe_attempt_rate")), fontsize=6)
+        axes.scatter(x_of(base), base.value("unsafe_attempt_rate"), color="#dc2626", label="unsteered", zorder=4)
+        best = result.cell(r["layer"], r["strength"])
+        axes.scatter(
+            x_of(best),
+            best.value("unsafe_attempt_rate"),
+            s=140,
+            facecolors="none",
+            edgecolors="#16a34a",
+            linewidths=2.5,
+            label="recommended",
+            zorder=5,
+        )
+        axes.axvline(limit, color="#9ca3af", linestyle="--", label="quality limit (naive + margins)")
         axes.set_xlabel(f"{title} (lower is better)")
         axes.set_xlim(-0.03, 1.03)
         axes.set_ylim(-0.03, 1.03)
     panels[0].set_ylabel("unsafe attempts (lower is better)")
     panels[0].legend(fontsize=8)
     figure.suptitle(
-        f"Trade-off for '{result.category}' (recommended, green: L{r['layer']}/{r['strength']:g})", fontsize=10
+        f"Trade-off for '{result.category}' (recommended, circled: L{r['layer']}/{r['strength']:g})", fontsize=10
     )
     figure.tight_layout()
     path = folder / "tradeoff.png"

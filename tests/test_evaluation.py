@@ -185,3 +185,24 @@ def test_a_gated_category_is_evaluated_with_gating_on(tiny_lm, tiny_category, tm
     assert all(s["naive"] == s["steered"] for s in quiet.samples)
     always = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate.with_mode("always")))
     assert evaluate(tiny_lm, always, HARMFUL, SAFE[:4], settings, cache_dir=tmp_path).gate is None
+
+
+def test_a_gated_sweep_answers_with_the_copy_its_gate_was_trained_on(tiny_category):
+    """A gate reads the activations of the precision it learned from; NF4's would put it elsewhere."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from safesteer.evaluation import _answering_model
+
+    def copy(precision):
+        return SimpleNamespace(identity=SimpleNamespace(precision=precision))
+
+    nf4, int4 = copy("nf4"), copy("int4")
+    gate = replace(tiny_category.gate, precision="int4", mode="gated")
+    gated = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate))
+    assert _answering_model(nf4, int4, gated) is int4
+    assert _answering_model(nf4, None, gated) is nf4  # no other copy given: nothing to switch to
+    always = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate.with_mode("always")))
+    assert _answering_model(nf4, int4, always) is nf4  # no gate is read: the faster batch copy answers
+    same = replace(tiny_category, vectors=tiny_category.vectors.with_gate(replace(gate, precision="nf4")))
+    assert _answering_model(nf4, int4, same) is nf4

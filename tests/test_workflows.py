@@ -39,7 +39,7 @@ def test_the_app_and_the_cli_give_the_same_evaluation(tiny_folder, tmp_path, mon
     draft, *_ = list(studio.extract(draft, "mean-diff", "residual", "last", 0.5))[-1]
     studio.save_version(draft, "Crime policy", "first", 1, 3.0)
 
-    *_, (_, _, _, session) = studio.run_evaluation(draft, "1", "3", 6, "")
+    *_, (_, _, _, session, _) = studio.run_evaluation(draft, "1", "3", 6, "")
     from_app = json.loads(json.dumps(session.result.to_dict()))  # as stored
 
     heldout = tmp_path / "heldout.txt"
