@@ -66,25 +66,41 @@ def topic_relevance(prompts: Sequence[str], responses: Sequence[str]) -> list[fl
 # --- coherence ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AnswerBatch:
+    """Prompts in the chat template followed by their answers, right-padded, with where each answer lies."""
+
+    input_ids: torch.Tensor  # [rows, width]
+    attention_mask: torch.Tensor
+    spans: list[tuple[int, int]]  # each row's answer tokens: [begin, end)
+
+
+def answer_batch(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str]) -> AnswerBatch:
+    """The unsteered model's view of prompt + answer, as perplexity and the response probe read it."""
+    tokenizer = lm.tokenizer
+    ids, spans = [], []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        head = tokenizer(lm.chat_text(prompt), add_special_tokens=False)["input_ids"]
+        tail = tokenizer(answer, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+        ids.append(head + tail)
+        spans.append((len(head), len(head) + len(tail)))
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=lm.device)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=lm.device)
+    return AnswerBatch(input_ids, mask, spans)
+
+
 def perplexity(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 8) -> list[float]:
     """Perplexity of each response given its prompt under the *unsteered* model (lower = more fluent)."""
     values: list[float] = []
-    tokenizer = lm.tokenizer
     for start in range(0, len(prompts), batch_size):
-        rows = list(zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True))
-        ids, labels = [], []
-        for prompt, response in rows:
-            head = tokenizer(lm.chat_text(prompt), add_special_tokens=False)["input_ids"]
-            tail = tokenizer(response, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-            ids.append(head + tail)
-            labels.append([-100] * len(head) + tail)
-        width = max(len(x) for x in ids)
-        pad = tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=lm.device)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=lm.device)
-        target = torch.tensor([y + [-100] * (width - len(y)) for y in labels], device=lm.device)
+        batch = answer_batch(lm, prompts[start : start + batch_size], responses[start : start + batch_size])
+        target = torch.full_like(batch.input_ids, -100)
+        for row, (begin, end) in enumerate(batch.spans):
+            target[row, begin:end] = batch.input_ids[row, begin:end]
         with torch.inference_mode():
-            logits = lm.model(input_ids=input_ids, attention_mask=mask).logits.float()
+            logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].transpose(1, 2), target[:, 1:], ignore_index=-100, reduction="none"
         )

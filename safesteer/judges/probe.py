@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoints import default_cache_dir
 from ..errors import SafeSteerError
 from ..gates import auroc, fit_logistic_all_layers
+from ..metrics import answer_batch
 from ..models import LoadedModel
 from .base import Answer, AnswerKind, JudgeContext, Judgement, register_judge
 from .reference import LabelledAnswer, load_reference
@@ -52,22 +53,12 @@ def reading_features(
     With `layer`, the pass stops after that layer and the result is `[n, 1, d]`: scoring needs one
     layer, and half a forward pass is half the cost.
     """
-    tokenizer = lm.tokenizer
     rows = []
     for start in range(0, len(answers), batch_size):
         chunk = answers[start : start + batch_size]
-        ids, spans = [], []
-        for answer in chunk:
-            head = tokenizer(lm.chat_text(answer.prompt), add_special_tokens=False)["input_ids"]
-            tail = tokenizer(answer.text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-            ids.append(head + tail)
-            spans.append((len(head), len(head) + len(tail)))
-        width = max(len(x) for x in ids)
-        pad = tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=lm.device)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=lm.device)
-        stacked = _hidden(lm, input_ids, mask, layer)  # [b, L, t, d]
-        for row, (begin, end) in enumerate(spans):
+        batch = answer_batch(lm, [a.prompt for a in chunk], [a.text for a in chunk])
+        stacked = _hidden(lm, batch.input_ids, batch.attention_mask, layer)  # [b, L, t, d]
+        for row, (begin, end) in enumerate(batch.spans):
             rows.append(stacked[row, :, begin:end].mean(1).cpu())
     return torch.stack(rows)
 
