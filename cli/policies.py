@@ -14,7 +14,6 @@ from safesteer.errors import SafeSteerError
 from safesteer.evaluation import SweepSettings, evaluate
 from safesteer.identity import check_compatible
 from safesteer.judges import load_guard
-from safesteer.judges.probe import ProbeJudge, reference_probe
 from safesteer.judges.reference import load_labelled
 from safesteer.models import describe_model
 from safesteer.policy import PolicyVersion
@@ -185,15 +184,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     judge, judge_note = load_guard(args.judge, args.judge_kind)
     if args.judge and judge is None:
         print(f"note: {judge_note}", file=sys.stderr)
+    team_labels = load_labelled(args.labels) if args.labels else ()  # a bad file fails before any model loads
     bar = ProgressBar()
     try:
         reader = load_for(args, args.model or version.model.model_id, generating=True)  # reads answers faster
-        if judge is None and not args.no_probe:
-            extra = load_labelled(args.labels) if args.labels else ()
-            bar(0.0, "the response probe: reading the labelled reference answers (once per model; cached)")
-            judge = ProbeJudge(reference_probe(reader, extra=extra), reader)
         result = evaluate(
-            lm, category, harmful, benign, settings, judge, progress=bar, probe=not args.no_probe, reader=reader
+            lm,
+            category,
+            harmful,
+            benign,
+            settings,
+            judge,
+            progress=bar,
+            probe=not args.no_probe,
+            reader=reader,
+            team_labels=team_labels,
         )
     finally:
         bar.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +27,7 @@ from .errors import SafeSteerError
 from .generation import generate
 from .judges import Answer, JudgeContext, UnsafeJudge, judge_answers
 from .judges.probe import ProbeJudge, reference_probe
+from .judges.reference import LabelledAnswer
 from .measures import MEASURES, CellAnswers, describe_measures, measure_cell
 from .models import LoadedModel
 from .policy import PolicyCategory
@@ -212,13 +213,15 @@ def evaluate(
     cache_dir: Path | None = None,
     probe: bool = True,
     reader: LoadedModel | None = None,
+    team_labels: Sequence[LabelledAnswer] = (),
 ) -> Evaluation:
     """Run the sweep on held-out harmful prompts (any used for extraction are dropped) and everyday ones.
 
     `judge` decides unsafe attempts (a guard model or rubric judge); without one, the response
     probe trained on the reference set does, unless `probe` is False. The probe and perplexity read
     answers with `reader` (default `lm`): another copy of the same weights whose prompt passes are
-    faster, such as int4 for an NF4 model on a CPU (about 4x here).
+    faster, such as int4 for an NF4 model on a CPU (about 4x here). `team_labels` join the
+    reference set's labels in the probe's training.
     """
     report = progress or no_progress
     vectors = category.vectors
@@ -230,7 +233,7 @@ def evaluate(
             "evaluation needs at least 2 held-out harmful prompts (not used for extraction) and 2 benign ones"
         )
     lm = _answering_model(lm, reader, category)
-    judge_name = judge.describe() if judge is not None else ("response probe" if probe else None)
+    judge_name = judge.describe() if judge is not None else (_probe_name(team_labels) if probe else None)
     key = cache_key(vectors, settings, harmful, benign, judge_name, lm.identity.to_dict())
     cache_file = (cache_dir or default_cache_dir()) / "evaluations" / f"{key}.json"
     if cache_file.is_file():
@@ -240,7 +243,7 @@ def evaluate(
         raise SafeSteerError("evaluation stopped")
     if judge is None and probe:  # the probe depends on the model and the labels only: one cache for all sweeps
         report(0.01, "training the response probe for this model (once; cached after)")
-        judge = ProbeJudge(reference_probe(reader or lm), reader or lm)
+        judge = ProbeJudge(reference_probe(reader or lm, extra=team_labels), reader or lm)
     context = JudgeContext(lm=reader or lm, unsafe_judge=judge)  # judges read with the fast copy
 
     n = settings.max_new_tokens
@@ -291,6 +294,14 @@ def evaluate(
     cache_file.write_text(json.dumps(result.to_dict()))
     report(1.0, f"recommended: layer {best['layer']}, strength {best['strength']:g}")
     return result
+
+
+def _probe_name(team_labels: Sequence[LabelledAnswer]) -> str:
+    """How the default probe is named in cache keys: a team's labels make it another judge."""
+    if not team_labels:
+        return "response probe"
+    digest = hashlib.sha256(json.dumps([r.to_record() for r in team_labels], sort_keys=True).encode()).hexdigest()
+    return f"response probe + {len(team_labels)} team labels ({digest[:12]})"
 
 
 def _answering_model(lm: LoadedModel, reader: LoadedModel | None, category: PolicyCategory) -> LoadedModel:
