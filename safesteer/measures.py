@@ -18,6 +18,7 @@ from .judges import JUDGES, JudgeContext, Judgement
 from .judges.reference import judged_label
 from .metrics import Interval, next_token_divergence, perplexity, share_changed, topic_relevance, wilson_interval
 from .models import LoadedModel
+from .registry import register_new
 from .steering import SteeringSpec
 
 Verdicts = list[dict[str, Judgement]]
@@ -75,10 +76,7 @@ MEASURES: dict[str, Measure] = {}
 
 def register(measure: Measure) -> Measure:
     """Add a measure to every evaluation from now on (its name must be new)."""
-    if measure.name in MEASURES:
-        raise ValueError(f"a measure named {measure.name!r} is already registered")
-    MEASURES[measure.name] = measure
-    return measure
+    return register_new(MEASURES, measure.name, measure, "measure")
 
 
 def _share(verdicts: Verdicts, judge: str) -> float | None:

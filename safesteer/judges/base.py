@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from ..registry import register_new
+
 if TYPE_CHECKING:
     from ..models import LoadedModel
 
@@ -80,10 +82,7 @@ JUDGES: dict[str, Judge] = {}
 
 def register_judge(judge: Judge) -> Judge:
     """Add a judge to every evaluation from now on (its name must be new)."""
-    if judge.name in JUDGES:
-        raise ValueError(f"a judge named {judge.name!r} is already registered")
-    JUDGES[judge.name] = judge
-    return judge
+    return register_new(JUDGES, judge.name, judge, "judge")
 
 
 def judge_answers(answers: Sequence[Answer], context: JudgeContext) -> list[dict[str, Judgement]]:
