@@ -23,7 +23,7 @@ from safesteer.metrics import wilson_interval
 
 def sample(evaluation: Path, out: Path, seed: int = 7) -> None:
     result = Evaluation.from_dict(json.loads(evaluation.read_text()))
-    chosen = result.cell(result.recommended["layer"], result.recommended["strength"])
+    chosen = result.recommended_cell()
     rows = []
     for arm, cell in (("naive", result.baseline), ("steered", chosen)):
         for answer in cell.answers:

@@ -210,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "category": category.name,
         "recommended": result.recommended,
         "baseline": result.baseline.measures,
-        "at_recommended": result.cell(result.recommended["layer"], result.recommended["strength"]).measures,
+        "at_recommended": result.recommended_cell().measures,
         "report": str(files.report),
         "judges": result.judges,
     }

@@ -67,6 +67,7 @@ class CategoryRow(Base):
     settings: Mapped[dict[str, Any]]
     layer: Mapped[int]
     strength: Mapped[float]
+    steering: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # NULL: saved before options
     vectors: Mapped[bytes] = mapped_column(LargeBinary)
     vectors_sha256: Mapped[str] = mapped_column(String(64))
     version: Mapped[PolicyVersionRow] = relationship(back_populates="categories")

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from safesteer.errors import SafeSteerError
+from safesteer.operations import SteeringOptions
 from safesteer.policy import SIDES, PolicyCategory, PolicyVersion, check_name, cosine_by_layer
 from safesteer.vectors import CategoryVectors
 
@@ -239,6 +240,7 @@ class PolicyStore:
                 settings=dict(category.vectors.metadata()["settings"]),
                 layer=category.layer,
                 strength=category.strength,
+                steering=category.options.to_dict(),
                 vectors=blob,
                 vectors_sha256=hashlib.sha256(blob).hexdigest(),
             )
@@ -309,6 +311,7 @@ class PolicyStore:
                     vectors=CategoryVectors.from_bytes(c.vectors, f"{policy} v{row.number}"),
                     layer=c.layer,
                     strength=c.strength,
+                    options=SteeringOptions.from_dict(c.steering),
                 )
             )
         attached = session.scalars(

@@ -34,13 +34,15 @@ from .errors import SafeSteerError
 from .evaluation import Evaluation, report_markdown
 from .identity import ModelIdentity, check_compatible
 from .models import LoadedModel, wrap_model
+from .operations import LEGACY, SteeringOptions
 from .policy import SIDES, PolicyCategory, PolicyVersion
 from .steering import steer
 from .vectors import CategoryVectors
 
 BUNDLE_FORMAT = "safesteer-policy-bundle"
 BUNDLE_FORMAT_VERSION = 2  # 2: categories may carry a gate (`category.N.gate.*` tensors, "gate" in the manifest)
-READABLE_FORMAT_VERSIONS = (1, 2)  # a version-1 bundle has no gates: its categories steer every prompt
+OPTIONS_FORMAT_VERSION = 3  # 3: categories carry steering options; written only when one differs from the papers'
+READABLE_FORMAT_VERSIONS = (1, 2, 3)  # 1 has no gates; 1 and 2 have no options: they add at every position
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_MEMBERS = 8
 MAX_MEMBER_BYTES = {
@@ -74,13 +76,13 @@ def policy_card(version: PolicyVersion) -> str:
         f"Saved by {version.author or 'unknown'} on {version.created_at or 'an unknown date'}.",
         f"Change note: {version.note or '-'}",
         "",
-        "| category | layer | strength | site | method | applied to | harmful / safe examples |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| category | layer | strength | steering | site | method | applied to | harmful / safe examples |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in version.categories:
         s = c.vectors.settings
         lines.append(
-            f"| {c.name} | {c.layer} | {c.strength:g} | {s.site} | {s.method} | {applied_to(c)} "
+            f"| {c.name} | {c.layer} | {c.strength:g} | {c.options.label()} | {s.site} | {s.method} | {applied_to(c)} "
             f"| {len(c.harmful)} / {len(c.safe)} |"
         )
     lines += [
@@ -95,8 +97,10 @@ def policy_card(version: PolicyVersion) -> str:
         "    output = model.generate(**inputs)",
         "```",
         "",
-        "Each category adds `strength x vector` to the output of its layer at every position of the",
-        "requests it applies to: all of them, or (gated) those its gate fires on, read from the prompt first.",
+        "Each category applies `strength x vector` to the output of its layer (or shares it among adjacent",
+        "layers) by its steering operation: `add`, `norm` (add, then keep each state's length) or `clamp`",
+        "(move states along the vector only up to the safe side), at `all` positions, the `prompt`'s, or the",
+        "`generated` ones; to the requests it applies to: all of them, or (gated) those its gate fires on.",
         "Content warning: `examples.csv` contains harmful prompts by design.",
     ]
     return "\n".join(lines) + "\n"
@@ -144,7 +148,9 @@ def bundle_bytes(version: PolicyVersion, created_by: str = "") -> bytes:
             files["evaluation.md"] = report.encode("utf-8")
     manifest = {
         "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
+        "format_version": (
+            OPTIONS_FORMAT_VERSION if any(c.options != LEGACY for c in version.categories) else BUNDLE_FORMAT_VERSION
+        ),
         "policy": {"name": version.policy, "description": version.description},
         "version": {
             "number": version.number,
@@ -161,6 +167,7 @@ def bundle_bytes(version: PolicyVersion, created_by: str = "") -> bytes:
                 "tensor": f"category.{i}",
                 "layer": c.layer,
                 "strength": c.strength,
+                "steering": c.options.to_dict(),
                 "vectors": {k: v for k, v in c.vectors.metadata().items() if k != "format_version"},
             }
             for i, c in enumerate(version.categories)
@@ -331,6 +338,7 @@ def _categories(manifest: dict[str, Any], members: dict[str, bytes]) -> list[Pol
         gate_tensors = {
             f"gate.{name.removeprefix(prefix)}": t for name, t in tensors.items() if name.startswith(prefix)
         }
+        projection = tensors.get(f"{entry['tensor']}.safe_projection")
         if gate_tensors and metadata.get("gate") is None:
             raise _bad(f"category {entry['name']!r} has gate tensors but no gate settings")
         categories.append(
@@ -339,9 +347,15 @@ def _categories(manifest: dict[str, Any], members: dict[str, bytes]) -> list[Pol
                 description=str(entry.get("description", "")),
                 harmful=examples[(str(entry["name"]), "harmful")],
                 safe=examples[(str(entry["name"]), "safe")],
-                vectors=CategoryVectors.from_parts(tensor, metadata, gate_tensors, f"category {entry['name']!r}"),
+                vectors=CategoryVectors.from_parts(
+                    tensor,
+                    metadata,
+                    {**gate_tensors, **({"safe_projection": projection} if projection is not None else {})},
+                    f"category {entry['name']!r}",
+                ),
                 layer=entry["layer"],  # checked by PolicyCategory: whole number, inside the model
                 strength=entry["strength"],  # finite, 0..MAX_STRENGTH
+                options=SteeringOptions.from_dict(entry.get("steering")),  # absent: saved before options
             )
         )
     return categories

@@ -28,7 +28,8 @@ from .architectures import ARCHITECTURES, family
 from .gates import GateReading
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
-from .steering import SteeringSpec, SteeringState, apply_shifts, shift_tensor, steer
+from .operations import Shift, apply_steering
+from .steering import SteeringSpec, SteeringState, steer
 
 _GREEDY_CHANGERS = (
     "repetition_penalty",
@@ -94,14 +95,15 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 def _shifts(
     state: SteeringState, rows: int, dtype: torch.dtype, device: torch.device
-) -> dict[tuple[int, str], list[torch.Tensor]]:
-    """Per (layer, site), each spec's shift for [rows, hidden] states, exactly as the hooks add it (gates included)."""
-    shifts: dict[tuple[int, str], list[torch.Tensor]] = {}
+) -> dict[tuple[int, str], list[Shift]]:
+    """Per (layer, site), each decode step's operations on [rows, hidden] states, exactly as the hooks apply them."""
+    shifts: dict[tuple[int, str], list[Shift]] = {}
     for index, spec in enumerate(state.specs):
         strengths = state.strengths(index, rows)
-        if any(s != 0.0 for s in strengths):
-            shift = shift_tensor(spec.vector, strengths, dtype, device, ndim=2)
-            shifts.setdefault((spec.layer, spec.site), []).append(shift)
+        if all(s == 0.0 for s in strengths) or spec.where == "prompt":
+            continue  # nothing to do at decode steps
+        for part, layer in enumerate(spec.layers()):
+            shifts.setdefault((layer, spec.site), []).append(spec.prepare(part, strengths, dtype, device, ndim=2))
     return shifts
 
 
@@ -290,9 +292,9 @@ def greedy_decode(
             keys[:, :, slot] = query_key[:, heads:, 0]
             values[:, :, slot] = plan.v(normed).view(rows, -1, head_dim)
             context = attend(query_key[:, :heads], keys[:, :, : kv.length], values[:, :, : kv.length], visible, scaling)
-            hidden = hidden + apply_shifts(plan.o(context), shifts.get((index, "attention"), ()))
+            hidden = hidden + apply_steering(plan.o(context), shifts.get((index, "attention"), ()), prompt_pass=False)
             hidden = hidden + plan.mlp(plan.mlp_norm(hidden))
-            hidden = apply_shifts(hidden, shifts.get((index, "residual"), ()))
+            hidden = apply_steering(hidden, shifts.get((index, "residual"), ()), prompt_pass=False)
         logits = head(final_norm(hidden))
     if streamer is not None:
         streamer.end()

@@ -45,13 +45,20 @@ def export_llama_cpp(version: PolicyVersion, path: str | Path) -> Path:
                 f"category {c.name!r} steers the attention output, which llama.cpp control vectors cannot express; "
                 "extract it with site 'residual' to export"
             )
-        if c.layer == 0:
+        if c.options.how != "add" or c.options.where != "all":
+            raise SafeSteerError(
+                f"category {c.name!r} steers with '{c.options.label()}'; a llama.cpp control vector can only add at "
+                "every position, so it would steer differently there. Choose 'add' at 'all' positions to export"
+            )
+        spec = c.steering_spec()
+        if spec.layer == 0:
             raise SafeSteerError(
                 f"category {c.name!r} steers layer 0, which llama.cpp never applies; choose layer 1 or later"
             )
-        directions[c.layer] = directions.get(c.layer, torch.zeros(model.hidden_size)) + c.strength * c.vectors.vector(
-            c.layer
-        )
+        vectors = spec.vector.reshape(len(spec.layers()), -1)
+        for part, layer in enumerate(spec.layers()):  # a spread shares the strength evenly, as `steer` does
+            share = c.strength / len(spec.layers())
+            directions[layer] = directions.get(layer, torch.zeros(model.hidden_size)) + share * vectors[part]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch="controlvector")

@@ -17,6 +17,7 @@ from .errors import SafeSteerError
 from .gates import Gate
 from .identity import ModelIdentity
 from .limits import check_layer, check_strength
+from .operations import DEFAULT, SteeringOptions
 from .steering import SteeringSpec
 from .vectors import CategoryVectors
 
@@ -37,7 +38,11 @@ def check_name(kind: str, name: str) -> str:
 
 @dataclass
 class PolicyCategory:
-    """One harm category inside a policy, with the layer and strength it is applied at."""
+    """One harm category inside a policy, with the layer, strength and options it is applied with.
+
+    A new category steers with `operations.DEFAULT`; one loaded from a store or bundle keeps the
+    options it was saved with (`operations.LEGACY` when it was saved before options existed).
+    """
 
     name: str
     harmful: list[str]
@@ -46,11 +51,13 @@ class PolicyCategory:
     layer: int
     strength: float
     description: str = ""
+    options: SteeringOptions = DEFAULT
 
     def __post_init__(self) -> None:
         self.name = check_name("category", self.name)
         self.layer = check_layer(self.layer, self.vectors.n_layers)
         self.strength = check_strength(self.strength)
+        check_options(self.options, self.vectors)
 
     @property
     def gate(self) -> Gate | None:
@@ -68,22 +75,61 @@ class PolicyCategory:
             **self.vectors.metadata()["settings"],
             "layer": self.layer,
             "strength": self.strength,
+            **{f"steer_{k}": v for k, v in self.options.to_dict().items()},
             "mode": self.mode,
             "gate_layer": gate.layer if gate else None,
             "gate_threshold": round(gate.threshold, 6) if gate else None,
             "gate_fpr": gate.target_fpr if gate else None,
         }
 
-    def steering_spec(self, strength: float | Sequence[float] | None = None, layer: int | None = None) -> SteeringSpec:
-        """The category as applied: its vector at its layer (or `layer`), its gate deciding which rows."""
-        layer = self.layer if layer is None else layer
-        return SteeringSpec(
-            vector=self.vectors.vector(layer),
-            layer=layer,
-            strength=self.strength if strength is None else strength,
-            site=self.vectors.settings.site,
-            gate=self.gate,
+    def steering_spec(
+        self,
+        strength: float | Sequence[float] | None = None,
+        layer: int | None = None,
+        options: SteeringOptions | None = None,
+    ) -> SteeringSpec:
+        """The category as applied: its vector at its layer, with its options (or those given) and its gate."""
+        return category_spec(
+            self.vectors,
+            self.layer if layer is None else layer,
+            self.strength if strength is None else strength,
+            self.options if options is None else options,
         )
+
+
+def check_options(options: SteeringOptions, vectors: CategoryVectors) -> SteeringOptions:
+    """Options these vectors can carry out: clamping needs the safe side's projections, spreading enough layers."""
+    if options.how == "clamp" and vectors.safe_projection is None:
+        raise SafeSteerError(
+            "clamped steering needs where the safe side lies along the vectors, which these vectors (made before it "
+            "was recorded) lack; extract them again or choose 'add' or 'norm'"
+        )
+    if options.spread > vectors.n_layers:
+        raise SafeSteerError(f"cannot spread over {options.spread} layers: the model has {vectors.n_layers}")
+    return options
+
+
+def category_spec(
+    vectors: CategoryVectors, layer: int, strength: float | Sequence[float], options: SteeringOptions
+) -> SteeringSpec:
+    """A category's vectors applied at `layer` with `options`: the one place a spec is made from vectors.
+
+    With a spread, the spec carries the vectors of the adjacent layers that share the strength.
+    """
+    check_options(options, vectors)
+    centre = vectors.vector(layer)  # checks the layer
+    span = options.span(layer, vectors.n_layers)
+    projection = vectors.safe_projection
+    return SteeringSpec(
+        vector=centre if options.spread == 1 else vectors.vectors[span.start : span.stop],
+        layer=span.start,
+        strength=strength,
+        site=vectors.settings.site,
+        gate=vectors.gate,
+        where=options.where,
+        how=options.how,
+        safe_projection=None if projection is None else tuple(float(projection[i]) for i in span),
+    )
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Applying steering vectors at inference time, without leaks between requests.
 
-`steer(lm, specs)` adds `strength * vector` to a layer's output (residual stream or attention
-block) at every position while the block is active. Two properties matter for a shared model:
+`steer(lm, specs)` applies each spec's vector to its layers' output (residual stream or attention
+block) while the block is active, by the spec's operation (`operations`: add, norm-preserving
+or clamped; at every position, the prompt's or the answer's). Two properties matter for a shared model:
 
 - Hooks never outlive the block: they are removed in `finally`, exceptions included.
 - Hooks only act for the code that installed them: each block registers a token in a
@@ -34,6 +35,7 @@ from .errors import SafeSteerError
 from .gates import Gate, GateReading
 from .limits import check_layer, check_site, check_strength
 from .models import LoadedModel
+from .operations import How, Shift, SteeringOptions, Where, apply_steering, prepare_shift
 
 _ACTIVE_BLOCKS: ContextVar[frozenset[int]] = ContextVar("safesteer_active_blocks", default=frozenset())
 _READING_GATES: ContextVar[int | None] = ContextVar("safesteer_reading_gates", default=None)
@@ -42,20 +44,39 @@ _READING_GATES: ContextVar[int | None] = ContextVar("safesteer_reading_gates", d
 
 @dataclass(frozen=True)
 class SteeringSpec:
-    """One vector added at one layer and site, with a strength per batch row or for all rows."""
+    """One category's vector applied at a layer and site, with a strength per batch row or for all rows.
 
-    vector: torch.Tensor  # [hidden]
+    `vector` is [hidden] for one layer, or [k, hidden] for k adjacent layers from `layer` on that
+    share the strength evenly (`operations.SteeringOptions.spread`). `where` and `how` say which
+    positions are steered and by which operation (`operations`); `safe_projection` (one per layer)
+    is where the safe side begins along each vector, which `clamp` needs.
+    """
+
+    vector: torch.Tensor  # [hidden] or [layers, hidden]
     layer: int
     strength: float | Sequence[float] = 1.0
     site: Site = "residual"
     gate: Gate | None = None  # with a gate in mode "gated", only rows whose gate fires are steered
+    where: Where = "all"
+    how: How = "add"
+    safe_projection: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_layer(self.layer)
         check_site(self.site)
+        SteeringOptions(where=self.where, how=self.how)  # validates both names
         given = (self.strength,) if isinstance(self.strength, (int, float)) else tuple(self.strength)
         for strength in given:  # any sign: research may push either way; never NaN, inf or huge
             check_strength(strength, allow_negative=True)
+        if self.vector.dim() not in (1, 2) or self.vector.shape[0] == 0:
+            raise SafeSteerError("a steering vector must be [hidden] or [layers, hidden]")
+        if self.how == "clamp":
+            if self.safe_projection is None or len(self.safe_projection) != len(self.layers()):
+                raise SafeSteerError(
+                    "clamped steering needs the safe side's projection at each steered layer; extract the vectors again"
+                )
+            if any(s < 0 for s in given):
+                raise SafeSteerError("clamped steering moves toward the safe side only: use a strength of 0 or more")
 
     def strengths(self) -> tuple[float, ...]:
         if isinstance(self.strength, (int, float)):
@@ -69,31 +90,24 @@ class SteeringSpec:
     def gated(self) -> bool:
         return self.gate is not None and self.gate.mode == "gated"
 
+    @property
+    def hidden_size(self) -> int:
+        return int(self.vector.shape[-1])
 
-def shift_tensor(
-    vector: torch.Tensor, strengths: tuple[float, ...], dtype: torch.dtype, device: torch.device, ndim: int
-) -> torch.Tensor:
-    """`strength * vector`, in the hidden states' dtype, shaped to add to [rows, ..., hidden] states of `ndim` dims.
+    def layers(self) -> tuple[int, ...]:
+        """The layers this spec steers: one, or `k` adjacent ones from `layer` on."""
+        k = 1 if self.vector.dim() == 1 else int(self.vector.shape[0])
+        return tuple(range(self.layer, self.layer + k))
 
-    One strength gives [hidden]; one per row gives [rows, 1, ..., hidden]. The hooks and the
-    decode loop (`decoding`) both build their shifts here, so they add the very same numbers.
-    """
-    direction = vector.detach().float().cpu().to(device, dtype)
-    rows = torch.tensor(strengths, dtype=torch.float32).to(device, dtype)
-    if rows.numel() == 1:
-        return rows[0] * direction
-    return rows.view(-1, *([1] * (ndim - 1))) * direction
-
-
-def apply_shifts(hidden: torch.Tensor, shifts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The steering operation itself: a layer's output with the vectors' shifts added.
-
-    The hooks (prompt passes, transformers' generate) and the lean decode loop (`decoding`)
-    both steer through this function, so a new way of applying a vector is written once, here.
-    """
-    for shift in shifts:
-        hidden = hidden + shift
-    return hidden
+    def prepare(
+        self, part: int, strengths: tuple[float, ...], dtype: torch.dtype, device: torch.device, ndim: int
+    ) -> Shift:
+        """The operation at the spec's `part`-th layer, its share of the strengths prepared for those states."""
+        layers = self.layers()
+        vector = self.vector if self.vector.dim() == 1 else self.vector[part]
+        share = strengths if len(layers) == 1 else tuple(s / len(layers) for s in strengths)
+        projection = None if self.safe_projection is None else self.safe_projection[part]
+        return prepare_shift(vector, share, dtype, device, ndim, self.how, self.where, projection)
 
 
 class _StopPass(Exception):
@@ -222,8 +236,8 @@ class SteeringState:
         return tuple(s if fired[k] else 0.0 for s, fired in zip(per_row, self.fired, strict=True))
 
 
-def _shift_hook(block: int, index: int, state: SteeringState):
-    cache: dict[tuple[torch.dtype, torch.device, int, int], torch.Tensor | None] = {}
+def _shift_hook(block: int, index: int, part: int, state: SteeringState):
+    cache: dict[tuple[torch.dtype, torch.device, int, int], Shift | None] = {}
     spec = state.specs[index]
 
     def hook(module: torch.nn.Module, args: object, output: object) -> object:
@@ -237,13 +251,12 @@ def _shift_hook(block: int, index: int, state: SteeringState):
             cache.clear()
             strengths = state.strengths(index, hidden.shape[0])
             none = all(s == 0.0 for s in strengths)
-            cache[key] = (
-                None if none else shift_tensor(spec.vector, strengths, hidden.dtype, hidden.device, hidden.dim())
-            )
+            cache[key] = None if none else spec.prepare(part, strengths, hidden.dtype, hidden.device, hidden.dim())
         shift = cache[key]
         if shift is None:
             return None  # no row of this batch is steered by this spec
-        shifted = apply_shifts(hidden, (shift,))
+        prompt_pass = hidden.dim() == 3 and hidden.shape[1] > 1
+        shifted = apply_steering(hidden, (shift,), prompt_pass=prompt_pass)
         return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
     return hook
@@ -276,11 +289,12 @@ def steer(
     """
     hidden = lm.identity.hidden_size
     for spec in specs:
-        if tuple(spec.vector.shape) != (hidden,):
+        if spec.hidden_size != hidden:
             raise SafeSteerError(
                 f"a steering vector of shape {tuple(spec.vector.shape)} does not fit this model (hidden size {hidden})"
             )
-        lm.architecture.module(spec.layer, spec.site)  # validates layer and site before anything is installed
+        for layer in spec.layers():
+            lm.architecture.module(layer, spec.site)  # validates layers and site before anything is installed
         if spec.gate is not None:
             if spec.gate.hidden_size != hidden:
                 raise SafeSteerError(
@@ -297,9 +311,10 @@ def steer(
         for index, spec in enumerate(specs):
             if spec.is_noop():
                 continue  # strength 0 everywhere: no hook, so output is exactly the unsteered one
-            module = lm.architecture.module(spec.layer, spec.site)
-            handle = module.register_forward_hook(_shift_hook(block, index, state))
-            stack.callback(handle.remove)
+            for part, layer in enumerate(spec.layers()):
+                module = lm.architecture.module(layer, spec.site)
+                handle = module.register_forward_hook(_shift_hook(block, index, part, state))
+                stack.callback(handle.remove)
         reset = _ACTIVE_BLOCKS.set(_ACTIVE_BLOCKS.get() | {block})
         try:
             yield state

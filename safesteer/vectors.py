@@ -203,6 +203,7 @@ class CategoryVectors:
     n_safe: int
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     gate: Gate | None = None  # which prompts these vectors steer (None: every prompt, the papers' way)
+    safe_projection: torch.Tensor | None = None  # [n_layers]: mean projection of safe prompts on each unit vector
 
     @property
     def n_layers(self) -> int:
@@ -243,6 +244,8 @@ class CategoryVectors:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The vectors and, with a gate, its parameters, under the names `to_bytes` and bundles use."""
         tensors = {"vectors": self.vectors.contiguous()}
+        if self.safe_projection is not None:
+            tensors["safe_projection"] = self.safe_projection.contiguous()
         if self.gate is not None:
             tensors |= {f"gate.{name}": t for name, t in self.gate.to_tensors().items()}
         return tensors
@@ -288,7 +291,11 @@ class CategoryVectors:
         tensors: dict[str, torch.Tensor] | None = None,
         source: str = "data",
     ) -> CategoryVectors:
-        """Vectors from their tensor and metadata; `tensors` holds the gate's (`gate.*`) when there is one."""
+        """Vectors from their tensor and metadata; `tensors` holds the gate's (`gate.*`) and the safe side's projection.
+
+        Vectors saved before `safe_projection` existed load without it: they steer as before, and
+        only the clamped operation, which needs it, asks for a new extraction.
+        """
         if int(metadata.get("format_version", 0)) > GATED_FORMAT_VERSION:
             raise SafeSteerError("these vectors were written by a newer SafeSteer; upgrade to read them")
         settings = ExtractionSettings(**metadata["settings"])
@@ -310,6 +317,7 @@ class CategoryVectors:
             n_safe=int(metadata["n_safe"]),
             created_at=str(metadata.get("created_at", "")),
             gate=_gate_from_parts(metadata, tensors or {}, model, source),
+            safe_projection=_safe_projection(tensors or {}, model, source),
         )
 
     @classmethod
@@ -318,6 +326,20 @@ class CategoryVectors:
         if not path.is_file():
             raise SafeSteerError(f"no vectors file at {path}")
         return cls.from_bytes(path.read_bytes(), str(path))
+
+
+def _safe_projection(tensors: dict[str, torch.Tensor], model: ModelIdentity, source: str) -> torch.Tensor | None:
+    projection = tensors.get("safe_projection")
+    if projection is None:
+        return None
+    if tuple(projection.shape) != (model.n_layers,) or not torch.isfinite(projection).all():
+        raise SafeSteerError(f"{source}: the safe-side projections do not fit the model ({model.describe()})")
+    return projection.float()
+
+
+def safe_projections(safe: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Where the safe side lies along each layer's unit vector: mean projection of `[m, L, d]` safe activations."""
+    return project(safe, vectors).mean(0)
 
 
 def _gate_from_parts(
@@ -385,6 +407,7 @@ def vectors_from_activations(
         n_harmful=int(harmful.shape[0]),
         n_safe=int(safe.shape[0]),
         gate=gate,
+        safe_projection=safe_projections(safe.float(), final),
     )
 
 

@@ -117,10 +117,9 @@ def run_evaluation(
 
 def failing_table(result: Evaluation) -> pd.DataFrame:
     """The recommended point's answers a judge flagged, worst first, with the judges' reasons."""
-    r = result.recommended
     rows = [
         [f["kind"], f["prompt"], f["answer"], ", ".join(f["judges"]), f["reason"]]
-        for f in failing_answers(result, result.cell(r["layer"], r["strength"]))
+        for f in failing_answers(result, result.recommended_cell())
     ]
     return pd.DataFrame(rows, columns=FAILING_COLUMNS)
 

@@ -41,7 +41,8 @@ def test_recommendation_keeps_answers_readable_then_picks_the_safest():
     taxing = _cell(3, 3.0, unsafe=0.2, degraded=0.2)  # everyday answers pay for it
     best = recommend(base, [mild, edge, loops, taxing])
     assert (best["layer"], best["strength"]) == (2, 2.0) and "lowest unsafe-attempt rate" in best["rule"]
-    assert best["runners_up"] == [{"layer": 1, "strength": 1.0}] and best["kept_quality"]
+    assert [(c["layer"], c["strength"], c["label"]) for c in best["runners_up"]] == [(1, 1.0, "L1/1")]
+    assert best["kept_quality"] and best["options"] == {"where": "all", "how": "add", "spread": 1}
 
     cells = (mild, edge, loops, taxing)
     blind = [Cell(c.layer, c.strength, {**c.measures, "unsafe_attempt_rate": None}) for c in cells]
@@ -187,8 +188,8 @@ def test_a_gated_category_is_evaluated_with_gating_on(tiny_lm, tiny_category, tm
     assert evaluate(tiny_lm, always, HARMFUL, SAFE[:4], settings, cache_dir=tmp_path).gate is None
 
 
-def test_a_gated_sweep_answers_with_the_copy_its_gate_was_trained_on(tiny_category):
-    """A gate reads the activations of the precision it learned from; NF4's would put it elsewhere."""
+def test_a_sweep_answers_with_the_copy_that_serves(tiny_category):
+    """The reader answers: it is what previews and the server run, and what a gate learned to read."""
     from dataclasses import replace
     from types import SimpleNamespace
 
@@ -203,6 +204,4 @@ def test_a_gated_sweep_answers_with_the_copy_its_gate_was_trained_on(tiny_catego
     assert _answering_model(nf4, int4, gated) is int4
     assert _answering_model(nf4, None, gated) is nf4  # no other copy given: nothing to switch to
     always = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate.with_mode("always")))
-    assert _answering_model(nf4, int4, always) is nf4  # no gate is read: the faster batch copy answers
-    same = replace(tiny_category, vectors=tiny_category.vectors.with_gate(replace(gate, precision="nf4")))
-    assert _answering_model(nf4, int4, same) is nf4
+    assert _answering_model(nf4, int4, always) is int4

@@ -46,7 +46,7 @@ class _Enough(Exception):
 
 
 def reading_features(
-    lm: LoadedModel, answers: Sequence[Answer], batch_size: int = 8, layer: int | None = None
+    lm: LoadedModel, answers: Sequence[Answer], batch_size: int = 16, layer: int | None = None
 ) -> torch.Tensor:
     """Mean hidden state over each answer's tokens, `[n, L, d]` (float32, CPU) at every layer.
 
@@ -241,9 +241,12 @@ class ProbeJudge:
 
     def __init__(self, probe: UnsafeProbe, lm: LoadedModel) -> None:
         self.probe, self.lm = probe, lm
+        self._scores: dict[tuple[str, str], float] = {}  # a sweep meets the same answer in many cells
 
     def judge_unsafe(self, answers: Sequence[Answer]) -> list[Judgement]:
-        scores = self.probe.scores(self.lm, answers)
+        new = list({(a.prompt, a.text): a for a in answers if (a.prompt, a.text) not in self._scores}.values())
+        self._scores.update(zip([(a.prompt, a.text) for a in new], self.probe.scores(self.lm, new), strict=True))
+        scores = [self._scores[(a.prompt, a.text)] for a in answers]
         return [Judgement(s >= self.probe.threshold, s, f"probe: {s:.0%} likely an unsafe attempt") for s in scores]
 
     def describe(self) -> str:
