@@ -16,6 +16,7 @@ import studio
 from safesteer import workflows
 from safesteer.activations import TOKENS
 from safesteer.architectures import SITES
+from safesteer.operations import DEFAULT, HOW, WHERE
 from safesteer.prompts import MAX_FILE_BYTES
 
 INTRO = """# SafeSteer Studio
@@ -123,6 +124,23 @@ def build_app() -> gr.Blocks:
                         0.0, 8.0, value=2.0, step=0.25, label="Strength", info="0 = unchanged; too high breaks fluency"
                     )
                     max_tokens = gr.Slider(16, 256, value=64, step=16, label="Max new tokens")
+                with gr.Row():
+                    steer_how = gr.Radio(
+                        list(HOW),
+                        value=DEFAULT.how,
+                        label="How",
+                        info="add: push every state; norm: push, keep each state's length; "
+                        "clamp: push only states short of the safe side, only as far as it",
+                    )
+                    steer_where = gr.Radio(
+                        list(WHERE),
+                        value=DEFAULT.where,
+                        label="Where",
+                        info="every position, the prompt's only, or the answer's (generated) only",
+                    )
+                    steer_spread = gr.Slider(
+                        1, 5, value=DEFAULT.spread, step=1, label="Spread over layers", info="same total strength"
+                    )
                 also_apply = gr.CheckboxGroup(
                     label="Also steer with saved categories of the selected policy (step 4), at their saved settings",
                     choices=[],
@@ -192,6 +210,12 @@ def build_app() -> gr.Blocks:
                         placeholder="a guard model, e.g. meta-llama/Llama-Guard-3-1B, or any chat model",
                         max_lines=1,
                     )
+                eval_options = gr.CheckboxGroup(
+                    studio.OPTION_CHOICES,
+                    value=[DEFAULT.label()],
+                    label="Ways of applying the vector to compare (how · where · layers)",
+                    info="each one adds a layer x strength grid; all run as rows of the same batches",
+                )
                 with gr.Row():
                     eval_button = gr.Button("Run evaluation", variant="primary")
                     stop_button = gr.Button("Stop")
@@ -264,10 +288,16 @@ def build_app() -> gr.Blocks:
         )
         eval_event = eval_button.click(
             studio.user_errors(studio.run_evaluation),
-            [draft, eval_layers, eval_strengths, eval_tokens, guard_model],
+            [draft, eval_layers, eval_strengths, eval_tokens, guard_model, eval_options],
             [eval_summary, eval_plots, eval_report, evaluation, eval_failing],
             api_name="evaluate",
             concurrency_limit=1,
+        )
+        eval_event.then(
+            studio.recommended_controls,
+            evaluation,
+            [layer, strength, steer_where, steer_how, steer_spread],
+            api_visibility="private",
         )
         stop_button.click(None, None, None, cancels=[eval_event], api_visibility="private")
         review_outputs = [evaluation, review_header, review_prompt, review_response, review_summary]
@@ -304,27 +334,43 @@ def build_app() -> gr.Blocks:
         example.change(lambda text: text, example, prompt, api_visibility="private")
         preview_button.click(
             studio.user_errors(studio.preview),
-            [draft, prompt, layer, strength, max_tokens, policy, also_apply],
+            [draft, prompt, layer, strength, max_tokens, policy, also_apply, steer_where, steer_how, steer_spread],
             [naive, steered, gate_verdicts],
             api_name="preview",
         )
         batch_button.click(
             studio.user_errors(studio.preview_batch),
-            [draft, batch_prompts, layer, strength, max_tokens, policy, also_apply],
+            [
+                draft,
+                batch_prompts,
+                layer,
+                strength,
+                max_tokens,
+                policy,
+                also_apply,
+                steer_where,
+                steer_how,
+                steer_spread,
+            ],
             batch_table,
             api_name="preview_batch",
         )
         save_button.click(
             studio.user_errors(studio.save_version),
-            [draft, policy, note, layer, strength],
+            [draft, policy, note, layer, strength, steer_where, steer_how, steer_spread],
             [save_status, versions, policy],
             api_name="save_version",
         )
         policy.change(studio.user_errors(studio.versions_table), policy, versions, api_name="versions")
         policy.change(studio.user_errors(studio.policy_categories), policy, also_apply, api_visibility="private")
         policy.change(studio.export_target, policy, export_summary, api_visibility="private")
-        for control in (layer, strength):
-            control.change(studio.save_target, [layer, strength], save_summary, api_visibility="private")
+        for control in (layer, strength, steer_where, steer_how, steer_spread):
+            control.change(
+                studio.save_target,
+                [layer, strength, steer_where, steer_how, steer_spread],
+                save_summary,
+                api_visibility="private",
+            )
         compare_button.click(
             studio.user_errors(studio.compare_versions),
             [policy, old_version, new_version],

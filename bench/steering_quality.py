@@ -53,21 +53,19 @@ RESIDUAL_OPTIONS = (
     SteeringOptions("generated", "add"),
     SteeringOptions("prompt", "add"),
     SteeringOptions("all", "norm"),
-    SteeringOptions("generated", "norm"),
     SteeringOptions("all", "clamp"),
     SteeringOptions("generated", "clamp"),
     SteeringOptions("all", "add", spread=3),
-    SteeringOptions("generated", "clamp", spread=3),
 )
 VARIANTS: dict[str, tuple[ExtractionSettings, tuple[SteeringOptions, ...]]] = {
     "residual": (ExtractionSettings(gate=False), RESIDUAL_OPTIONS),
     "attention": (
         ExtractionSettings(site="attention", gate=False),
-        (SteeringOptions("all", "add"), SteeringOptions("all", "clamp"), SteeringOptions("generated", "clamp")),
+        (SteeringOptions("all", "add"), SteeringOptions("all", "clamp")),
     ),
     "pruned": (
         ExtractionSettings(method="pruned", gate=False),
-        (SteeringOptions("all", "add"), SteeringOptions("generated", "clamp")),
+        (SteeringOptions("all", "add"),),
     ),
 }
 

@@ -13,8 +13,7 @@ from safesteer.errors import SafeSteerError
 from safesteer.generation import generate_side_by_side
 from safesteer.identity import check_compatible
 from safesteer.limits import check_layer, check_strength
-from safesteer.policy import PolicyCategory, check_name
-from safesteer.steering import SteeringSpec
+from safesteer.policy import PolicyCategory, category_spec, check_name
 from safesteer.vectors import CategoryVectors, ExtractionSettings, check_prompt_counts, extract_vectors
 from safesteer.workflows import other_categories_prompts
 
@@ -75,6 +74,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             vectors=result,
             layer=result.recommended_layer if args.layer is None else args.layer,
             strength=args.strength,
+            options=args.steer,
         )
         number = store.save_version(
             args.policy, [category], author=args.author, note=args.note, keep_other_categories=True
@@ -97,24 +97,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "policy": version.policy,
             "version": version.number,
             "categories": {
-                c.name: {"layer": c.layer, "strength": c.strength, "mode": c.mode} for c in version.categories
+                c.name: {"layer": c.layer, "strength": c.strength, "mode": c.mode, **c.options.to_dict()}
+                for c in version.categories
             },
         }
     else:
         vectors = CategoryVectors.load(args.vectors)
         layer = vectors.recommended_layer if args.layer is None else args.layer
         model = vectors.model
-        specs = [
-            SteeringSpec(
-                vector=vectors.vector(layer),
-                layer=layer,
-                strength=args.strength,
-                site=vectors.settings.site,
-                gate=vectors.gate,
-            )
-        ]
+        specs = [category_spec(vectors, layer, args.strength, args.steer)]
         names = [vectors.category]
-        described = {"layer": layer, "strength": args.strength, "mode": vectors.mode}
+        described = {"layer": layer, "strength": args.strength, "mode": vectors.mode, **args.steer.to_dict()}
     lm = load_for(args, args.model or model.model_id, generating=True)
     check_compatible(model, lm.identity)
     started = time.perf_counter()

@@ -9,8 +9,10 @@ from typing import Any
 from safesteer.activations import TOKENS
 from safesteer.architectures import SITES
 from safesteer.checkpoints import EMBEDDED_MODEL
+from safesteer.errors import SafeSteerError
 from safesteer.gates import DEFAULT_FPR
 from safesteer.models import PRECISIONS
+from safesteer.operations import COMPARED, DEFAULT, SteeringOptions, parse_options
 from safesteer.vectors import METHODS
 from safesteer.workflows import DEFAULT_BENIGN, DEFAULT_HARMFUL, EXPORT_FORMATS
 
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="with --policy: strength to apply at")
     extract.add_argument("--note", default="", help="with --policy: a change note")
+    add_steering_argument(extract, "with --policy: ")
     extract.set_defaults(handler=cmd_extract)
 
     gen = subcommand(commands, "generate", help="answer a prompt naive and steered, side by side")
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-negative", action="store_true", help="accept a negative --strength (steers toward the harmful side)"
     )
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)
+    add_steering_argument(gen, "with --vectors: ")
     gen.add_argument("--json", action="store_true", help="print JSON")
     with_model(gen, None)
     gen.set_defaults(handler=cmd_generate)
@@ -172,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--sweep", action="store_true", help="try a layer x strength grid and recommend a point")
     ev.add_argument("--strengths", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    ev.add_argument(
+        "--options",
+        type=steering_options,
+        nargs="+",
+        default=None,
+        help="ways of applying the vector to compare, each how:where[:spread] (e.g. add:all clamp:generated:3), "
+        "or 'all' for the standard set (default: the category's own)",
+    )
     ev.add_argument("--heldout", default=None, help="held-out harmful prompts (file or builtin:<area>)")
     ev.add_argument("--prompts", type=positive_int, default=DEFAULT_HARMFUL, help="held-out harmful prompts to use")
     ev.add_argument("--benign", type=positive_int, default=DEFAULT_BENIGN, help="everyday prompts to use")
@@ -207,3 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     with_model(imp, None)
     imp.set_defaults(handler=cmd_import)
     return parser
+
+
+def steering_option(text: str) -> SteeringOptions:
+    try:
+        return parse_options(text)
+    except SafeSteerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def steering_options(text: str) -> tuple[SteeringOptions, ...]:
+    """One `--options` word: `all` is the standard set to compare, anything else one option."""
+    return COMPARED if text.strip() == "all" else (steering_option(text),)
+
+
+def add_steering_argument(parser: argparse.ArgumentParser, scope: str) -> None:
+    default = f"{DEFAULT.how}:{DEFAULT.where}:{DEFAULT.spread}"
+    parser.add_argument(
+        "--steer",
+        type=steering_option,
+        default=DEFAULT,
+        help=f"{scope}how the vector is applied, how:where[:spread] (how: add, norm, clamp; where: all, prompt, "
+        f"generated; spread: adjacent layers sharing the strength); default {default}",
+    )

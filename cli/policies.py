@@ -174,13 +174,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lm = load_for(args, args.model or version.model.model_id, generating=False)  # sweeps: big batches
     check_compatible(version.model, lm.identity)
     heldout = prompts_from_argument(args.heldout) if args.heldout else None
+    options = tuple(dict.fromkeys(o for group in args.options or () for o in group)) or (category.options,)
     harmful, benign = evaluation_prompts(category, heldout, n_harmful=args.prompts, n_benign=args.benign)
     if args.sweep:
         settings = SweepSettings(
-            sweep_layers(lm.identity.n_layers, category.layer), tuple(args.strengths), args.max_new_tokens
+            sweep_layers(lm.identity.n_layers, category.layer), tuple(args.strengths), args.max_new_tokens, options
         )
     else:
-        settings = SweepSettings((category.layer,), (category.strength,), args.max_new_tokens)
+        settings = SweepSettings((category.layer,), (category.strength,), args.max_new_tokens, options)
     judge, judge_note = load_guard(args.judge, args.judge_kind)
     if args.judge and judge is None:
         print(f"note: {judge_note}", file=sys.stderr)

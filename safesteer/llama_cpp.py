@@ -27,13 +27,37 @@ def ungated_warning(version: PolicyVersion) -> str | None:
     )
 
 
+def options_warning(version: PolicyVersion) -> str | None:
+    """What changes when categories that steer otherwise than adding at every position become a control vector."""
+    other = [
+        f"{c.name!r} ({c.options.label()})"
+        for c in version.categories
+        if c.options.where != "all" or c.options.how != "add"
+    ]
+    if not other:
+        return None
+    return (
+        f"llama.cpp control vectors only add at every position: {', '.join(other)} will be added to every position "
+        "there, answer included, at the same strength, which loops more often (docs/steering-quality.md). "
+        "Serve with SafeSteer (or apply the bundle in Python) to keep each category's steering."
+    )
+
+
+def export_warning(version: PolicyVersion) -> str | None:
+    """Everything a control vector changes about this policy, or None when it runs as it does here."""
+    warnings = [w for w in (ungated_warning(version), options_warning(version)) if w]
+    return "\n".join(warnings) or None
+
+
 def export_llama_cpp(version: PolicyVersion, path: str | Path) -> Path:
     """Write the policy as a llama.cpp control vector (GGUF), strengths baked in.
 
     llama.cpp adds `direction.{i}` to the output of decoder layer i, which is exactly this
-    project's residual site; categories at the same layer add up. Attention-site vectors act
-    inside a layer, which a control vector cannot express, and llama.cpp never applies a vector
-    to layer 0; both are refused rather than exported wrong.
+    project's residual site; categories at the same layer add up, and a spread category adds its
+    share at each of its layers. Attention-site vectors act inside a layer, which a control vector
+    cannot express, and llama.cpp never applies a vector to layer 0; both are refused rather than
+    exported wrong. Gates and steering only the prompt, only the answer, norm-preserving or
+    clamped become plain additions at every position (`export_warning` says so before export).
     """
     import gguf  # only llama.cpp export needs it
 
@@ -44,11 +68,6 @@ def export_llama_cpp(version: PolicyVersion, path: str | Path) -> Path:
             raise SafeSteerError(
                 f"category {c.name!r} steers the attention output, which llama.cpp control vectors cannot express; "
                 "extract it with site 'residual' to export"
-            )
-        if c.options.how != "add" or c.options.where != "all":
-            raise SafeSteerError(
-                f"category {c.name!r} steers with '{c.options.label()}'; a llama.cpp control vector can only add at "
-                "every position, so it would steer differently there. Choose 'add' at 'all' positions to export"
             )
         spec = c.steering_spec()
         if spec.layer == 0:

@@ -22,7 +22,8 @@ from .bundles import export_bundle, read_bundle
 from .errors import SafeSteerError
 from .evaluation import Evaluation, report_markdown, write_plots
 from .identity import ModelIdentity, check_made_for
-from .llama_cpp import export_llama_cpp, ungated_warning
+from .llama_cpp import export_llama_cpp
+from .llama_cpp import export_warning as llama_cpp_warning
 from .policy import PolicyCategory, PolicyVersion
 
 DEFAULT_HARMFUL = 10
@@ -179,7 +180,7 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
         "llama.cpp control vector (.gguf)",
         ".gguf",
         lambda version, path, who: export_llama_cpp(version, path),
-        ungated_warning,
+        llama_cpp_warning,
     ),
 }
 

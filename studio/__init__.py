@@ -9,8 +9,10 @@ may return Gradio updates.
 from . import resources
 from .category import Draft, read_category, require_draft
 from .evaluation import (
+    OPTION_CHOICES,
     EvaluationSession,
     guided_from_review,
+    recommended_controls,
     review_label,
     review_labels_file,
     review_start,
@@ -54,6 +56,7 @@ from .versions import (
 __all__ = [
     "BUILTIN_PREFIX",
     "HUB_FALLBACK_MODEL",
+    "OPTION_CHOICES",
     "OWN_PROMPTS",
     "BackgroundTask",
     "Draft",
@@ -81,6 +84,7 @@ __all__ = [
     "preview_engine_note",
     "preview_model",
     "read_category",
+    "recommended_controls",
     "require_draft",
     "reset_store",
     "resources",

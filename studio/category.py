@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import gradio as gr
 import pandas as pd
 
 from safesteer import datasets
 from safesteer.errors import SafeSteerError
+from safesteer.operations import DEFAULT, How, SteeringOptions, Where
 from safesteer.policy import check_name
 from safesteer.prompts import MAX_FILE_BYTES, PromptReport, clean_prompts, parse_prompts
 from safesteer.vectors import MIN_PROMPTS_PER_SIDE, CategoryVectors
@@ -101,3 +103,12 @@ def require_draft(draft: Draft | None, vectors: bool = False) -> Draft:
     if vectors and draft.vectors is None:
         raise SafeSteerError("run step 2 (extract) first")
     return draft
+
+
+def steering_options(where: str | None, how: str | None, spread: float | None) -> SteeringOptions:
+    """The preview's three controls as options; left empty (an API call without them), the default."""
+    return SteeringOptions(
+        where=cast(Where, where or DEFAULT.where),
+        how=cast(How, how or DEFAULT.how),
+        spread=int(spread or DEFAULT.spread),
+    )

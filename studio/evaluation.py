@@ -18,6 +18,7 @@ from safesteer.evaluation import Evaluation, SweepSettings, evaluate, failing_an
 from safesteer.judges import load_guard
 from safesteer.judges.reference import LabelledAnswer
 from safesteer.metrics import review_queue, review_summary
+from safesteer.operations import COMPARED, DEFAULT, options_by_label
 from safesteer.policy import PolicyCategory
 from safesteer.workflows import evaluation_prompts, write_evaluation_files
 
@@ -48,6 +49,19 @@ class EvaluationSession:
     report_path: str = ""
 
 
+OPTION_CHOICES = list(dict.fromkeys(o.label() for o in (DEFAULT, *COMPARED)))
+"""Ways of applying the vector an author can compare, the default first."""
+
+
+def recommended_controls(session: EvaluationSession | None) -> tuple[Any, Any, Any, Any, Any]:
+    """The preview's layer, strength, where, how and spread set to the evaluation's recommendation."""
+    if session is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    best = session.result.recommended_cell()
+    o = best.steering
+    return best.layer, best.strength, o.where, o.how, o.spread
+
+
 def _numbers(text: str, kind: type, what: str) -> tuple:
     try:
         values = tuple(kind(x) for x in (text or "").replace(";", ",").split(",") if x.strip())
@@ -64,13 +78,17 @@ def run_evaluation(
     strengths_text: str,
     max_tokens: float,
     guard_model: str,
+    options: list[str] | None = None,
     progress: gr.Progress | None = None,
 ) -> Iterator[tuple[str, Any, Any, Any, Any]]:
-    """Sweep layers x strengths on the held-out prompts; stoppable (the Stop button ends it between layers)."""
+    """Sweep layers x strengths x ways of applying the vector on held-out prompts; stoppable between batches."""
     draft = require_draft(draft, vectors=True)
     assert draft.vectors is not None
     settings = SweepSettings(
-        _numbers(layers_text, int, "layers"), _numbers(strengths_text, float, "strengths"), int(max_tokens)
+        _numbers(layers_text, int, "layers"),
+        _numbers(strengths_text, float, "strengths"),
+        int(max_tokens),
+        options_by_label(options or [DEFAULT.label()]),
     )
     guard, guard_note = load_guard((guard_model or "").strip() or None)
     category = PolicyCategory(
@@ -78,7 +96,7 @@ def run_evaluation(
     )
     harmful, benign = evaluation_prompts(category, draft.heldout, n_harmful=None)
     stop = threading.Event()
-    task = BackgroundTask(  # large batches: NF4 beats the int4 kernel there; the probe reads with the fast one
+    task = BackgroundTask(  # the preview's copy answers and reads (int4 on a CPU): what the author previews
         lambda report: evaluate(
             studio_model(), category, harmful, benign, settings, guard, report, stop.is_set, reader=preview_model()
         )
@@ -96,7 +114,7 @@ def run_evaluation(
         [s["steered"] for s in result.samples],
     )
     session = EvaluationSession(result, items, plots=[str(p) for p in files.plots], report_path=str(files.report))
-    r = result.recommended
+    best = result.recommended_cell()
     gate = result.gate
     gated = (
         f"Gated: the gate fired on **{gate['catch_rate']:.0%}** of the held-out harmful prompts and "
@@ -105,7 +123,8 @@ def run_evaluation(
         else ""
     )
     summary = (
-        f"**Recommended: layer {r['layer']}, strength {r['strength']:g}.** {plain_text(r['rule'])}.\n\n"
+        f"**Recommended: layer {best.layer}, strength {best.strength:g}, steering {best.steering.label()}.** "
+        f"{plain_text(result.recommended['rule'])}. The preview's controls (step 3) now show it.\n\n"
         + gated
         + "\n".join(f"- {plain_text(j)}" for j in [*result.judges, guard_note])
         + "\n\nNext: read the answers the judges flagged (below, worst first), check a sample in the blind "

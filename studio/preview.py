@@ -11,25 +11,26 @@ from safesteer.errors import SafeSteerError
 from safesteer.gates import GateReading
 from safesteer.generation import generate, generate_stream, verdicts
 from safesteer.identity import check_compatible
+from safesteer.operations import DEFAULT, SteeringOptions
+from safesteer.policy import category_spec
 from safesteer.steering import SteeringSpec
 
-from .category import Draft, require_draft
+from .category import Draft, require_draft, steering_options
 from .gating import verdict_lines
 from .resources import MAX_BATCH_PROMPTS, preview_model, studio_model, studio_store
 from .versions import policy_names
 
 
-def draft_spec(draft: Draft, layer: float, strength: float, rows: tuple[float, ...] | None = None) -> SteeringSpec:
+def draft_spec(
+    draft: Draft,
+    layer: float,
+    strength: float,
+    rows: tuple[float, ...] | None = None,
+    options: SteeringOptions = DEFAULT,
+) -> SteeringSpec:
     vectors = draft.vectors
     assert vectors is not None
-    layer = int(layer)
-    return SteeringSpec(
-        vectors.vector(layer),
-        layer,
-        rows if rows is not None else float(strength),
-        vectors.settings.site,
-        gate=vectors.gate,
-    )
+    return category_spec(vectors, int(layer), rows if rows is not None else float(strength), options)
 
 
 def policy_categories(policy: str | None) -> gr.CheckboxGroup:
@@ -59,6 +60,9 @@ def preview(
     max_tokens: float,
     policy: str | None = None,
     also_apply: list[str] | None = None,
+    where: str | None = None,
+    how: str | None = None,
+    spread: float | None = None,
 ) -> Iterator[tuple[str, str, str]]:
     """Naive and steered answers side by side, streamed, from one batched generation; what each gate said.
 
@@ -70,7 +74,9 @@ def preview(
     if not prompt:
         raise SafeSteerError("type a prompt (or pick a held-out example)")
     names, saved = _saved_specs(draft, policy, also_apply, [False, True])
-    names, specs = [draft.name, *names], [draft_spec(draft, layer, strength, rows=(0.0, float(strength))), *saved]
+    options = steering_options(where, how, spread)
+    own = draft_spec(draft, layer, strength, rows=(0.0, float(strength)), options=options)
+    names, specs = [draft.name, *names], [own, *saved]
     readings: list[GateReading] = []
     stream = generate_stream(
         preview_model(), [prompt, prompt], specs, max_new_tokens=int(max_tokens), gate_readings=readings
@@ -90,6 +96,9 @@ def preview_batch(
     max_tokens: float,
     policy: str | None = None,
     also_apply: list[str] | None = None,
+    where: str | None = None,
+    how: str | None = None,
+    spread: float | None = None,
 ) -> pd.DataFrame:
     """Test prompts (default: the held-out ones), naive vs steered in one batched call, and which gates fired."""
     draft = require_draft(draft, vectors=True)
@@ -98,7 +107,8 @@ def preview_batch(
     steered_rows = [False] * len(prompts) + [True] * len(prompts)
     names, saved = _saved_specs(draft, policy, also_apply, steered_rows)
     names = [draft.name, *names]
-    specs = [draft_spec(draft, layer, strength, rows=tuple(float(strength) if r else 0.0 for r in steered_rows))]
+    rows = tuple(float(strength) if r else 0.0 for r in steered_rows)
+    specs = [draft_spec(draft, layer, strength, rows=rows, options=steering_options(where, how, spread))]
     specs += saved
     readings: list[GateReading] = []
     texts = generate(preview_model(), prompts + prompts, specs, max_new_tokens=int(max_tokens), gate_readings=readings)

@@ -13,7 +13,7 @@ from safesteer.errors import SafeSteerError
 from safesteer.policy import PolicyCategory
 from safesteer.workflows import export_file_name, export_version, export_warning, import_bundle
 
-from .category import Draft, require_draft
+from .category import Draft, require_draft, steering_options
 from .resources import author_of, plain_text, studio_model, studio_store
 
 
@@ -46,7 +46,15 @@ def versions_table(policy: str | None) -> pd.DataFrame:
 
 
 def save_version(
-    draft: Draft | None, policy: str, note: str, layer: float, strength: float, request: gr.Request | None = None
+    draft: Draft | None,
+    policy: str,
+    note: str,
+    layer: float,
+    strength: float,
+    where: str | None = None,
+    how: str | None = None,
+    spread: float | None = None,
+    request: gr.Request | None = None,
 ) -> tuple[str, pd.DataFrame, gr.Dropdown]:
     """Save the category into a new version of the policy (other categories of the policy are kept)."""
     draft = require_draft(draft, vectors=True)
@@ -63,6 +71,7 @@ def save_version(
         vectors=draft.vectors,
         layer=int(layer),
         strength=float(strength),
+        options=steering_options(where, how, spread),
     )
     number = store.save_version(
         policy, [category], author=author_of(request), note=note or "", keep_other_categories=True
@@ -121,9 +130,15 @@ def parse_version(text: str | float | None) -> int | None:
     return int(value)
 
 
-def save_target(layer: float, strength: float) -> str:
+def save_target(
+    layer: float, strength: float, where: str | None = None, how: str | None = None, spread: float | None = None
+) -> str:
     """What the Save button will store, so the author sees it before saving."""
-    return f"Saves the draft category at **layer {int(layer)}, strength {float(strength):g}** (set in 3 · Preview)."
+    options = steering_options(where, how, spread)
+    return (
+        f"Saves the draft category at **layer {int(layer)}, strength {float(strength):g}, steering "
+        f"{options.label()}** (set in 3 · Preview)."
+    )
 
 
 def export_target(policy: str | None) -> str:

@@ -1,6 +1,7 @@
 import io
 import json
 import zipfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from db import PolicyStore
 from safesteer import SafeSteerError, SteeringSpec, generate
 from safesteer.bundles import bundle_bytes, load_bundle, read_bundle
 from safesteer.llama_cpp import export_llama_cpp
+from safesteer.operations import DEFAULT, LEGACY
 from safesteer.policy import PolicyVersion
 from safesteer.workflows import import_bundle
 from tests.policy_factory import IDENTITY, category
@@ -55,7 +57,8 @@ def test_bundle_contents_and_round_trip():
     members = _members(data)
     assert set(members) == {"manifest.json", "vectors.safetensors", "examples.csv", "evaluation.json", "README.md"}
     manifest = json.loads(members["manifest.json"])
-    assert manifest["format"] == "safesteer-policy-bundle" and manifest["format_version"] == 2
+    assert manifest["format"] == "safesteer-policy-bundle" and manifest["format_version"] == 3  # options ride along
+    assert all(c["steering"] == DEFAULT.to_dict() for c in manifest["categories"])
     assert manifest["model"] == IDENTITY.to_dict()
     assert [(c["name"], c["layer"], c["strength"]) for c in manifest["categories"]] == [
         ("weapons", 1, 2.0),
@@ -339,6 +342,8 @@ def test_llama_cpp_export_of_a_gated_policy_says_how_it_will_behave(tmp_path):
     assert export_warning(version, "bundle") is None
     always = version.categories[0]
     always.vectors = always.vectors.with_gate(always.gate.with_mode("always"))
+    assert "cannot gate" not in (export_warning(version, "llama-cpp") or "")
+    version.categories = [replace(c, options=LEGACY) for c in version.categories]  # add at every position
     assert export_warning(version, "llama-cpp") is None
 
 
@@ -356,3 +361,26 @@ def test_the_deployer_api_gates_too(tiny_lm, tmp_path):
         )
     texts = tiny_lm.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert [t.strip() for t in texts] == expected
+
+
+def test_llama_cpp_export_spreads_shares_and_warns_about_options_it_cannot_keep(tmp_path):
+    import gguf
+    import numpy as np
+
+    from safesteer.llama_cpp import export_warning
+    from safesteer.operations import SteeringOptions
+
+    spread = replace(category(layer=2, strength=3.0), options=SteeringOptions(spread=3))
+    version = PolicyVersion(policy="p", categories=[spread])
+    assert export_warning(version) is None or "only add at every position" not in export_warning(version)
+    tensors = {
+        t.name: np.array(t.data) for t in gguf.GGUFReader(str(export_llama_cpp(version, tmp_path / "s.gguf"))).tensors
+    }
+    assert set(tensors) == {"direction.1", "direction.2", "direction.3"}
+    np.testing.assert_allclose(tensors["direction.3"], (1.0 * spread.vectors.vector(3)).numpy(), rtol=1e-6)
+    prompt_only = replace(category(), options=SteeringOptions(where="prompt"))
+    warning = export_warning(
+        PolicyVersion(policy="p", categories=[prompt_only, replace(category("b", seed=1), options=LEGACY)])
+    )
+    [line] = [line for line in (warning or "").splitlines() if "only add at every position" in line]
+    assert "'weapons' (add · prompt · 1 layer)" in line and "'b'" not in line

@@ -205,3 +205,32 @@ def test_a_sweep_answers_with_the_copy_that_serves(tiny_category):
     assert _answering_model(nf4, None, gated) is nf4  # no other copy given: nothing to switch to
     always = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate.with_mode("always")))
     assert _answering_model(nf4, int4, always) is int4
+
+
+def test_a_sweep_batches_cells_of_every_option_and_each_row_gets_its_own_cell(tiny_lm, tiny_category, tmp_path):
+    """Cells differing in layer, strength and option share batches; each answer is what that cell alone gives."""
+    from dataclasses import replace
+
+    from safesteer.evaluation import SWEEP_ROWS
+    from safesteer.generation import generate
+    from safesteer.operations import LEGACY, SteeringOptions
+
+    gate = tiny_category.gate
+    always = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate.with_mode("always")))
+    options = (LEGACY, SteeringOptions("generated", "clamp"), SteeringOptions("all", "norm", spread=2))
+    settings = SweepSettings(layers=(1, 2), strengths=(2.0, 6.0), max_new_tokens=8, options=options)
+    harmful, benign = HARMFUL[6:], SAFE[:3]
+    result = evaluate(tiny_lm, always, HARMFUL, benign, settings, cache_dir=tmp_path, probe=False)
+    assert len(result.cells) == 12 and result.option_sets() == list(options)
+    assert len(harmful + benign) * 12 <= SWEEP_ROWS  # all twelve cells went through one generation
+    for cell in result.cells:
+        alone = generate(
+            tiny_lm,
+            harmful + benign,
+            [always.steering_spec(cell.strength, cell.layer, cell.steering)],
+            max_new_tokens=8,
+        )
+        assert [a["text"] for a in cell.answers] == alone, cell.label
+    best = result.recommended_cell()
+    assert best.steering.to_dict() == result.recommended["options"]
+    assert best.label in report_markdown(result)

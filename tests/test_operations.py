@@ -144,3 +144,72 @@ def test_options_are_checked():
     assert SteeringOptions.from_dict({"how": "clamp", "where": "generated", "spread": 3}).label() == (
         "clamp · generated · 3 layers"
     )
+
+
+# --- stored with the category ------------------------------------------------------------------
+
+
+def test_options_round_trip_through_the_store_and_bundles(tmp_path):
+    from dataclasses import replace
+
+    from db import PolicyStore
+    from safesteer.bundles import bundle_bytes, read_bundle
+    from tests.policy_factory import category
+
+    chosen = SteeringOptions(where="generated", how="clamp", spread=3)
+    store = PolicyStore(f"sqlite:///{tmp_path / 'p.db'}")
+    store.save_version("p", [replace(category(), options=chosen), replace(category("fraud", seed=1), options=LEGACY)])
+    loaded = store.load_version("p")
+    assert [c.options for c in loaded.categories] == [chosen, LEGACY]
+    assert loaded.categories[0].vectors.safe_projection is not None
+    spec = loaded.categories[0].steering_spec()
+    assert (spec.how, spec.where, spec.layers()) == ("clamp", "generated", (0, 1, 2))
+    data = bundle_bytes(loaded)
+    assert '"format_version": 3' in zipfile_text(data, "manifest.json")
+    again = read_bundle(data)
+    assert [c.options for c in again.categories] == [chosen, LEGACY]
+    assert torch.equal(again.categories[0].vectors.safe_projection, loaded.categories[0].vectors.safe_projection)
+    legacy_only = replace(loaded, categories=[loaded.categories[1]])
+    assert '"format_version": 2' in zipfile_text(bundle_bytes(legacy_only), "manifest.json")  # older readers keep it
+
+
+def zipfile_text(data: bytes, name: str) -> str:
+    import io
+    import zipfile
+
+    return zipfile.ZipFile(io.BytesIO(data)).read(name).decode()
+
+
+def test_categories_saved_before_options_keep_steering_as_before(tmp_path, tiny_lm):
+    """A row from before migration 0004 has no options: it adds at every position, exactly as it did."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    from db import PolicyStore
+    from db.engine import MIGRATIONS
+    from safesteer.policy import PolicyCategory
+    from safesteer.vectors import vectors_from_activations
+    from tests.policy_factory import category
+
+    made = category()
+    vectors = vectors_from_activations(
+        torch.randn(6, 4, 64), torch.randn(6, 4, 64) + 1, made.vectors.settings, tiny_lm.identity, "old"
+    )
+    clamped = SteeringOptions(where="generated", how="clamp")
+    saved = PolicyCategory("old", made.harmful, made.safe, vectors, layer=1, strength=3.0, options=clamped)
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    store = PolicyStore(url)
+    store.save_version("old policy", [saved])
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.engine.begin() as connection:  # the schema before options: the stored options are gone
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0003")
+    assert "steering" not in {c["name"] for c in inspect(store.engine).get_columns("categories")}
+    store.engine.dispose()
+    loaded = PolicyStore(url).load_version("old policy").categories[0]  # opening migrates to head again
+    assert loaded.options == LEGACY
+    prompts = [HARMFUL[0], SAFE[2]]
+    before = generate(tiny_lm, prompts, [SteeringSpec(vectors.vector(1), 1, 3.0)], max_new_tokens=12)
+    assert generate(tiny_lm, prompts, [loaded.steering_spec()], max_new_tokens=12) == before

@@ -22,5 +22,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("categories") as batch:
-        batch.drop_column("steering")
+    op.drop_column("categories", "steering")  # SQLite 3.35+ drops it in place, keeping the table's triggers
