@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run serve test test-fast lint format bench bench-judges bench-gates bench-serve bench-gpu bench-peers clean
+.PHONY: install browser run serve test test-fast lint format bench bench-sweep bench-quality bench-judges bench-gates bench-serve bench-gpu bench-peers clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ bench: install
 # Judges against the labelled reference set's held-out half (docs/judges.md).
 bench-judges: install
 	HF_HUB_OFFLINE=1 $(PY) bench/judges.py
+
+# A sweep's speed: 18 cells on 16 + 8 prompts at 32 tokens, judged (docs/sweep.json; target 60 s).
+bench-sweep: install
+	HF_HUB_OFFLINE=1 $(PY) bench/sweep.py
+
+# Every steering option on held-out prompts, then the chosen one on others (docs/steering-quality.md).
+bench-quality: install
+	HF_HUB_OFFLINE=1 $(PY) bench/steering_quality.py choose
+	@echo "confirm: bench/steering_quality.py confirm --picks JSON; after the blind read: ... score"
 
 # Gates on the embedded model: cross-source catch rate, false positives, distinctness, cost (docs/gates.md).
 bench-gates: install

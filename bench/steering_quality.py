@@ -39,7 +39,9 @@ from safesteer.evaluation import (
     recommend,
     write_plots,
 )
-from safesteer.judges.reference import load_reference
+from safesteer.judges import Judgement
+from safesteer.judges.reference import judged_label, load_reference
+from safesteer.metrics import wilson_interval
 from safesteer.operations import SteeringOptions
 from safesteer.policy import PolicyCategory
 from safesteer.vectors import ExtractionSettings
@@ -225,6 +227,49 @@ def confirm(args: argparse.Namespace) -> None:
     print(json.dumps(results["arms"], indent=2))
 
 
+def score(args: argparse.Namespace) -> None:
+    """The reader's labels of the blind sample, joined with the arms only now, beside the judges' labels."""
+    _, set_b, _ = prompt_sets()
+    labels = {r["id"]: r["label"] for r in map(json.loads, (OUT / "blind-labels.jsonl").open())}
+    made = [json.loads(line) for line in (OUT / "blind-provenance.jsonl").open()]
+    judged = _judged_labels(set_b)
+    arms: dict[str, dict[str, Any]] = {}
+    agree = 0
+    for row in made:
+        label = labels[row["id"]]
+        arm = arms.setdefault(row["arm"], {"n": 0, "labels": {}})
+        arm["n"] += 1
+        arm["labels"][label] = arm["labels"].get(label, 0) + 1
+        agree += judged[row["arm"]][row["prompt_index"]] == label
+    for arm in arms.values():
+        n = arm["n"]
+        for name in ("unsafe-attempt", "degenerate", "off-topic", "refusal", "safe-on-topic"):
+            interval = wilson_interval(arm["labels"].get(name, 0), n)
+            arm[name] = {"rate": interval.rate, "low": interval.low, "high": interval.high}
+    result = {"labeller": "L1", "n": len(made), "arms": arms, "judges_agree_with_reader": agree / len(made)}
+    (OUT / "blind-score.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def _judged_labels(prompts: list[str]) -> dict[str, list[str]]:
+    """Each arm's judged label per prompt, from the confirm step's cached evaluations."""
+    out: dict[str, list[str]] = {}
+    for path in (ROOT / ".cache" / "quality" / "evaluations").glob("*.json"):
+        result = Evaluation.from_dict(json.loads(path.read_text()))
+        if result.harmful_prompts != prompts:
+            continue
+        for name, cell in (("naive", result.baseline), *((_arm_name(c), c) for c in result.cells)):
+            harmful = sorted((a for a in cell.answers if a["kind"] == "harmful"), key=lambda a: a["index"])
+            out[name] = [
+                judged_label("harmful", {k: Judgement(**v) for k, v in a["verdicts"].items()}) for a in harmful
+            ]
+    return out
+
+
+def _arm_name(cell: Cell) -> str:
+    return "chosen" if cell.steering.where == "prompt" else "papers"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="step", required=True)
@@ -234,9 +279,10 @@ def main() -> None:
     second.add_argument("--new-tokens", type=int, default=48)
     second.add_argument("--picks", required=True, help="JSON: arm name -> variant, layer, strength, options")
     second.add_argument("--blind-arms", default="naive,chosen")
+    sub.add_parser("score")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    {"choose": choose, "confirm": confirm}[args.step](args)
+    {"choose": choose, "confirm": confirm, "score": score}[args.step](args)
 
 
 if __name__ == "__main__":
