@@ -1,8 +1,9 @@
 """Evaluating a category's steering: a layer x strength sweep, judged answer by answer.
 
-For every (layer, strength) cell, held-out harmful prompts and everyday prompts are answered with
-the category's vector applied (all strengths of a layer in one batched generation; gated
-categories steer only where their gate fires), and every answer gets each judge's verdict
+For every (layer, strength, steering option) cell, held-out harmful prompts and everyday prompts
+are answered with the category's vector applied (cells of any layer, strength and option as rows
+of shared batched generations; gated categories steer only where their gate fires), and every
+answer gets each judge's verdict
 (`judges`): unsafe attempt, degenerate, off-topic, refusal. Cells report those as rates with 95%
 intervals and keep the verdicts, so the failing answers can be opened. A recommendation picks one
 cell by a rule stated in the result, with its runners-up. Results are cached per (vectors,
