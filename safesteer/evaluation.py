@@ -279,7 +279,7 @@ def evaluate(
         raise SafeSteerError(
             "evaluation needs at least 2 held-out harmful prompts (not used for extraction) and 2 benign ones"
         )
-    lm = _answering_model(lm, reader, category)
+    lm = _answering_model(lm, reader)
     judge_name = judge.describe() if judge is not None else (_probe_name(team_labels) if probe else None)
     key = cache_key(vectors, settings, harmful, benign, judge_name, lm.identity.to_dict())
     cache_file = (cache_dir or default_cache_dir()) / "evaluations" / f"{key}.json"
@@ -308,28 +308,26 @@ def evaluate(
         cell = answers.score(answered[: len(harmful)], answered[len(harmful) :], steering, layer, strength)
         cell.options = option.to_dict()
         cells.append(cell)
-    best = recommend(baseline, cells)
-    chosen = next(
-        c
-        for c in cells
-        if (c.layer, c.strength, c.steering.to_dict()) == tuple(best[k] for k in ("layer", "strength", "options"))
-    )
-    steered = [a["text"] for a in chosen.answers if a["kind"] == "harmful"]
     result = Evaluation(
         category=category.name,
         vectors_sha256=vectors.sha256(),
         settings=settings,
         baseline=baseline,
         cells=cells,
-        recommended=best,
+        recommended=recommend(baseline, cells),
         judges=describe_measures(context),
-        samples=[{"prompt": p, "naive": a, "steered": b} for p, a, b in zip(harmful, naive_harm, steered, strict=True)],
+        samples=[],
         n_harmful=len(harmful),
         n_benign=len(benign),
         gate=gate_figures(lm, category, harmful, benign),
         harmful_prompts=harmful,
         benign_prompts=benign,
     )
+    chosen = result.recommended_cell()
+    steered = [a["text"] for a in chosen.answers if a["kind"] == "harmful"]
+    result.samples = [
+        {"prompt": p, "naive": a, "steered": b} for p, a, b in zip(harmful, naive_harm, steered, strict=True)
+    ]
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(result.to_dict()))
     report(1.0, f"recommended: {chosen.label}")
@@ -379,7 +377,7 @@ def _probe_name(team_labels: Sequence[LabelledAnswer]) -> str:
     return f"response probe + {len(team_labels)} team labels ({digest[:12]})"
 
 
-def _answering_model(lm: LoadedModel, reader: LoadedModel | None, category: PolicyCategory) -> LoadedModel:
+def _answering_model(lm: LoadedModel, reader: LoadedModel | None) -> LoadedModel:
     """The copy that answers: the reader (the copy previews and the server answer with) when there is one.
 
     On a CPU that is int4: what users actually read, faster than NF4 at any batch size

@@ -130,6 +130,16 @@ def parse_options(text: str) -> SteeringOptions:
     return SteeringOptions(where=cast(Where, parts[1]), how=cast(How, parts[0]), spread=spread)
 
 
+def check_clamp(safe_projection: Sequence[float] | None, layers: int, strengths: Sequence[float]) -> None:
+    """Clamping needs where the safe side lies at every steered layer, and moves toward it only."""
+    if safe_projection is None or len(safe_projection) != layers:
+        raise SafeSteerError(
+            "clamped steering needs the safe side's projection at each steered layer; extract the vectors again"
+        )
+    if any(s < 0 for s in strengths):
+        raise SafeSteerError("clamped steering moves toward the safe side only: use a strength of 0 or more")
+
+
 @dataclass(frozen=True)
 class Shift:
     """One vector's operation on one layer's output, prepared for states of a given dtype, device and rank.
@@ -180,12 +190,8 @@ def prepare_shift(
     shift = rows[0] * direction if rows.numel() == 1 else rows.view(per_row) * direction
     if how != "clamp":
         return Shift(how, where, shift)
-    if safe_projection is None:
-        raise SafeSteerError(
-            "clamped steering needs the safe side's projection at this layer; extract the vectors again"
-        )
-    if any(s < 0 for s in strengths):
-        raise SafeSteerError("clamped steering moves toward the safe side only: use a strength of 0 or more")
+    check_clamp(None if safe_projection is None else (safe_projection,), 1, strengths)
+    assert safe_projection is not None
     unit32 = vector.detach().float().cpu()
     length = float(unit32.norm())
     unit = (unit32 / max(length, 1e-12)).to(device)

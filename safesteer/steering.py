@@ -35,7 +35,7 @@ from .errors import SafeSteerError
 from .gates import Gate, GateReading
 from .limits import check_layer, check_site, check_strength
 from .models import LoadedModel
-from .operations import How, Shift, SteeringOptions, Where, apply_steering, prepare_shift
+from .operations import How, Shift, SteeringOptions, Where, apply_steering, check_clamp, prepare_shift
 
 _ACTIVE_BLOCKS: ContextVar[frozenset[int]] = ContextVar("safesteer_active_blocks", default=frozenset())
 _READING_GATES: ContextVar[int | None] = ContextVar("safesteer_reading_gates", default=None)
@@ -71,12 +71,7 @@ class SteeringSpec:
         if self.vector.dim() not in (1, 2) or self.vector.shape[0] == 0:
             raise SafeSteerError("a steering vector must be [hidden] or [layers, hidden]")
         if self.how == "clamp":
-            if self.safe_projection is None or len(self.safe_projection) != len(self.layers()):
-                raise SafeSteerError(
-                    "clamped steering needs the safe side's projection at each steered layer; extract the vectors again"
-                )
-            if any(s < 0 for s in given):
-                raise SafeSteerError("clamped steering moves toward the safe side only: use a strength of 0 or more")
+            check_clamp(self.safe_projection, len(self.layers()), given)
 
     def strengths(self) -> tuple[float, ...]:
         if isinstance(self.strength, (int, float)):

@@ -188,9 +188,8 @@ def test_a_gated_category_is_evaluated_with_gating_on(tiny_lm, tiny_category, tm
     assert evaluate(tiny_lm, always, HARMFUL, SAFE[:4], settings, cache_dir=tmp_path).gate is None
 
 
-def test_a_sweep_answers_with_the_copy_that_serves(tiny_category):
-    """The reader answers: it is what previews and the server run, and what a gate learned to read."""
-    from dataclasses import replace
+def test_a_sweep_answers_with_the_copy_that_serves():
+    """The reader answers, gated or not: it is what previews and the server run, and what a gate learned to read."""
     from types import SimpleNamespace
 
     from safesteer.evaluation import _answering_model
@@ -199,12 +198,8 @@ def test_a_sweep_answers_with_the_copy_that_serves(tiny_category):
         return SimpleNamespace(identity=SimpleNamespace(precision=precision))
 
     nf4, int4 = copy("nf4"), copy("int4")
-    gate = replace(tiny_category.gate, precision="int4", mode="gated")
-    gated = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate))
-    assert _answering_model(nf4, int4, gated) is int4
-    assert _answering_model(nf4, None, gated) is nf4  # no other copy given: nothing to switch to
-    always = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate.with_mode("always")))
-    assert _answering_model(nf4, int4, always) is int4
+    assert _answering_model(nf4, int4) is int4
+    assert _answering_model(nf4, None) is nf4  # no other copy given: nothing to switch to
 
 
 def test_a_sweep_batches_cells_of_every_option_and_each_row_gets_its_own_cell(tiny_lm, tiny_category, tmp_path):
