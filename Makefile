@@ -5,8 +5,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser run serve test test-fast lint format bench bench-sweep bench-quality bench-judges bench-gates bench-serve bench-gpu bench-peers clean
+# Settings the tests rely on: no hub, no analytics, one worker per core.
+TEST_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 
+.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-judges bench-gates bench-serve bench-gpu bench-peers clean
+
+# Installs from the locks (requirements.txt, requirements-dev.txt: exact pins made by `make lock`).
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
@@ -16,6 +20,15 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyprojec
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Refresh the locks from the loose ranges in requirements.in and requirements-dev.in (newest allowed).
+# This machine's torch wheel is the local `+cpu` build; the lock names the public version, which
+# pip satisfies with that build here and with PyPI's (CUDA) build on a GPU machine or a Space.
+LOCK_FLAGS := --allow-unsafe --strip-extras --no-emit-find-links --no-emit-index-url --no-emit-trusted-host
+lock: install
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile -q --upgrade $(LOCK_FLAGS) -o requirements.txt requirements.in
+	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements.txt
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile -q --upgrade $(LOCK_FLAGS) -o requirements-dev.txt requirements-dev.in
 
 # Debian's chromium drives the browser end-to-end test (Playwright uses it; nothing is downloaded).
 browser:
@@ -32,10 +45,24 @@ serve: install
 	HF_HUB_OFFLINE=1 $(PY) -m cli serve
 
 test: install browser
-	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest
+	$(TEST_ENV) $(PY) -m pytest
+
+# Early warning: a second environment with the newest releases the loose ranges allow, then the suite.
+LATEST := .venv-latest
+test-latest: browser
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip --disable-pip-version-check -q install --upgrade pip
+	grep -v '^-c' requirements-dev.in > $(LATEST)/requirements-dev.in
+	$(LATEST)/bin/python -m pip --disable-pip-version-check -q install --upgrade -r requirements.in -r $(LATEST)/requirements-dev.in
+	$(LATEST)/bin/python -m pip --disable-pip-version-check -q install --no-deps -r requirements-nodeps.txt
+	$(LATEST)/bin/python -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation -e .
+	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m pip list --outdated --format=freeze 2>/dev/null | grep -v '^torch' || true
+	$(TEST_ENV) $(LATEST)/bin/python -m pytest
 
 test-fast: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not integration"
+	$(TEST_ENV) $(PY) -m pytest -m "not integration"
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -86,4 +113,4 @@ bench-peers: install $(PEERS)/.installed
 	HF_HUB_OFFLINE=1 $(PY) bench/compare.py
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) .cache .pytest_cache .ruff_cache
