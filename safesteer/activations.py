@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from .architectures import Site
+from .compat import cache_kwargs, returned_cache
 from .models import LoadedModel
 from .progress import ProgressCallback, no_progress
 
@@ -130,7 +131,7 @@ def record_activations(
             recorder.in_prefix, recorder.prefix_length = True, prefix
             recorder.prefix_sums = torch.zeros(n_layers, hidden) if token == "mean" else None
             prefix_ids = torch.tensor([ids[0][:prefix]], device=device)
-            prefix_cache = decoder(input_ids=prefix_ids, use_cache=True).past_key_values
+            prefix_cache = returned_cache(decoder(input_ids=prefix_ids, use_cache=True))
             recorder.in_prefix = False
         order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):
@@ -154,8 +155,8 @@ def record_activations(
                 input_ids=input_ids.to(device),
                 attention_mask=full_mask.to(device),
                 position_ids=(prefix + torch.arange(width)).expand(len(rows), -1).to(device),
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **cache_kwargs(decoder, cache),
             )
             result[rows] = recorder.batch_result.cpu()
             done = min(start + batch_size, len(order))

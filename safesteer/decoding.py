@@ -25,6 +25,7 @@ from torch import nn
 
 from . import cpu_attention
 from .architectures import ARCHITECTURES, family
+from .compat import cache_kwargs
 from .gates import GateReading
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
@@ -240,9 +241,9 @@ def greedy_decode(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **cache_kwargs(model, cache),
         ).logits[:, -1]
     uses_cpu_attention = model.config._attn_implementation == cpu_attention.NAME
     attend = cpu_attention.single_query_attention if uses_cpu_attention else _sdpa_attend

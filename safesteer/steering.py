@@ -31,6 +31,7 @@ from typing import Any, cast
 import torch
 
 from .architectures import Site
+from .compat import passed_cache
 from .errors import SafeSteerError
 from .gates import Gate, GateReading
 from .limits import check_layer, check_site, check_strength
@@ -263,7 +264,7 @@ def _gate_hook(block: int, lm: LoadedModel, state: SteeringState):
     def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if block not in _ACTIVE_BLOCKS.get() or _READING_GATES.get() is not None:
             return None
-        past = kwargs.get("past_key_values")
+        past = passed_cache(kwargs)
         if past is not None and past.get_seq_length() > 0:
             return None  # a decode step: the decision made at the prompt pass holds
         input_ids = kwargs.get("input_ids", args[0] if args else None)
