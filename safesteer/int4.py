@@ -24,14 +24,12 @@ from torch import nn
 GROUP_SIZE = 32
 """Input elements per scale/zero pair: GGUF Q4_1's block size."""
 _LEVELS = 15
-DENSE_ROWS = 64
-"""From this many rows on, a product runs as float32 GEMM on the exactly dequantized weights.
-
-The 4-bit and int8 kernels are built for decode steps (a few rows) and stay near 80 GFLOP/s on
-this 2-core CPU at any batch; float32 GEMM reaches about 165 at 128 rows and more, and the int8
-head is 2x slower than it at 500 rows. Sweeps, extraction and long prompts are such batches. The
-dense copy is made on the first large batch and kept (4 bytes a weight instead of half a byte).
-"""
+# Every product runs through the 4-bit and int8 kernels, whatever the batch: each output row is
+# computed on its own, with one reduction order, so a row's answer does not depend on how many rows
+# share its batch (a preview's naive row, a server request with neighbours, a sweep's cell all get
+# the tokens they get alone). Float32 GEMM on dequantized weights was once used from 64 rows on; its
+# reduction order changes with the number of rows, so answers moved with the batch, and on
+# torch 2.13 it is no faster for the decoder's products (measured in docs/serving.md).
 
 
 def _pack_codes(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,27 +91,7 @@ class Int4Linear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The product with bfloat16 [rows, in_features] activations, no bias (hot loops use this)."""
-        if x.shape[0] >= DENSE_ROWS:
-            return (x.float() @ self.dense_weight().T).to(torch.bfloat16)
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
-
-    def dense_weight(self) -> torch.Tensor:
-        """The weights as float32 [out, in], exactly what the kernel multiplies by (built once, on demand).
-
-        The codes are read back through the kernel itself: with every scale 1 and zero 8 it
-        returns each 4-bit code q as `q - 8 + 8`, an integer bfloat16 holds exactly.
-        """
-        dense = self.__dict__.get("_dense")
-        if dense is None:
-            eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
-            unit = torch.empty_like(self.scales_and_zeros)
-            unit[..., 0], unit[..., 1] = 1.0, 8.0
-            codes = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, unit).float().T  # [out, in]
-            scale, zero = (self.scales_and_zeros.float()[..., k].T for k in (0, 1))  # [out, in // group]
-            groups = codes.reshape(self.out_features, -1, self.group_size)
-            dense = ((groups - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).reshape(self.out_features, -1)
-            self.__dict__["_dense"] = dense
-        return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))
@@ -144,17 +122,7 @@ class Int8Linear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The product with bfloat16 [rows, in_features] activations, no bias (hot loops use this)."""
-        if x.shape[0] >= DENSE_ROWS:
-            return (x.float() @ self.dense_weight().T).to(torch.bfloat16)
         return torch._weight_int8pack_mm(x, self.codes, self.scales)
-
-    def dense_weight(self) -> torch.Tensor:
-        """The weights as float32 [out, in]: codes times row scales, exact (built once, on demand)."""
-        dense = self.__dict__.get("_dense")
-        if dense is None:
-            dense = self.codes.float() * self.scales.float()[:, None]
-            self.__dict__["_dense"] = dense
-        return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))

@@ -124,3 +124,35 @@ def test_int4_is_a_cpu_path_and_the_fast_choice_for_nf4_on_cpu():
     assert generation_precision("nf4", "cpu") == "int4"
     assert generation_precision("nf4", "cuda") == "nf4"
     assert generation_precision("fp32", "cpu") == "fp32"
+
+
+@pytest.mark.parametrize("decoder", ["lean", "transformers"])
+def test_a_rows_answer_does_not_depend_on_its_batch(tiny_int4, decoder):
+    """Alone, beside one neighbour, or among many longer prompts: the same tokens."""
+    prompt = HARMFUL[0]
+    alone = generate(tiny_int4, [prompt], max_new_tokens=16, fixed_length=True, decoder=decoder)[0]
+    pair = generate(tiny_int4, [prompt, SAFE[1]], max_new_tokens=16, fixed_length=True, decoder=decoder)
+    crowd = [prompt, *(f"{p} Please answer at length, with examples." for p in HARMFUL + SAFE)] * 3
+    many = generate(tiny_int4, crowd, max_new_tokens=16, fixed_length=True, decoder=decoder)
+    assert pair[0] == alone
+    assert all(answer == alone for answer in many[:: len(crowd) // 3])
+
+
+def test_a_prompts_logits_are_bit_identical_alone_and_in_a_batch_of_copies(tmp_path_factory):
+    """The preview's naive and steered rows, and a sweep's cells, share a prompt: exact, not just the argmax.
+
+    24 copies put 24 x the prompt's tokens through every product of the prompt pass, far past the
+    64 rows from which a float32 GEMM path with another reduction order once took over. The model
+    is wider than the other tests' (256), so rounding differences would reach the logits.
+    """
+    from tests.tiny import build_tiny_model
+
+    lm = load_model(str(build_tiny_model(tmp_path_factory.mktemp("wide"), hidden_size=256, n_layers=2)), "int4")
+    prompt = HARMFUL[0]
+
+    def last_logits(prompts):
+        with torch.inference_mode():
+            return lm.model(**lm.encode(prompts)).logits[:, -1]
+
+    alone, copies = last_logits([prompt]), last_logits([prompt] * 24)
+    assert all(torch.equal(row, alone[0]) for row in copies)
