@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-# Settings the tests rely on: no hub, no analytics, one worker per core.
+# Settings the tests rely on: no hub, no analytics. Tests run in one worker per core, a file per
+# worker at a time, so a module's app, server or model fixture starts once.
 TEST_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+PARALLEL := -n auto --dist loadfile
 
 .PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-judges bench-gates bench-serve bench-gpu bench-peers clean
 
@@ -45,7 +47,7 @@ serve: install
 	HF_HUB_OFFLINE=1 $(PY) -m cli serve
 
 test: install browser
-	$(TEST_ENV) $(PY) -m pytest
+	$(TEST_ENV) $(PY) -m pytest $(PARALLEL)
 
 # Early warning: a second environment with the newest releases the loose ranges allow, then the suite.
 LATEST := .venv-latest
@@ -59,10 +61,10 @@ test-latest: browser
 	$(LATEST)/bin/python -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation -e .
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pip list --outdated --format=freeze 2>/dev/null | grep -v '^torch' || true
-	$(TEST_ENV) $(LATEST)/bin/python -m pytest
+	$(TEST_ENV) $(LATEST)/bin/python -m pytest $(PARALLEL)
 
 test-fast: install
-	$(TEST_ENV) $(PY) -m pytest -m "not integration"
+	$(TEST_ENV) $(PY) -m pytest $(PARALLEL) -m "not integration"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -10,7 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("SAFESTEER_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "safesteer"))
 
+import torch
+
 from safesteer import LoadedModel, load_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers share the cores instead of each claiming all of them
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 from tests.tiny import build_tiny_model
 
 HARMFUL = [
