@@ -8,16 +8,22 @@ becomes its own rows' strengths (zero on every other row) and its gates are read
 request gets exactly the tokens it would get alone: the engine's per-row isolation, reused.
 
 Requests stream: each step's new token goes to its request's queue as soon as the batch makes it.
+
+Nothing one request does can stop the others: a request cancelled by its caller (a timeout, a client
+that went away) stops receiving tokens at the next step, and the batch ends as soon as no request
+in it is still waiting; a finished request's future is never set twice; and the worker thread
+survives any error in a batch, and is restarted by `Batcher.ensure_running` if it dies anyway.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,6 +34,8 @@ from .gates import GateReading
 from .generation import _eos_ids, generate_ids
 from .models import LoadedModel, Prompt
 from .steering import SteeringSpec
+
+log = logging.getLogger(__name__)
 
 RECENT_BATCHES = 10_000
 
@@ -55,11 +63,43 @@ class Job:
     specs: Sequence[SteeringSpec] = ()
     names: Sequence[str] = ()  # one per spec: the category each spec comes from
     max_new_tokens: int = 64
+    stop: Sequence[str] = ()  # the answer ends before the first of these strings
     deltas: queue.Queue[str | None] = field(default_factory=queue.Queue)  # text pieces as they come; None: done
     result: Future[Completion] = field(default_factory=Future)
     ids: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def visible(self, text: str) -> tuple[str, bool]:
+        """What of `text` may be shown now, and whether a stop string ended it.
+
+        Text that could still turn into a stop string is held back, so a stop string never reaches
+        the client, not even in part while streaming.
+        """
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            return text[: min(cuts)], True
+        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return text[: len(text) - held], False
+
+    def cancel(self) -> None:
+        """Nobody waits for this answer any more: its rows stop at the next decoding step."""
+        self.cancelled.set()
+        self.result.cancel()
+
+    def settle(self, completion: Completion | None = None, error: BaseException | None = None) -> None:
+        """Finish the request once: a future already cancelled or set is left as it is."""
+        self.deltas.put(None)
+        if self.result.done():
+            return
+        try:
+            if error is not None:
+                self.result.set_exception(error)
+            else:
+                self.result.set_result(completion)  # type: ignore[arg-type]
+        except InvalidStateError:  # cancelled by its caller between the check and the set
+            pass
 
     def stream(self, timeout: float | None = None) -> Iterator[str]:
         """Text pieces as the batch produces them; then `result` holds the whole completion."""
@@ -91,6 +131,10 @@ def _merge(jobs: Sequence[Job]) -> tuple[list[SteeringSpec], list[list[tuple[int
     return specs, [users for _, _, users in merged.values()]
 
 
+class _NobodyWaits(Exception):
+    """Raised from the streamer to end a batch early: every request in it is finished or cancelled."""
+
+
 class _Dispatch:
     """A streamer for the batch: hands each row's new token to its job, and finishes jobs that are done."""
 
@@ -105,6 +149,8 @@ class _Dispatch:
             self._prompt_seen = True
             return
         for job, token in zip(self.jobs, value.reshape(-1).tolist(), strict=True):
+            if job.cancelled.is_set():
+                job.done = True
             if job.done:
                 continue
             if token in self.eos:
@@ -112,11 +158,16 @@ class _Dispatch:
                 continue
             job.ids.append(int(token))
             text = self.lm.tokenizer.decode(job.ids, skip_special_tokens=True)
-            if text.startswith(job.text) and not text.endswith("\ufffd"):  # whole characters only
-                job.deltas.put(text[len(job.text) :])
-                job.text = text
-            if len(job.ids) >= job.max_new_tokens:
+            stopped = False
+            if not text.endswith("\ufffd"):  # whole characters only
+                text, stopped = job.visible(text)
+                if text.startswith(job.text) and len(text) > len(job.text):
+                    job.deltas.put(text[len(job.text) :])
+                    job.text = text
+            if stopped or len(job.ids) >= job.max_new_tokens:
                 job.done = True
+        if all(job.done for job in self.jobs):
+            raise _NobodyWaits
 
     def end(self) -> None:
         pass
@@ -133,12 +184,31 @@ class Batcher:
         self._closing = threading.Event()
         # Sizes of the latest batches run (tests, benchmarks); bounded, since a server runs for weeks.
         self.batches: deque[int] = deque(maxlen=RECENT_BATCHES)
-        self._worker = threading.Thread(target=self._run, name="safesteer-batcher", daemon=True)
-        self._worker.start()
+        self.restarts = 0
+        self.failed_batches = 0
+        self._worker = self._start_worker()
+
+    def _start_worker(self) -> threading.Thread:
+        worker = threading.Thread(target=self._run, name="safesteer-batcher", daemon=True)
+        worker.start()
+        return worker
+
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive()
+
+    def ensure_running(self) -> bool:
+        """Restart the worker if it died (it should not: `_run` keeps going after any error); True if running."""
+        if not self._worker.is_alive() and not self._closing.is_set():
+            log.error("the batching worker had stopped; starting a new one")
+            self.restarts += 1
+            self._worker = self._start_worker()
+        return self._worker.is_alive()
 
     def submit(self, job: Job) -> Job:
         if self._closing.is_set():
             raise SafeSteerError("the server is shutting down")
+        self.ensure_running()
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -171,9 +241,23 @@ class Batcher:
 
     def _run(self) -> None:
         while not (self._closing.is_set() and self._queue.empty()):
-            jobs = self._gather()
-            if jobs:
+            jobs = []
+            for job in self._gather():
+                if job.cancelled.is_set():
+                    job.settle()  # went away while waiting: never starts
+                else:
+                    jobs.append(job)
+            if not jobs:
+                continue
+            try:
                 self._answer(jobs)
+            except BaseException as exc:  # a batch's failure is its requests' failure, never the worker's
+                self.failed_batches += 1
+                log.error("a batch failed", exc_info=exc)
+                for job in jobs:
+                    job.settle(error=exc if isinstance(exc, Exception) else SafeSteerError("the worker stopped"))
+                if not isinstance(exc, Exception):
+                    raise  # the thread ends; `ensure_running` starts another
 
     def _answer(self, jobs: list[Job]) -> None:
         self.batches.append(len(jobs))
@@ -190,11 +274,11 @@ class Batcher:
                 streamer=_Dispatch(self.lm, jobs),
                 gate_readings=readings,
             )
-        except BaseException as exc:  # every waiting request hears about it
+        except _NobodyWaits:
+            pass  # every request has what it asked for, or went away
+        except Exception as exc:  # every waiting request hears about it
             for job in jobs:
-                job.deltas.put(None)
-                if not job.result.done():
-                    job.result.set_exception(exc)
+                job.settle(error=exc)
             return
         fired: list[list[str]] = [[] for _ in jobs]
         gated = [k for k, spec in enumerate(specs) if spec.gated and not spec.is_noop()]
@@ -203,12 +287,12 @@ class Batcher:
                 if readings and readings[0].fired[row][position]:
                     fired[row].append(name)
         for row, job in enumerate(jobs):
-            length = len(job.ids) >= job.max_new_tokens
-            text = self.lm.tokenizer.decode(job.ids, skip_special_tokens=True)
+            text, stopped = job.visible(self.lm.tokenizer.decode(job.ids, skip_special_tokens=True))
+            text = text if stopped else self.lm.tokenizer.decode(job.ids, skip_special_tokens=True)
+            length = len(job.ids) >= job.max_new_tokens and not stopped
             if text != job.text:
                 job.deltas.put(text[len(job.text) :] if text.startswith(job.text) else text)
-            job.deltas.put(None)
-            job.result.set_result(
+            job.settle(
                 Completion(
                     text=text.strip(),
                     prompt_tokens=int(prompt_tokens[row]),

@@ -68,9 +68,31 @@ class LoadedModel:
         A prompt is one user message, or a whole conversation (system, user and assistant messages).
         """
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        self.check_no_markers(messages)
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return "\n\n".join(m["content"] for m in messages)
+
+    def reserved_markers(self) -> tuple[str, ...]:
+        """The tokenizer's special and added tokens (`<|im_end|>`...): text that would tokenize as control tokens."""
+        added: dict[str, int] = getattr(self.tokenizer, "get_added_vocab", dict)()
+        special = getattr(self.tokenizer, "all_special_tokens", [])
+        return tuple(sorted({m for m in (*added, *special) if m and not m.isspace()}, key=len, reverse=True))
+
+    def check_no_markers(self, messages: Sequence[Message]) -> None:
+        """Refuse message text that contains a reserved marker: typed into a message, `<|im_end|>` would close
+        the turn and let its author write a system or assistant turn of their own. One rule for every face
+        (server, app preview, `generate`), applied where text becomes a prompt."""
+        markers = self.reserved_markers()
+        for message in messages:
+            content = message.get("content", "")
+            present = [m for m in markers if m in content] if isinstance(content, str) else []
+            if present:
+                found = min(present, key=content.find)  # the first one in the text
+                raise SafeSteerError(
+                    f"the {message.get('role', 'user')} message contains {found!r}, a marker the model's chat "
+                    "template reserves for its own turns; remove it"
+                )
 
     def encode(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
         """Left-padded token ids and mask for a batch of chat prompts, on the model's device."""

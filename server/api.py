@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safesteer.batching import Batcher, Completion, Job, QueueFull
 from safesteer.errors import SafeSteerError
@@ -58,13 +59,26 @@ class ServeSettings:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _unsupported(param: str, why: str) -> ApiError:
+    return ApiError(400, f"{param} is not supported: {why}", "invalid_request_error", "unsupported_parameter", param)
 
 
 class ContentPart(BaseModel):
@@ -83,14 +97,58 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model: str
+    model: str = Field(max_length=400)
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stream: bool = False
     n: int = 1
-    temperature: float | None = None  # decoding is greedy: answers are reproducible and auditable
+    stop: str | list[str] | None = None
+    # Decoding is greedy, so answers are reproducible and auditable: settings that ask for anything
+    # else are refused with a message rather than ignored; those that mean greedy are accepted.
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None  # greedy answers do not depend on a seed
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        given = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in given if s)
+
+    def refuse_what_is_not_implemented(self) -> None:
+        """Name every setting that would change the answer in a way this server does not do."""
+        if self.n != 1:
+            raise _unsupported("n", "one answer per request (answers are greedy, so more would be copies)")
+        if self.temperature not in (None, 0) or self.top_p not in (None, 1):
+            raise _unsupported(
+                "temperature" if self.temperature not in (None, 0) else "top_p",
+                "answers are greedy (temperature 0); send 0 or leave it out",
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise _unsupported(name, "penalties are not applied; send 0 or leave it out")
+        if self.logit_bias:
+            raise _unsupported("logit_bias", "token biases are not applied")
+        if self.logprobs or self.top_logprobs:
+            raise _unsupported("logprobs", "log probabilities are not returned")
+        if self.tools or self.functions or self.tool_choice not in (None, "none"):
+            raise _unsupported("tools", "tool calls are not available")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise _unsupported("response_format", "only text answers")
+        if len(self.stops()) > 4 or any(len(s) > 200 for s in self.stops()):
+            raise ApiError(400, "at most 4 stop sequences of 200 characters", "invalid_request_error", None, "stop")
+        for index, message in enumerate(self.messages):
+            if not isinstance(message.content, str) and any(part.type != "text" for part in message.content):
+                raise _unsupported(f"messages.{index}.content", "only text parts (this model reads no images)")
 
 
 def _check_key(request: Request, settings: ServeSettings) -> str:
@@ -128,19 +186,48 @@ def create_app(lm: LoadedModel, store: Any, settings: ServeSettings | None = Non
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and methods in OpenAI's error shape, like every other error."""
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind, code).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """Anything unforeseen: logged here, and a JSON 500 there, never a plain-text page."""
+        log.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return ApiError(500, "the server could not answer this request", "server_error", "internal_error").response()
+
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": resolver.base_name, "waiting": batcher.waiting if batcher else 0}
+    async def health() -> JSONResponse:
+        """The engine's real state: 503 when its worker is down and could not be restarted."""
+        running = batcher is not None and batcher.ensure_running()
+        body = {
+            "status": "ok" if running else "unhealthy",
+            "model": resolver.base_name,
+            "waiting": batcher.waiting if batcher else 0,
+            "worker": "running" if running else "stopped",
+            "worker_restarts": batcher.restarts if batcher else 0,
+            "failed_batches": batcher.failed_batches if batcher else 0,
+        }
+        return JSONResponse(body, status_code=200 if running else 503)
+
+    def _model(name: str, created: int) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "safesteer"}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         _check_key(request, settings)
         created = int(time.time())
         names = await asyncio.to_thread(resolver.names)
-        return {
-            "object": "list",
-            "data": [{"id": n, "object": "model", "created": created, "owned_by": "safesteer"} for n in names],
-        }
+        return {"object": "list", "data": [_model(n, created) for n in names]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> dict[str, Any]:
+        _check_key(request, settings)
+        resolved = await asyncio.to_thread(_resolve, resolver, model)
+        return _model(model if resolved.version is None else resolved.name, int(time.time()))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -148,7 +235,10 @@ def create_app(lm: LoadedModel, store: Any, settings: ServeSettings | None = Non
         chat = _parse(await _body(request, settings), settings)
         resolved = await asyncio.to_thread(_resolve, resolver, chat.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in chat.messages]
-        prompt_tokens = int(lm.encode([messages])["attention_mask"].sum())
+        try:
+            prompt_tokens = int(lm.encode([messages])["attention_mask"].sum())
+        except SafeSteerError as exc:  # e.g. a reserved marker typed into a message
+            raise ApiError(400, str(exc), "invalid_request_error", "invalid_message", "messages") from exc
         if prompt_tokens > max_prompt_tokens():
             raise ApiError(
                 400,
@@ -165,12 +255,14 @@ def create_app(lm: LoadedModel, store: Any, settings: ServeSettings | None = Non
             )
         version = resolved.version
         categories = list(version.categories) if version is not None else []
-        job = Job(messages, [c.steering_spec() for c in categories], [c.name for c in categories], max_tokens)
+        job = Job(
+            messages, [c.steering_spec() for c in categories], [c.name for c in categories], max_tokens, chat.stops()
+        )
         assert batcher is not None
         try:
             batcher.submit(job)
         except QueueFull as exc:
-            raise ApiError(429, str(exc), "rate_limit_error", "queue_full") from exc
+            raise ApiError(429, str(exc), "rate_limit_error", "queue_full", headers={"Retry-After": "1"}) from exc
         except SafeSteerError as exc:
             raise ApiError(503, str(exc), "server_error", "shutting_down") from exc
         answer_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -181,10 +273,7 @@ def create_app(lm: LoadedModel, store: Any, settings: ServeSettings | None = Non
                 media_type="text/event-stream",
                 headers=headers,
             )
-        try:
-            completion = await asyncio.wait_for(asyncio.wrap_future(job.result), settings.timeout_s)
-        except TimeoutError as exc:
-            raise ApiError(504, "the request took longer than its time limit", "server_error", "timeout") from exc
+        completion = await _wait(job, request, settings.timeout_s)
         await asyncio.to_thread(_audit, store, settings, caller, resolved, completion, messages)
         body = {
             "id": answer_id,
@@ -220,18 +309,64 @@ async def _body(request: Request, settings: ServeSettings) -> bytes:
 
 def _parse(body: bytes, settings: ServeSettings) -> ChatRequest:
     try:
-        chat = ChatRequest.model_validate(json.loads(body))
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the body is not UTF-8 (byte {exc.start})", "invalid_request_error") from exc
+    try:
+        chat = ChatRequest.model_validate(json.loads(text))
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc.msg})", "invalid_request_error") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "the body's JSON is nested too deeply", "invalid_request_error") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"{where}: {first['msg']}", "invalid_request_error", None, where) from exc
-    if chat.n != 1:
-        raise ApiError(400, "only n=1 is supported (answers are greedy)", "invalid_request_error", None, "n")
+    chat.refuse_what_is_not_implemented()
+    for index, message in enumerate(chat.messages):
+        if not _encodable(message.text()):
+            where = f"messages.{index}.content"
+            raise ApiError(400, f"{where}: {_SURROGATE}", "invalid_request_error", None, where)
+    if not _encodable(chat.model) or any(not _encodable(s) for s in chat.stops()):
+        raise ApiError(400, f"model or stop: {_SURROGATE}", "invalid_request_error")
     if len(chat.messages) > settings.max_messages:
         raise ApiError(400, f"at most {settings.max_messages} messages", "invalid_request_error", None, "messages")
     return chat
+
+
+_SURROGATE = "holds a lone UTF-16 surrogate (U+D800 to U+DFFF), which is not text"
+
+
+def _encodable(text: str) -> bool:
+    """False for strings holding lone UTF-16 surrogates, which JSON can carry but no tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def _wait(job: Job, request: Request, timeout_s: float) -> Completion:
+    """The job's completion; a client that leaves, or a time limit passed, cancels the job's generation.
+
+    The batch's future is never handed to `asyncio.wait_for` itself: cancelling it from here would
+    race with the worker finishing it. The job is cancelled through its own flag instead.
+    """
+    deadline = time.monotonic() + timeout_s
+    waiting = asyncio.wrap_future(job.result)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError(504, "the request took longer than its time limit", "server_error", "timeout")
+            done, _ = await asyncio.wait({waiting}, timeout=min(left, 0.25))
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                raise ApiError(499, "the client closed the connection", "server_error", "client_closed")
+    except BaseException:
+        job.cancel()
+        raise
 
 
 def _resolve(resolver: PolicyResolver, model: str) -> Resolved:
@@ -315,4 +450,12 @@ def _stream(
         yield chunk({}, completion.finish_reason, usage=_usage(completion), safesteer=_extra(resolved, completion))
         yield "data: [DONE]\n\n"
 
-    return iterate_in_threadpool(events())
+    async def cancelling() -> AsyncIterator[str]:
+        """The events, and the job cancelled as soon as the client stops reading them."""
+        try:
+            async for event in iterate_in_threadpool(events()):
+                yield event
+        finally:
+            job.cancel()
+
+    return cancelling()

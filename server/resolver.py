@@ -8,6 +8,7 @@ finish on the version they started with. Versions are immutable, so each is load
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from safesteer.models import LoadedModel
 from safesteer.policy import PolicyVersion
 
 LATEST = "latest"
+_VERSION = re.compile(r"[0-9]{1,9}")
+"""A version number as a request may write it: ASCII digits only (not `¹` or `١`), at most nine."""
 
 
 class UnknownModel(SafeSteerError):
@@ -50,10 +53,11 @@ class PolicyResolver:
         latest = self._latest(policy)
         if number in ("", LATEST):
             wanted = latest
-        elif number.isdigit() and 1 <= int(number) <= latest:
+        elif _VERSION.fullmatch(number) and 1 <= int(number) <= latest:
             wanted = int(number)
         else:
-            raise UnknownModel(f"policy {policy!r} has no version {number!r} (versions 1-{latest})")
+            shown = number if len(number) <= 20 else number[:20] + "…"
+            raise UnknownModel(f"policy {policy!r} has no version {shown!r} (versions 1-{latest})")
         return Resolved(f"{policy}@{wanted}", self._version(policy, wanted))
 
     def _latest(self, policy: str) -> int:
@@ -75,9 +79,9 @@ class PolicyResolver:
             return self._versions[key]
 
     def names(self) -> list[str]:
-        """What `GET /v1/models` lists: the bare model, then each live policy and its latest version."""
+        """What `GET /v1/models` lists: the bare model, then each live policy and every version it serves."""
         names = [self.base_name]
         for summary in self.store.list_policies():
             if summary.latest:
-                names += [summary.name, f"{summary.name}@{summary.latest}"]
+                names += [summary.name, *(f"{summary.name}@{n}" for n in range(int(summary.latest), 0, -1))]
         return names

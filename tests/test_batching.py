@@ -91,3 +91,50 @@ def test_concurrent_submitters_get_their_own_answers(tiny_lm, batcher):
         t.join()
     assert got == {key: [text, text] for key, text in expected.items()}
     assert max(batcher.batches) > 1
+
+
+def test_a_cancelled_request_never_stops_the_worker(tiny_lm, batcher):
+    """A caller's timeout cancels its future while the batch runs; the worker must finish others and go on."""
+    doomed = batcher.submit(Job(HARMFUL[0], max_new_tokens=40))
+    doomed.result.cancel()  # what `asyncio.wait_for` did to a request that ran out of time
+    neighbour = batcher.submit(Job(SAFE[0], max_new_tokens=6))
+    assert neighbour.result.result(timeout=60).text == answer_alone(tiny_lm, neighbour)
+    later = batcher.submit(Job(SAFE[1], max_new_tokens=6))
+    assert later.result.result(timeout=60).text == answer_alone(tiny_lm, later)
+    assert batcher.alive and batcher.restarts == 0
+
+
+def test_a_cancelled_request_stops_generating_at_the_next_step(tiny_lm, batcher):
+    job = batcher.submit(Job(HARMFUL[0], max_new_tokens=400))
+    first = next(job.stream(timeout=60))
+    job.cancel()
+    assert first and list(job.stream(timeout=60)) is not None  # the stream ends
+    done = batcher.submit(Job(SAFE[0], max_new_tokens=4))
+    done.result.result(timeout=60)
+    assert len(job.ids) < 60  # far from its 400 tokens: it left the batch when cancelled
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_worker_is_restarted(tiny_lm, batcher, monkeypatch):
+    def explode(jobs):
+        raise SystemExit  # beyond what `_run` catches: the thread ends
+
+    monkeypatch.setattr(batcher, "_answer", explode)
+    lost = batcher.submit(Job(SAFE[0], max_new_tokens=4))
+    batcher._worker.join(10)
+    assert not batcher.alive
+    monkeypatch.undo()
+    job = batcher.submit(Job(SAFE[0], max_new_tokens=4))  # submitting restarts it
+    assert job.result.result(timeout=60).text == answer_alone(tiny_lm, job)
+    assert batcher.restarts == 1
+    assert "the worker stopped" in str(lost.result.exception(timeout=5))  # told, not left waiting
+
+
+def test_stop_strings_end_the_answer_and_never_reach_the_stream(tiny_lm, batcher):
+    whole = batcher.submit(Job(HARMFUL[3], max_new_tokens=24)).result.result(timeout=60).text
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
+    job = batcher.submit(Job(HARMFUL[3], max_new_tokens=24, stop=[stop]))
+    streamed = "".join(job.stream(timeout=60))
+    result = job.result.result(timeout=60)
+    assert result.text == whole[: whole.find(stop)].strip() and result.finish_reason == "stop"
+    assert stop not in streamed and streamed.strip() == result.text
