@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TEST_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 PARALLEL := -n auto --dist loadfile
 
-.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-judges bench-gates bench-serve bench-gpu bench-peers clean
+.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-judges bench-gates bench-gate-study bench-serve bench-gpu bench-peers clean
 
 # Installs from the locks (requirements.txt, requirements-dev.txt: exact pins made by `make lock`).
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
@@ -94,6 +94,10 @@ bench-quality: install
 # Gates on the embedded model: cross-source catch rate, false positives, distinctness, cost (docs/gates.md).
 bench-gates: install
 	HF_HUB_OFFLINE=1 $(PY) bench/gates.py
+
+# Activation gates against text classifiers fit on the same examples (docs/gate-study.json, docs/gates.md).
+bench-gate-study: install
+	HF_HUB_OFFLINE=1 $(PY) bench/gate_study.py --report-test
 
 # The policy server under 8 concurrent clients vs one at a time (docs/serving.md).
 bench-serve: install

@@ -159,15 +159,30 @@ def benign_prompts(limit: int | None = None, seed: int = 0, part: BenignPart = "
     return prompts
 
 
-def edgy_benign_prompts(limit: int | None = None, seed: int = 0) -> list[str]:
+EdgyPart = Literal["measure", "training"]
+
+
+def edgy_benign_prompts(limit: int | None = None, seed: int = 0, part: EdgyPart = "measure") -> list[str]:
     """Harmless requests that sound harmful ("kill a stuck process"): where gate false positives matter.
 
-    Never offered as examples, so they measure what a gate learnt beyond style.
+    `part`: "measure" (the default) is never offered as examples, so it measures what a gate learnt
+    beyond style; "training" is a second set, written separately, that gates may learn from as
+    hard negatives.
     """
-    prompts = list(_project_prompts("edgy_benign_prompts.txt"))
+    file_name = "edgy_benign_prompts.txt" if part == "measure" else "edgy_benign_train_prompts.txt"
+    prompts = list(_project_prompts(file_name))
     if limit is not None and limit < len(prompts):
         prompts = random.Random(seed).sample(prompts, limit)
     return prompts
+
+
+def training_framings() -> list[str]:
+    """Ways a request gets dressed up (role-play, "ignore previous instructions"...), each with `{prompt}`.
+
+    Written for training gates: a category's examples and safe examples alike are also read in these
+    framings, so a gate learns the request rather than the wrapper. Measurements use other framings.
+    """
+    return list(_project_prompts("framings_train.txt"))
 
 
 def split_heldout(prompts: list[str], heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:

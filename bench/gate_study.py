@@ -1,0 +1,209 @@
+"""Which reader recognises a policy's harmful requests best: activation gates against text classifiers.
+
+Run with `make bench-gate-study`. Every reader is fit on the same training prompts (the five
+Do-Not-Answer areas against the built-in safe examples, plus, for the "hardened" readers, the
+same prompts in the project's training framings and the project's edgy-but-benign training
+prompts), its threshold calibrated on the same calibration prompts to 5% of safe prompts, and it
+is measured on sets from other sources. StrongREJECT, the held-out everyday prompts and the
+edgy-but-benign set are each split in two with a fixed seed: the *dev* halves choose the reader,
+the *test* halves are reported for it and looked at only once, after the choice. Writes
+docs/gate-study.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from gates import WRAPPERS, phrasings
+
+from safesteer import datasets, load_model
+from safesteer.activations import record_activations
+from safesteer.gates import SPLIT, auroc, fit_logistic_all_layers, threshold_for
+from safesteer.models import generation_precision
+from safesteer.text_gates import tfidf_features, tfidf_vocabulary
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+CACHE = Path(__file__).resolve().parent / "results" / "gate_study_activations.pt"
+AREAS = list(datasets.DONOTANSWER_AREAS)
+FPR = 0.05
+PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def halves(prompts: list[str], seed: int) -> tuple[list[str], list[str]]:
+    shuffled = random.Random(seed).sample(prompts, len(prompts))
+    return shuffled[: len(shuffled) // 2], shuffled[len(shuffled) // 2 :]
+
+
+def three_way(prompts: list[str], seed: int) -> tuple[list[str], list[str], list[str]]:
+    shuffled = random.Random(seed).sample(prompts, len(prompts))
+    n_test, n_cal = round(len(shuffled) * SPLIT[2]), round(len(shuffled) * SPLIT[1])
+    return shuffled[n_test + n_cal :], shuffled[n_test : n_test + n_cal], shuffled[:n_test]
+
+
+def prompt_sets() -> dict[str, list[str]]:
+    framings = datasets.training_framings()
+    harmful = [p for area in AREAS for p in datasets.harmful_prompts(area)]
+    safe = datasets.benign_prompts()
+    harmful_train, harmful_cal, harmful_test = three_way(harmful, 1)
+    safe_train, safe_cal, safe_test = three_way(safe, 2)
+    edgy_train = datasets.edgy_benign_prompts(part="training")
+    rng = random.Random(3)
+    strongreject_dev, strongreject_test = halves(datasets.harmful_prompts("strongreject"), 4)
+    everyday_dev, everyday_test = halves(datasets.benign_prompts(part="heldout"), 5)
+    edgy_dev, edgy_test = halves(datasets.edgy_benign_prompts(), 6)
+    return {
+        "harmful_train": harmful_train,
+        "harmful_cal": harmful_cal,
+        "harmful_test": harmful_test,
+        "safe_train": safe_train,
+        "safe_cal": safe_cal,
+        "safe_test": safe_test,
+        "framed_harmful_train": [rng.choice(framings).format(prompt=p) for p in harmful_train],
+        "framed_safe_train": [rng.choice(framings).format(prompt=p) for p in safe_train],
+        "framed_harmful_cal": [rng.choice(framings).format(prompt=p) for p in harmful_cal],
+        "framed_safe_cal": [rng.choice(framings).format(prompt=p) for p in safe_cal],
+        "edgy_train": edgy_train[: int(len(edgy_train) * 0.75)],
+        "edgy_cal": edgy_train[int(len(edgy_train) * 0.75) :],
+        "strongreject_dev": strongreject_dev,
+        "strongreject_test": strongreject_test,
+        "wrapped_dev": [w.format(prompt=p) for w in WRAPPERS for p in strongreject_dev[:40]],
+        "wrapped_test": [w.format(prompt=p) for w in WRAPPERS for p in strongreject_test[:60]],
+        "everyday_dev": everyday_dev,
+        "everyday_test": everyday_test,
+        "edgy_dev": edgy_dev,
+        "edgy_test": edgy_test,
+        "past_tense": phrasings("past_tense", 100),
+        "future_tense": phrasings("future_tense", 100),
+    }
+
+
+def record(sets: dict[str, list[str]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Last-token and mean activations of every set at every layer, by the model that reads gates (cached)."""
+    key = json.dumps(sets, sort_keys=True)
+    if CACHE.exists():
+        cached = torch.load(CACHE, weights_only=True)
+        if cached.get("key") == key:
+            return cached["acts"]
+    lm = load_model(None, generation_precision("nf4"))
+    acts: dict[str, dict[str, torch.Tensor]] = {"last": {}, "mean": {}}
+    for token in ("last", "mean"):
+        for name, prompts in sets.items():
+            started = time.perf_counter()
+            acts[token][name] = record_activations(lm, prompts, token=token).half()
+            print(f"recorded {token} {name}: {len(prompts)} in {time.perf_counter() - started:.1f}s", flush=True)
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "acts": acts}, CACHE)
+    return acts
+
+
+class Reader:
+    """A fitted probe over one feature family, with its layer and threshold chosen on calibration prompts."""
+
+    def __init__(self, name: str, features, train: tuple[list[str], list[str]], cal: tuple[list[str], list[str]]):
+        self.name, self.features = name, features
+        pos, neg = features(train[0]).float(), features(train[1]).float()
+        cal_pos, cal_neg = features(cal[0]).float(), features(cal[1]).float()
+        x = torch.cat([pos, neg])
+        y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+        weight = torch.cat([torch.full((len(pos),), 0.5 / len(pos)), torch.full((len(neg),), 0.5 / len(neg))])
+        best = None
+        for penalty in PENALTIES:
+            center, scale, w, b = fit_logistic_all_layers(x, y, weight, penalty)
+            score = lambda a, c=center, s=scale, w=w, b=b: torch.einsum("nld,ld->nl", (a - c) / s, w) + b  # noqa: E731
+            per_layer = auroc(score(cal_pos), score(cal_neg))
+            layer = int(per_layer.argmax())
+            if best is None or float(per_layer[layer]) > best[0]:
+                best = (float(per_layer[layer]), penalty, layer, score)
+        assert best is not None
+        self.cal_auroc, self.penalty, self.layer, self._score = best
+        self.threshold = threshold_for(self.scores(["safe_cal"]), FPR)  # every reader: the same safe prompts
+
+    def scores(self, names: list[str]) -> list[float]:
+        return self._score(self.features(names).float())[:, self.layer].tolist()
+
+    def rate(self, names: list[str]) -> float:
+        values = self.scores(names)
+        return round(sum(v >= self.threshold for v in values) / len(values), 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--report-test", action="store_true", help="also measure the test halves (after choosing)")
+    parser.add_argument("--out", type=Path, default=DOCS / "gate-study.json")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    sets = prompt_sets()
+    acts = record(sets)
+    n_layers = acts["last"]["harmful_train"].shape[1]
+
+    def activations(token: str, layers: list[int] | None = None):
+        def features(names: list[str]) -> torch.Tensor:
+            parts = []
+            for name in names:
+                if token == "last+mean":
+                    x = torch.cat([acts["last"][name], acts["mean"][name]], dim=-1)
+                else:
+                    x = acts[token][name]
+                if layers is not None:  # several layers side by side, as one feature vector
+                    x = x[:, layers].reshape(x.shape[0], 1, -1)
+                parts.append(x)
+            return torch.cat(parts)
+
+        return features
+
+    texts = {name: prompts for name, prompts in sets.items()}
+    from safesteer.metrics import embed
+
+    embedded = {name: embed(prompts)[:, None, :] for name, prompts in texts.items()}
+    plain_train = (["harmful_train"], ["safe_train"])
+    plain_cal = (["harmful_cal"], ["safe_cal"])
+    hard_train = (["harmful_train", "framed_harmful_train"], ["safe_train", "framed_safe_train", "edgy_train"])
+    hard_cal = (["harmful_cal", "framed_harmful_cal"], ["safe_cal", "framed_safe_cal", "edgy_cal"])
+    vocabulary = tfidf_vocabulary([p for n in plain_train[0] + plain_train[1] for p in texts[n]])
+    hard_vocabulary = tfidf_vocabulary([p for n in hard_train[0] + hard_train[1] for p in texts[n]])
+
+    def tfidf(vocab):
+        return lambda names: torch.cat([tfidf_features(texts[name], vocab) for name in names])[:, None, :]
+
+    def minilm(names: list[str]) -> torch.Tensor:
+        return torch.cat([embedded[n] for n in names])
+
+    middle = [n_layers // 3, n_layers // 2, 2 * n_layers // 3]
+    candidates = {
+        "tfidf (baseline)": (tfidf(vocabulary), plain_train, plain_cal),
+        "minilm (baseline)": (minilm, plain_train, plain_cal),
+        "activations last": (activations("last"), plain_train, plain_cal),
+        "activations mean": (activations("mean"), plain_train, plain_cal),
+        "activations last+mean": (activations("last+mean"), plain_train, plain_cal),
+        "activations mean, 3 layers": (activations("mean", middle), plain_train, plain_cal),
+        "hardened tfidf": (tfidf(hard_vocabulary), hard_train, hard_cal),
+        "hardened minilm": (minilm, hard_train, hard_cal),
+        "hardened activations last": (activations("last"), hard_train, hard_cal),
+        "hardened activations mean": (activations("mean"), hard_train, hard_cal),
+        "hardened activations last+mean": (activations("last+mean"), hard_train, hard_cal),
+        "hardened activations mean, 3 layers": (activations("mean", middle), hard_train, hard_cal),
+    }
+    dev_sets = ["strongreject_dev", "wrapped_dev", "everyday_dev", "edgy_dev", "harmful_test", "safe_test"]
+    results = {}
+    for name, (features, train, cal) in candidates.items():
+        started = time.perf_counter()
+        reader = Reader(name, features, train, cal)
+        row = {"layer": reader.layer, "penalty": reader.penalty, "calibration_auroc": round(reader.cal_auroc, 4)}
+        row |= {s: reader.rate([s]) for s in dev_sets}
+        if args.report_test:
+            row |= {s: reader.rate([s]) for s in ("strongreject_test", "wrapped_test", "everyday_test", "edgy_test")}
+            row |= {s: reader.rate([s]) for s in ("past_tense", "future_tense")}
+        row["fit_s"] = round(time.perf_counter() - started, 1)
+        results[name] = row
+        print(name, json.dumps(row), flush=True)
+    sizes = {k: len(v) for k, v in sets.items()}
+    args.out.write_text(json.dumps({"fpr": FPR, "sizes": sizes, "readers": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

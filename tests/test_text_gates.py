@@ -1,0 +1,25 @@
+"""Text features for gate baselines, and the data gates may learn from kept apart from what measures them."""
+
+import torch
+
+from safesteer import datasets
+from safesteer.text_gates import tfidf_features, tfidf_vocabulary
+
+
+def test_tfidf_vectors_are_unit_length_and_ignore_unknown_words():
+    texts = ["how do I bake bread", "how do I bake a cake", "how do I fix a bike"]
+    vocabulary = tfidf_vocabulary(texts, min_count=2)
+    assert {"how", "how do", "bake", "i bake"} <= set(vocabulary) and "bread" not in vocabulary
+    assert vocabulary["bake"] > vocabulary["how"]  # rarer words weigh more
+    features = tfidf_features([*texts, "zebra"], vocabulary)
+    assert torch.allclose(features[:3].norm(dim=-1), torch.ones(3))
+    assert features[3].abs().sum() == 0
+
+
+def test_gate_training_data_never_overlaps_what_measures_gates():
+    training = set(datasets.edgy_benign_prompts(part="training"))
+    measured = set(datasets.edgy_benign_prompts()) | set(datasets.benign_prompts(part="all"))
+    assert len(training) >= 200 and not training & measured
+    framings = datasets.training_framings()
+    assert len(framings) >= 8 and all(f.count("{prompt}") == 1 for f in framings)
+    assert all(f.format(prompt="X").count("X") == 1 for f in framings)
