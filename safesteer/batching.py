@@ -33,6 +33,7 @@ from .errors import SafeSteerError
 from .gates import GateReading
 from .generation import _eos_ids, generate_ids
 from .models import LoadedModel, Prompt
+from .sampling import Sampling
 from .steering import SteeringSpec
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Job:
     names: Sequence[str] = ()  # one per spec: the category each spec comes from
     max_new_tokens: int = 64
     stop: Sequence[str] = ()  # the answer ends before the first of these strings
+    sampling: Sampling | None = None  # None: greedy
     deltas: queue.Queue[str | None] = field(default_factory=queue.Queue)  # text pieces as they come; None: done
     result: Future[Completion] = field(default_factory=Future)
     ids: list[int] = field(default_factory=list)
@@ -273,6 +275,7 @@ class Batcher:
                 max_new_tokens=max(job.max_new_tokens for job in jobs),
                 streamer=_Dispatch(self.lm, jobs),
                 gate_readings=readings,
+                sampling=[job.sampling for job in jobs],
             )
         except _NobodyWaits:
             pass  # every request has what it asked for, or went away
@@ -305,7 +308,9 @@ class Batcher:
 
 def answer_alone(lm: LoadedModel, job: Job) -> str:
     """What one job gets without batching (the reference the batcher must match)."""
-    ids = generate_ids(lm, [job.prompt], list(job.specs), max_new_tokens=job.max_new_tokens)[0].tolist()
+    ids = generate_ids(lm, [job.prompt], list(job.specs), max_new_tokens=job.max_new_tokens, sampling=[job.sampling])[
+        0
+    ].tolist()
     eos = set(_eos_ids(lm))
     kept: list[Any] = []
     for token in ids:

@@ -30,6 +30,7 @@ from .gates import GateReading
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
 from .operations import Shift, apply_steering
+from .sampling import TokenChooser
 from .steering import SteeringSpec, SteeringState, steer
 
 _GREEDY_CHANGERS = (
@@ -218,9 +219,11 @@ def greedy_decode(
     suppress_eos: bool = False,
     streamer: Any = None,
     gate_readings: list[GateReading] | None = None,
+    chooser: TokenChooser | None = None,
 ) -> torch.Tensor:
     """New token ids [rows, <= max_new_tokens] for a left-padded batch, steered by `specs`.
 
+    Tokens are greedy unless a `chooser` samples some rows (`sampling`).
     Rows that finish (emit end-of-text) are padded with `pad_token_id` like transformers does;
     decoding stops when every row has finished. `suppress_eos` forbids end-of-text (fixed length).
     """
@@ -267,7 +270,7 @@ def greedy_decode(
     for step in range(max_new_tokens):
         if suppress_eos and eos.numel():
             logits[:, eos] = float("-inf")
-        token = logits.argmax(dim=-1)
+        token = logits.argmax(dim=-1) if chooser is None else chooser.choose(logits)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         produced.append(token)
         if streamer is not None:

@@ -20,6 +20,7 @@ from .errors import SafeSteerError
 from .gates import GateReading
 from .limits import max_prompt_tokens
 from .models import LoadedModel, Prompt
+from .sampling import Sampling, TokenChooser
 from .steering import SteeringSpec, steer
 
 MAX_NEW_TOKENS_LIMIT = 2048
@@ -46,15 +47,17 @@ def generate_ids(
     streamer: Any = None,
     decoder: Decoder = "auto",
     gate_readings: list[GateReading] | None = None,
+    sampling: Sequence[Sampling | None] | None = None,
 ) -> torch.Tensor:
-    """New token ids [rows, <= max_new_tokens] of greedy chat completions, steered by `specs`.
+    """New token ids [rows, <= max_new_tokens] of chat completions, steered by `specs`; greedy by default.
 
     `decoder` picks how: "auto" uses the lean loop in `decoding` where the model and device
     qualify (same tokens, less time) and transformers' generate elsewhere; "transformers" is
     always generate with its dynamic cache; "static" is generate with a preallocated cache;
     "lean" forces the lean loop on any device (benchmarks compare them).
     Specs with gates steer only the rows their gate fires on; `gate_readings` receives what the
-    gates said about each row.
+    gates said about each row. `sampling` (one per row, None for greedy) samples those rows instead,
+    each from its own seeded stream.
     """
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         raise SafeSteerError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
@@ -72,6 +75,10 @@ def generate_ids(
             raise SafeSteerError(
                 f"{which} {length} tokens (chat template included); the limit is {limit} (SAFESTEER_MAX_PROMPT_TOKENS)"
             )
+    if sampling is not None and len(sampling) != len(prompts):
+        raise SafeSteerError(f"{len(sampling)} sampling settings given for {len(prompts)} prompts")
+    chooser = TokenChooser(sampling) if sampling is not None else None
+    chooser = None if chooser is None or chooser.greedy else chooser
     tokenizer = lm.tokenizer
     if decoder == "lean" and not decoding.fits(lm):
         raise SafeSteerError(f"the lean decode loop does not cover {lm.identity.describe()}")
@@ -86,8 +93,13 @@ def generate_ids(
             suppress_eos=fixed_length,
             streamer=streamer,
             gate_readings=gate_readings,
+            chooser=chooser,
         )
-    cache = {"cache_implementation": "static"} if decoder == "static" else {}
+    options: dict[str, Any] = {"cache_implementation": "static"} if decoder == "static" else {}
+    if chooser is not None:  # it rules out all but its own choice; greedy decoding then takes that token
+        from transformers import LogitsProcessorList  # heavy: deferred so `import safesteer` stays quick
+
+        options["logits_processor"] = LogitsProcessorList([chooser])
     with steer(lm, specs, gate_readings), torch.inference_mode():
         output = lm.model.generate(
             **batch,
@@ -99,7 +111,7 @@ def generate_ids(
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
-            **cache,
+            **options,
         )
     return output[:, batch["input_ids"].shape[1] :]
 

@@ -34,6 +34,7 @@ from safesteer.batching import Batcher, Completion, Job, QueueFull
 from safesteer.errors import SafeSteerError
 from safesteer.limits import max_prompt_tokens
 from safesteer.models import LoadedModel
+from safesteer.sampling import Sampling
 
 from .resolver import PolicyResolver, Resolved, UnknownModel
 
@@ -104,11 +105,11 @@ class ChatRequest(BaseModel):
     stream: bool = False
     n: int = 1
     stop: str | list[str] | None = None
-    # Decoding is greedy, so answers are reproducible and auditable: settings that ask for anything
-    # else are refused with a message rather than ignored; those that mean greedy are accepted.
+    # Greedy unless `temperature` > 0 (reproducible with a `seed`); settings that would change the
+    # answer in ways this server does not implement are refused with a message, never ignored.
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None  # greedy answers do not depend on a seed
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -120,6 +121,12 @@ class ChatRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     user: str | None = None
 
+    def sampling(self) -> Sampling | None:
+        """None (greedy) unless a temperature above 0 asks for sampling."""
+        if not self.temperature:
+            return None
+        return Sampling(temperature=self.temperature, top_p=self.top_p or 1.0, seed=self.seed)
+
     def stops(self) -> tuple[str, ...]:
         given = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return tuple(s for s in given if s)
@@ -127,12 +134,7 @@ class ChatRequest(BaseModel):
     def refuse_what_is_not_implemented(self) -> None:
         """Name every setting that would change the answer in a way this server does not do."""
         if self.n != 1:
-            raise _unsupported("n", "one answer per request (answers are greedy, so more would be copies)")
-        if self.temperature not in (None, 0) or self.top_p not in (None, 1):
-            raise _unsupported(
-                "temperature" if self.temperature not in (None, 0) else "top_p",
-                "answers are greedy (temperature 0); send 0 or leave it out",
-            )
+            raise _unsupported("n", "one answer per request; send several requests (with different seeds)")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name) not in (None, 0):
                 raise _unsupported(name, "penalties are not applied; send 0 or leave it out")
@@ -256,7 +258,12 @@ def create_app(lm: LoadedModel, store: Any, settings: ServeSettings | None = Non
         version = resolved.version
         categories = list(version.categories) if version is not None else []
         job = Job(
-            messages, [c.steering_spec() for c in categories], [c.name for c in categories], max_tokens, chat.stops()
+            messages,
+            [c.steering_spec() for c in categories],
+            [c.name for c in categories],
+            max_tokens,
+            chat.stops(),
+            chat.sampling(),
         )
         assert batcher is not None
         try:

@@ -138,3 +138,20 @@ def test_stop_strings_end_the_answer_and_never_reach_the_stream(tiny_lm, batcher
     result = job.result.result(timeout=60)
     assert result.text == whole[: whole.find(stop)].strip() and result.finish_reason == "stop"
     assert stop not in streamed and streamed.strip() == result.text
+
+
+def test_a_sampled_row_depends_on_its_seed_not_on_its_neighbours(tiny_lm, batcher):
+    from safesteer.sampling import Sampling
+
+    hot = Sampling(temperature=1.2, seed=21)
+    alone = answer_alone(tiny_lm, Job(HARMFUL[4], max_new_tokens=12, sampling=hot))
+    jobs = [
+        Job(HARMFUL[4], max_new_tokens=12, sampling=hot),
+        Job(HARMFUL[4], [_spec(tiny_lm, 5)], ["x"], max_new_tokens=12, sampling=Sampling(temperature=1.2, seed=8)),
+        Job(HARMFUL[4], max_new_tokens=12),  # greedy beside sampled rows
+    ]
+    for job in jobs:
+        batcher.submit(job)
+    results = [job.result.result(timeout=60).text for job in jobs]
+    assert results[0] == alone
+    assert results[2] == answer_alone(tiny_lm, Job(HARMFUL[4], max_new_tokens=12))
