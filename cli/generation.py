@@ -32,6 +32,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         gate=args.mode != "none",
         gate_fpr=args.gate_fpr,
+        gate_recipe=args.gate_recipe,
     )
     settings.validate()
     try:  # every cheap check before the model loads

@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--gate-fpr", type=float, default=DEFAULT_FPR, help="gate's false-positive rate on held-out safe prompts"
     )
     extract.add_argument(
+        "--gate-recipe",
+        choices=("policy", "category"),
+        default="policy",
+        help="policy: the gate recognises any of the policy's categories and routes to the closest (default); "
+        "category: the older gate that tells this category from the others",
+    )
+    extract.add_argument(
         "--out", type=Path, default=None, help="save the vectors here (default without --policy: vectors.safetensors)"
     )
     extract.add_argument("--policy", default=None, help="save the category as a new version of this policy")

@@ -12,6 +12,7 @@ import csv
 import importlib.util
 import json
 import random
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -183,6 +184,13 @@ def training_framings() -> list[str]:
     framings, so a gate learns the request rather than the wrapper. Measurements use other framings.
     """
     return list(_project_prompts("framings_train.txt"))
+
+
+def framed(prompts: Sequence[str], seed: int = 0) -> list[str]:
+    """Each prompt in one of the training framings, drawn reproducibly per prompt."""
+    framings = training_framings()
+    rng = random.Random(seed)
+    return [rng.choice(framings).format(prompt=p) for p in prompts]
 
 
 def split_heldout(prompts: list[str], heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:

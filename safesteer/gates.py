@@ -14,6 +14,13 @@ were made from), trained with no extra model pass:
 
 At inference `steering` reads the gate from an unsteered pass over the prompt and steers only
 the rows whose gate fires (docs/gates.md).
+
+The *policy* recipe (`train_policy_gate`, the default for new categories) reads differently, as
+`bench/gate_study.py` chose: the gate admits any request of the policy's categories (positives
+are all of them, pooled; negatives the safe prompts, the same prompts in training framings, and
+edgy-but-benign training prompts), read as the mean over the prompt's tokens; a centroid of the
+category's own prompts then routes each admitted request to the one category it is closest to, so
+a request is steered by one category's vector, not by all of them at once.
 """
 
 from __future__ import annotations
@@ -34,8 +41,13 @@ from .errors import SafeSteerError
 
 GateMode = Literal["gated", "always"]
 GATE_MODES: tuple[GateMode, ...] = ("gated", "always")
+GateRecipe = Literal["policy", "category"]
+GATE_RECIPES: tuple[GateRecipe, ...] = ("policy", "category")
 DEFAULT_FPR = 0.05
 FORMAT_VERSION = 1
+ROUTED_FORMAT_VERSION = 2  # written for gates with a centroid: older readers refuse them rather than skip routing
+POLICY_PENALTY = 1e-3  # the policy recipe's L2 penalty, as chosen on calibration prompts in bench/gate_study.py
+HARD_NEGATIVE_CALIBRATION = 0.25  # share of the edgy training prompts kept for choosing the layer
 NEAR_TIE = 0.005  # calibration AUROCs this close count as equal; the earlier layer wins
 PENALTY = 1e-2  # L2 on standardised weights: there are far fewer prompts than hidden dimensions
 SPLIT = (0.6, 0.2, 0.2)  # train, calibration, test
@@ -85,6 +97,7 @@ class Gate:
     scores: dict[str, list[float]] = field(default_factory=dict)  # held-out scores by group, for plots and rates
     layer_auroc: list[float] = field(default_factory=list)  # calibration AUROC per layer: why this layer
     precision: str = ""  # the weights it was trained on; read it with the same (docs/gates.md)
+    centroid: torch.Tensor | None = None  # [hidden]: the category's own prompts' mean; routes admitted requests
 
     def __post_init__(self) -> None:
         if self.site not in SITES or self.token not in TOKENS:
@@ -93,10 +106,11 @@ class Gate:
         check_fpr(self.target_fpr)
         if self.layer < 0 or isinstance(self.layer, bool):
             raise SafeSteerError(f"gate layer {self.layer!r} must be a whole number of at least 0")
-        shapes = {tuple(t.shape) for t in (self.center, self.scale, self.weights)}
+        parts = [self.center, self.scale, self.weights, *([self.centroid] if self.centroid is not None else [])]
+        shapes = {tuple(t.shape) for t in parts}
         if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-            raise SafeSteerError("a gate's center, scale and weights must be vectors of one length")
-        for t in (self.center, self.scale, self.weights):
+            raise SafeSteerError("a gate's center, scale, weights and centroid must be vectors of one length")
+        for t in parts:
             if not torch.isfinite(t).all():
                 raise SafeSteerError("a gate has non-finite parameters")
         if not (math.isfinite(self.bias) and math.isfinite(self.threshold)):
@@ -117,12 +131,34 @@ class Gate:
     def fires(self, scores: torch.Tensor) -> torch.Tensor:
         return scores >= self.threshold
 
+    @property
+    def routed(self) -> bool:
+        """True for policy gates: among the policy's categories that admit a request, the closest steers it."""
+        return self.centroid is not None
+
+    def closeness(self, features: torch.Tensor) -> torch.Tensor:
+        """How close `[rows, hidden]` features lie to this category's own prompts (higher: closer), float32 `[rows]`.
+
+        Mean squared distance in the gate's standardised units, negated, so categories compare.
+        """
+        if self.centroid is None:
+            raise SafeSteerError("this gate does not route: it has no centroid")
+        device = features.device
+        z = (features.float() - self.center.to(device)) / self.scale.to(device)
+        c = (self.centroid.to(device) - self.center.to(device)) / self.scale.to(device)
+        return -((z - c) ** 2).mean(dim=-1)
+
     def rates(self, threshold: float | None = None) -> GateRates:
         """Held-out firing rates at `threshold` (default: the gate's own)."""
         t = self.threshold if threshold is None else threshold
 
         def rate(group: str) -> float | None:
             values = self.scores.get(group) or []
+            if group == "other" and "other_routed" in self.scores:  # admitted, and routed to this category
+                flags = self.scores["other_routed"]
+                return (
+                    sum(v >= t and f > 0 for v, f in zip(values, flags, strict=True)) / len(values) if values else None
+                )
             return sum(v >= t for v in values) / len(values) if values else None
 
         return GateRates(
@@ -150,6 +186,8 @@ class Gate:
         """What people and scripts see: where it reads, its operating point, its held-out rates."""
         return {
             "mode": self.mode,
+            "recipe": "policy" if self.routed else "category",
+            "token": self.token,
             "layer": self.layer,
             "threshold": round(self.threshold, 4),
             "target_fpr": self.target_fpr,
@@ -160,7 +198,7 @@ class Gate:
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": ROUTED_FORMAT_VERSION if self.routed else FORMAT_VERSION,
             "layer": self.layer,
             "site": self.site,
             "token": self.token,
@@ -176,6 +214,8 @@ class Gate:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"center": self.center, "scale": self.scale, "weights": self.weights}
+        if self.centroid is not None:
+            tensors["centroid"] = self.centroid
         return {k: v.contiguous().float() for k, v in tensors.items()}
 
     def to_bytes(self) -> bytes:
@@ -194,7 +234,7 @@ class Gate:
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], source: str = "data") -> Gate:
-        if int(metadata.get("format_version", 0)) > FORMAT_VERSION:
+        if int(metadata.get("format_version", 0)) > ROUTED_FORMAT_VERSION:
             raise SafeSteerError(f"{source}: this gate was written by a newer SafeSteer; upgrade to read it")
         try:
             scores = {str(k): [float(v) for v in values] for k, values in dict(metadata.get("scores", {})).items()}
@@ -214,6 +254,7 @@ class Gate:
                 scores=scores,
                 layer_auroc=[float(v) for v in metadata.get("layer_auroc", [])],
                 precision=str(metadata.get("precision", "")),
+                centroid=tensors["centroid"].float() if "centroid" in tensors else None,
             )
         except SafeSteerError:
             raise
@@ -369,4 +410,111 @@ def train_gate(
         scores={**held_out, **calibration_scores},
         layer_auroc=[round(float(a), 4) for a in layer_auroc],
         precision=precision,
+    )
+
+
+def train_policy_gate(
+    harmful: torch.Tensor,
+    safe: torch.Tensor,
+    others: torch.Tensor | None,
+    framed_harmful: torch.Tensor,
+    framed_others: torch.Tensor | None,
+    framed_safe: torch.Tensor,
+    hard_negatives: torch.Tensor,
+    *,
+    site: Site = "residual",
+    token: Token = "mean",
+    target_fpr: float = DEFAULT_FPR,
+    seed: int = 0,
+    mode: GateMode = "gated",
+    precision: str = "",
+) -> Gate:
+    """A policy gate from activations `[n, L, d]`: admits any of the policy's categories, routes by centroid.
+
+    `framed_*` are the same prompts, row for row, read in the training framings; `hard_negatives`
+    are edgy-but-benign prompts. Each group is split as `train_gate` splits (a framed prompt falls
+    on the side of its plain one); the layer is chosen by calibration AUROC of all positives against
+    all negatives, and the threshold fires on at most `target_fpr` of the calibration safe prompts.
+    """
+    check_fpr(target_fpr)
+    others = others if others is not None and others.shape[0] >= 3 else None
+    framed_others = framed_others if others is not None else None
+    for name, group, least in (("harmful", harmful, 3), ("safe", safe, 3)):
+        if group.shape[0] < least:
+            raise SafeSteerError(f"a gate needs at least {least} {name} prompts, got {group.shape[0]}")
+    for plain, dressed in ((harmful, framed_harmful), (safe, framed_safe), (others, framed_others)):
+        if plain is not None and (dressed is None or dressed.shape != plain.shape):
+            raise SafeSteerError("framed prompts must match their plain prompts row for row")
+    rng = random.Random(seed)
+    groups: dict[str, torch.Tensor] = {"harmful": harmful, "safe": safe}
+    if others is not None:
+        groups["other"] = others
+    framed: dict[str, torch.Tensor] = {"harmful": framed_harmful, "safe": framed_safe}
+    if others is not None and framed_others is not None:
+        framed["other"] = framed_others
+    splits = {name: _three_way(int(acts.shape[0]), rng) for name, acts in groups.items()}
+    n_hard_cal = round(hard_negatives.shape[0] * HARD_NEGATIVE_CALIBRATION)
+    hard = {"train": hard_negatives[n_hard_cal:].float(), "calibration": hard_negatives[:n_hard_cal].float()}
+
+    def part(index: int, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: source[name][splits[name][index]].float() for name in groups}
+
+    train, calibration, test = part(0, groups), part(1, groups), part(2, groups)
+    framed_train, framed_calibration = part(0, framed), part(1, framed)
+    positive_names = [n for n in ("harmful", "other") if n in groups]
+
+    def sides(plain: dict[str, torch.Tensor], dressed: dict[str, torch.Tensor], edgy: torch.Tensor):
+        positives = [plain[n] for n in positive_names] + [dressed[n] for n in positive_names]
+        return torch.cat(positives), torch.cat([plain["safe"], dressed["safe"], edgy])
+
+    positives, negatives = sides(train, framed_train, hard["train"])
+    x = torch.cat([positives, negatives])
+    y = torch.cat([torch.ones(positives.shape[0]), torch.zeros(negatives.shape[0])])
+    weight = torch.cat(
+        [
+            torch.full((positives.shape[0],), 0.5 / positives.shape[0]),
+            torch.full((negatives.shape[0],), 0.5 / negatives.shape[0]),
+        ]
+    )
+    center, scale, w, b = fit_logistic_all_layers(x, y, weight, POLICY_PENALTY)
+
+    def scores(acts: torch.Tensor) -> torch.Tensor:  # [n, L]
+        return torch.einsum("nld,ld->nl", (acts - center) / scale, w) + b
+
+    cal_positive, cal_negative = sides(calibration, framed_calibration, hard["calibration"])
+    layer_auroc = auroc(scores(cal_positive), scores(cal_negative))
+    layer = int(layer_auroc.argmax())
+
+    def at_layer(acts: torch.Tensor) -> list[float]:
+        return scores(acts)[:, layer].tolist()
+
+    centroid = train["harmful"][:, layer].mean(0)
+    held_out = {name: at_layer(acts) for name, acts in test.items()}
+    if "other" in test:  # would routing send another category's held-out prompt here? (against their centroid)
+        others_centroid = train["other"][:, layer].mean(0)
+
+        def distance(acts: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
+            return (((acts - to) / scale[layer]) ** 2).mean(-1)
+
+        here = distance(test["other"][:, layer], centroid) < distance(test["other"][:, layer], others_centroid)
+        held_out["other_routed"] = here.float().tolist()
+    calibration_scores = {"calibration_safe": at_layer(calibration["safe"])}
+    test_negative = held_out["safe"]
+    test_auroc = float(auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(test_negative)[:, None])[0])
+    return Gate(
+        layer=layer,
+        site=site,
+        token=token,
+        center=center[layer].clone(),
+        scale=scale[layer].clone(),
+        weights=w[layer].clone(),
+        bias=float(b[layer]),
+        threshold=threshold_for(calibration_scores["calibration_safe"], target_fpr),
+        target_fpr=target_fpr,
+        mode=mode,
+        auroc=test_auroc,
+        scores={**held_out, **calibration_scores},
+        layer_auroc=[round(float(a), 4) for a in layer_auroc],
+        precision=precision,
+        centroid=centroid.clone(),
     )

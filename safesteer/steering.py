@@ -187,16 +187,41 @@ def read_gate_features(
     return features
 
 
+def decide_rows(
+    gates: Sequence[Gate], features: Sequence[torch.Tensor], active: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each gate's scores `[rows, k]` and whether it steers each row, routing included.
+
+    A gate fires where its score reaches its threshold. Policy gates (`Gate.routed`) that fire on
+    the same row compete: only the one whose category lies closest to the prompt steers it, so a
+    request is steered by one category of a policy, not all. `active` (`[rows, k]`, default all)
+    says which gates may steer which rows at all (in a shared batch, a request's own policy only).
+    """
+    scores = torch.stack([gate.score(f).cpu() for gate, f in zip(gates, features, strict=True)], dim=1)
+    fired = torch.stack([gate.fires(scores[:, k]) for k, gate in enumerate(gates)], dim=1)
+    routed = [k for k, gate in enumerate(gates) if gate.routed]
+    if len(routed) < 2:
+        return scores, fired
+    allowed = fired[:, routed] if active is None else fired[:, routed] & active[:, routed]
+    closeness = torch.stack([gates[k].closeness(features[k]).cpu() for k in routed], dim=1)
+    closest = closeness.masked_fill(~allowed, float("-inf")).argmax(dim=1)
+    keep = torch.zeros_like(allowed)
+    keep[torch.arange(keep.shape[0]), closest] = allowed.any(dim=1)
+    fired = fired.clone()
+    fired[:, routed] = keep
+    return scores, fired
+
+
 def read_gates(lm: LoadedModel, prompts: Sequence[str], gates: Sequence[Gate], batch_size: int = 16) -> GateReading:
-    """What each gate says about each chat prompt, without generating (evaluations, batch previews)."""
+    """What the gates say about each chat prompt, routing included, without generating (evaluations, batch previews)."""
     scores: list[list[float]] = []
     fired: list[list[bool]] = []
     for start in range(0, len(prompts), batch_size):
         batch = lm.encode(list(prompts[start : start + batch_size]))
         features = read_gate_features(lm, batch["input_ids"], batch["attention_mask"], gates)
-        rows = torch.stack([gate.score(f).cpu() for gate, f in zip(gates, features, strict=True)], dim=1)
+        rows, decisions = decide_rows(gates, features)
         scores += rows.tolist()
-        fired += torch.stack([gate.fires(rows[:, k]) for k, gate in enumerate(gates)], dim=1).tolist()
+        fired += decisions.tolist()
     return GateReading(scores=scores, fired=fired)
 
 
@@ -213,11 +238,18 @@ class SteeringState:
     def decide(self, lm: LoadedModel, input_ids: Any, attention_mask: Any, inputs_embeds: Any = None) -> None:
         gates = [cast(Gate, self.specs[i].gate) for i in self.gated]
         features = read_gate_features(lm, input_ids, attention_mask, gates, inputs_embeds)
-        scores = torch.stack([gate.score(f).cpu() for gate, f in zip(gates, features, strict=True)], dim=1)
-        fired = torch.stack([gate.fires(scores[:, k]) for k, gate in enumerate(gates)], dim=1)
+        rows = features[0].shape[0]
+        active = torch.tensor(
+            [[s != 0.0 for s in self._given(i, rows)] for i in self.gated], dtype=torch.bool
+        ).T  # [rows, k]: which specs steer which rows at all
+        scores, fired = decide_rows(gates, features, active)
         self.fired = fired.tolist()
         self.readings.append(GateReading(scores=scores.tolist(), fired=self.fired))
         self.generation += 1
+
+    def _given(self, index: int, rows: int) -> tuple[float, ...]:
+        given = self.specs[index].strengths()
+        return given * rows if len(given) == 1 else given
 
     def strengths(self, index: int, rows: int) -> tuple[float, ...]:
         """Spec `index`'s strength per row (or one for all), zero for rows its gate did not fire on."""

@@ -22,8 +22,9 @@ from safetensors.torch import load, save
 
 from .activations import TOKENS, Token, record_activations
 from .architectures import SITES, Site
+from .datasets import edgy_benign_prompts, framed
 from .errors import SafeSteerError
-from .gates import DEFAULT_FPR, Gate, check_fpr, train_gate
+from .gates import DEFAULT_FPR, GATE_RECIPES, Gate, GateRecipe, check_fpr, train_gate, train_policy_gate
 from .identity import ModelIdentity
 from .models import LoadedModel
 from .progress import ProgressCallback, scaled
@@ -48,6 +49,7 @@ class ExtractionSettings:
     batch_size: int = 0  # prompts per forward pass; 0 picks by device (activations.default_batch_size)
     gate: bool = True  # also train the category's gate (gates.py) from the same activations
     gate_fpr: float = DEFAULT_FPR  # the gate's false-positive rate on held-out safe prompts
+    gate_recipe: GateRecipe = "policy"  # "policy": admit any category of the policy, route; "category": the older gate
 
     def validate(self) -> None:
         if self.site not in SITES:
@@ -63,6 +65,8 @@ class ExtractionSettings:
         if self.batch_size < 0:
             raise SafeSteerError("the batch size must be at least 1 (or 0 to pick one for the device)")
         check_fpr(self.gate_fpr)
+        if self.gate_recipe not in GATE_RECIPES:
+            raise SafeSteerError(f"unknown gate recipe '{self.gate_recipe}': use one of {', '.join(GATE_RECIPES)}")
 
 
 @dataclass(frozen=True)
@@ -372,20 +376,21 @@ def vectors_from_activations(
     others: torch.Tensor | None = None,
     gate_activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     gate_precision: str = "",
+    gate: Gate | None = None,
 ) -> CategoryVectors:
     """Turn recorded activations into scored vectors and, unless settings say not, the category's gate.
 
     `others`: activations of the policy's other categories' harmful prompts, which the gate
     learns to leave alone. `gate_activations` (harmful, safe, others), when the gate must be
     trained on another model's activations than the vectors (see `extract_vectors`). This is the
-    step after recording, and the seam for `guided`.
+    step after recording, and the seam for `guided`. A `gate` trained elsewhere (the policy
+    recipe's, from its own recordings) is used as it is.
     """
     method = method or VECTOR_METHODS[settings.method]
     final = method(harmful, safe, settings).float()
     stats = layer_statistics(harmful, safe, final, settings, method)
     layer, reason = recommend_layer(stats)
-    gate = None
-    if settings.gate:
+    if gate is None and settings.gate:
         g_harmful, g_safe, g_others = gate_activations or (harmful, safe, others)
         gate = train_gate(
             g_harmful,
@@ -417,6 +422,7 @@ def _record_sets(
     settings: ExtractionSettings,
     progress: ProgressCallback | None,
     span: tuple[float, float],
+    token: Token | None = None,
 ) -> list[torch.Tensor]:
     """Each prompt set's activations, progress spread over `span` in proportion to the prompts."""
     total = sum(len(prompts) for prompts in sets) or 1
@@ -430,12 +436,52 @@ def _record_sets(
                 list(prompts),
                 progress=part,
                 site=settings.site,
-                token=settings.token,
+                token=token or settings.token,
                 batch_size=settings.batch_size,
             )
         )
         done += len(prompts)
     return recorded
+
+
+def record_policy_gate(
+    gate_lm: LoadedModel,
+    harmful: Sequence[str],
+    safe: Sequence[str],
+    others: Sequence[str],
+    settings: ExtractionSettings,
+    progress: ProgressCallback | None = None,
+    span: tuple[float, float] = (0.0, 1.0),
+) -> Gate:
+    """Record what a policy gate learns from, with the model that will read it, and train it.
+
+    The prompts are read plain and in the project's training framings, each framing drawn per
+    prompt with the extraction's seed; edgy-but-benign training prompts are the hard negatives.
+    """
+    sets: list[Sequence[str]] = [
+        harmful,
+        safe,
+        framed(harmful, settings.seed),
+        framed(safe, settings.seed + 1),
+        edgy_benign_prompts(part="training"),
+    ]
+    if others:
+        sets += [others, framed(others, settings.seed + 2)]
+    recorded = _record_sets(gate_lm, sets, settings, progress, span, token="mean")
+    return train_policy_gate(
+        recorded[0],
+        recorded[1],
+        recorded[5] if others else None,
+        recorded[2],
+        recorded[6] if others else None,
+        recorded[3],
+        recorded[4],
+        site=settings.site,
+        token="mean",
+        target_fpr=settings.gate_fpr,
+        seed=settings.seed,
+        precision=gate_lm.identity.precision,
+    )
 
 
 def extract_vectors(
@@ -463,6 +509,17 @@ def extract_vectors(
     check_prompt_counts(harmful, safe)
     own = set(harmful) | set(safe)
     others = [p for p in dict.fromkeys(others) if p not in own] if settings.gate else []
+    policy_gate = settings.gate and settings.gate_recipe == "policy"
+    if policy_gate:  # the gate reads its own sets; vectors need only the category's prompts
+        recorded = _record_sets(lm, [harmful, safe], settings, progress, (0.0, 0.5))
+        if progress:
+            names = f" and the policy's other categories ({len(others)} prompts)" if others else ""
+            progress(0.5, f"recording for the gate: this category{names}, safe and edgy prompts, plain and dressed up")
+        trained = record_policy_gate(gate_lm or lm, harmful, safe, others, settings, progress, (0.5, 0.42))
+        result = vectors_from_activations(recorded[0], recorded[1], settings, lm.identity, category, gate=trained)
+        if progress:
+            progress(1.0, f"vectors ready; recommended layer {result.recommended_layer}; gate at layer {trained.layer}")
+        return result
     sets: list[Sequence[str]] = [harmful, safe, *([others] if others else [])]
     separate_gate = settings.gate and gate_lm is not None and gate_lm is not lm
     recorded = _record_sets(lm, sets, settings, progress, (0.0, 0.7 if separate_gate else 0.9))

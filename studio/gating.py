@@ -54,7 +54,8 @@ def gate_summary(gate: Gate | None) -> str:
         return "No gate: this category steers **every** prompt."
     rates = gate.rates()
     other = (
-        f", fires on **{rates.other_categories_rate:.0%}** of other categories' prompts ({rates.n_other})"
+        f", {'steers' if gate.routed else 'fires on'} **{rates.other_categories_rate:.0%}** of other categories' "
+        f"prompts ({rates.n_other})"
         if rates.other_categories_rate is not None
         else ""
     )
@@ -63,10 +64,16 @@ def gate_summary(gate: Gate | None) -> str:
         if gate.mode == "gated"
         else "**always**: every prompt is steered (the gate is kept but not used)"
     )
+    reads = (
+        " It reads the whole prompt and recognises any of the policy's categories, plain or dressed up in role-play;"
+        " among the categories that recognise a prompt, the closest one steers it."
+        if gate.routed
+        else ""
+    )
     return (
         f"Gate (layer {gate.layer}, threshold {gate.threshold:.2f}): catches **{rates.catch_rate:.0%}** of held-out "
         f"harmful prompts ({rates.n_harmful}), fires on **{rates.false_positive_rate:.0%}** of held-out safe prompts "
-        f"({rates.n_safe}){other}. Mode: {mode}."
+        f"({rates.n_safe}){other}.{reads} Mode: {mode}."
     )
 
 
@@ -119,6 +126,11 @@ def verdict_lines(names: Sequence[str], verdicts: Sequence[GateVerdict | None]) 
             lines.append(f"- **{name}**: always on (no gate in use): steered")
         elif verdict.fired:
             lines.append(f"- **{name}**: gate **fired** (score {verdict.score:.2f} ≥ {verdict.threshold:.2f}): steered")
+        elif verdict.score >= verdict.threshold:
+            lines.append(
+                f"- **{name}**: the policy's gate recognised the prompt (score {verdict.score:.2f} ≥ "
+                f"{verdict.threshold:.2f}), but another category lies closer to it: steered by that one, not this"
+            )
         else:
             lines.append(
                 f"- **{name}**: gate **did not fire** (score {verdict.score:.2f} < {verdict.threshold:.2f}): "

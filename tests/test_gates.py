@@ -180,14 +180,22 @@ def test_the_gate_learns_from_the_model_that_reads_it(tiny_lm, tiny_folder):
 
     if int4_problem():
         pytest.skip(int4_problem())
+    from safesteer.vectors import ExtractionSettings, record_policy_gate
+
     reader = load_model(str(tiny_folder), "int4")
     harmful, safe = HARMFUL * 2, SAFE * 2
-    vectors = extract_vectors(tiny_lm, harmful, safe, gate_lm=reader)
+    older = ExtractionSettings(gate_recipe="category")
+    vectors = extract_vectors(tiny_lm, harmful, safe, older, gate_lm=reader)
     direct = train_gate(record_activations(reader, harmful), record_activations(reader, safe), precision="int4")
     assert vectors.gate.precision == "int4" and vectors.gate.summary()["precision"] == "int4"
     assert torch.equal(vectors.gate.weights, direct.weights) and vectors.gate.threshold == direct.threshold
-    plain = extract_vectors(tiny_lm, harmful, safe)  # the same model reads it: no second recording
+    plain = extract_vectors(tiny_lm, harmful, safe, older)  # the same model reads it: no second recording
     assert plain.gate.precision == "fp32" and torch.equal(plain.vectors, vectors.vectors)
+    # the policy recipe (the default) records its own sets, with the reading model too
+    policy = extract_vectors(tiny_lm, harmful, safe, gate_lm=reader)
+    again = record_policy_gate(reader, harmful, safe, [], ExtractionSettings())
+    assert policy.gate.routed and policy.gate.token == "mean" and policy.gate.precision == "int4"
+    assert torch.equal(policy.gate.weights, again.weights) and torch.equal(policy.vectors, vectors.vectors)
 
 
 def test_repeated_prompts_are_read_once_with_the_same_result(tiny_lm):
@@ -198,3 +206,59 @@ def test_repeated_prompts_are_read_once_with_the_same_result(tiny_lm):
         alone = tiny_lm.encode([prompt])
         single = read_gate_features(tiny_lm, alone["input_ids"], alone["attention_mask"], [gate])[0][0]
         torch.testing.assert_close(together[row], single, atol=1e-4, rtol=1e-4)
+
+
+def _routed_gate(lm, own, others, seed=0):
+    """A policy gate on the tiny model: its own prompts and the other category's, against the safe ones."""
+    from safesteer.datasets import edgy_benign_prompts, framed
+    from safesteer.gates import train_policy_gate
+
+    def acts(prompts):
+        return record_activations(lm, list(prompts), token="mean")
+
+    safe = SAFE * 2
+    return train_policy_gate(
+        acts(own),
+        acts(safe),
+        acts(others),
+        acts(framed(own)),
+        acts(framed(others)),
+        acts(framed(safe)),
+        acts(edgy_benign_prompts(part="training", limit=12)),
+        seed=seed,
+    )
+
+
+def test_a_policy_gate_admits_any_category_and_routes_each_prompt_to_one(tiny_lm):
+    from safesteer.steering import decide_rows
+
+    first, second = HARMFUL[:4] * 2, HARMFUL[4:] * 2
+    gate_a, gate_b = _routed_gate(tiny_lm, first, second), _routed_gate(tiny_lm, second, first, seed=1)
+    assert gate_a.routed and gate_a.token == "mean" and "other_routed" in gate_a.scores
+    gates = [gate_a, gate_b]
+    batch = tiny_lm.encode(HARMFUL + SAFE)
+    features = read_gate_features(tiny_lm, batch["input_ids"], batch["attention_mask"], gates)
+    scores, fired = decide_rows(gates, features)
+    admitted = scores >= torch.tensor([g.threshold for g in gates])
+    assert fired.sum(dim=1).le(1).all()  # never both
+    assert torch.equal(fired.any(dim=1), admitted.any(dim=1))  # whatever is admitted, one category steers
+    closer_a = gate_a.closeness(features[0]) > gate_b.closeness(features[1])
+    both = admitted.all(dim=1)
+    assert torch.equal(fired[both, 0], closer_a[both])
+    # a gate that may not steer a row (strength 0 there) leaves the row to the other
+    only_b = torch.tensor([[False, True]] * len(HARMFUL + SAFE))
+    _, fired_b = decide_rows(gates, features, only_b)
+    assert torch.equal(fired_b[:, 1], admitted[:, 1]) and not fired_b[:, 0].any()
+
+
+def test_a_routed_gate_survives_the_round_trip_and_older_readers_refuse_it(tiny_lm):
+    import json
+
+    gate = _routed_gate(tiny_lm, HARMFUL[:4] * 2, HARMFUL[4:] * 2)
+    back = Gate.from_bytes(gate.to_bytes())
+    assert torch.equal(back.centroid, gate.centroid) and back.routed and back.scores == gate.scores
+    assert (
+        gate.metadata()["format_version"] == 2
+        and _gate_for(tiny_lm, HARMFUL[0], SAFE[0], layer=1).metadata()["format_version"] == 1
+    )
+    assert json.loads(json.dumps(gate.summary()))["recipe"] == "policy"
