@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -45,3 +47,69 @@ def tfidf_features(texts: Sequence[str], vocabulary: dict[str, float]) -> torch.
                 out[row, column] = count
     out *= idf
     return torch.nn.functional.normalize(out, dim=-1)
+
+
+@dataclass(frozen=True)
+class BaselineRates:
+    """How a plain text classifier does on the same held-out prompts as a gate: what the gate adds."""
+
+    name: str
+    catch_rate: float
+    false_positive_rate: float
+    n_harmful: int
+    n_safe: int
+
+
+BASELINE_PENALTIES = {"word counts (TF-IDF)": 1.0, "sentence embeddings (MiniLM)": 0.1}
+"""Each baseline's L2 penalty, as chosen on calibration prompts in bench/gate_study.py."""
+
+
+def baseline_rates(
+    harmful: Sequence[str], safe: Sequence[str], others: Sequence[str] = (), *, seed: int = 0, fpr: float = 0.05
+) -> list[BaselineRates]:
+    """TF-IDF and MiniLM classifiers on a policy gate's own splits (`gates.train_policy_gate`, same seed).
+
+    Fit on the split's training prompts (the category's and the other categories' against the safe
+    ones, plain text), thresholds on its calibration safe prompts at `fpr`, measured on its held-out
+    prompts: the figures an author can put beside the gate's.
+    """
+    from .gates import _three_way, fit_logistic_all_layers, threshold_for
+    from .metrics import embed
+
+    rng = random.Random(seed)
+    groups: dict[str, list[str]] = {"harmful": list(harmful), "safe": list(safe)}
+    if len(others) >= 3:
+        groups["other"] = list(others)
+    splits = {name: _three_way(len(texts), rng) for name, texts in groups.items()}
+
+    def part(name: str, index: int) -> list[str]:
+        return [groups[name][i] for i in splits[name][index]]
+
+    positives = part("harmful", 0) + (part("other", 0) if "other" in groups else [])
+    negatives = part("safe", 0)
+    held_harmful, held_safe, calibration_safe = part("harmful", 2), part("safe", 2), part("safe", 1)
+    vocabulary = tfidf_vocabulary(positives + negatives)
+    readers = {
+        "word counts (TF-IDF)": lambda texts: tfidf_features(texts, vocabulary),
+        "sentence embeddings (MiniLM)": lambda texts: embed(texts) if texts else torch.zeros(0, 384),
+    }
+    results = []
+    for name, features in readers.items():
+        x = torch.cat([features(positives), features(negatives)])[:, None, :]
+        y = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
+        weight = torch.cat(
+            [torch.full((len(positives),), 0.5 / len(positives)), torch.full((len(negatives),), 0.5 / len(negatives))]
+        )
+        center, scale, w, b = fit_logistic_all_layers(x, y, weight, BASELINE_PENALTIES[name])
+
+        def scores(texts: list[str], f=features, c=center, s=scale, w=w, b=b) -> list[float]:
+            return ((((f(texts) - c[0]) / s[0]) @ w[0]) + b[0]).tolist()
+
+        threshold = threshold_for(scores(calibration_safe), fpr)
+
+        def rate(texts: list[str], t: float = threshold) -> float:
+            values = scores(texts)
+            return sum(v >= t for v in values) / len(values) if values else 0.0
+
+        results.append(BaselineRates(name, rate(held_harmful), rate(held_safe), len(held_harmful), len(held_safe)))
+    return results

@@ -444,6 +444,12 @@ def _record_sets(
     return recorded
 
 
+def distinct_others(harmful: Sequence[str], safe: Sequence[str], others: Sequence[str]) -> list[str]:
+    """The other categories' prompts a gate learns from: each once, none of this category's own."""
+    own = set(harmful) | set(safe)
+    return [p for p in dict.fromkeys(others) if p not in own]
+
+
 def record_policy_gate(
     gate_lm: LoadedModel,
     harmful: Sequence[str],
@@ -507,8 +513,7 @@ def extract_vectors(
     if settings.method == "guided":
         _guided_needs_labels(torch.empty(0), torch.empty(0), settings)
     check_prompt_counts(harmful, safe)
-    own = set(harmful) | set(safe)
-    others = [p for p in dict.fromkeys(others) if p not in own] if settings.gate else []
+    others = distinct_others(harmful, safe, others) if settings.gate else []
     policy_gate = settings.gate and settings.gate_recipe == "policy"
     if policy_gate:  # the gate reads its own sets; vectors need only the category's prompts
         recorded = _record_sets(lm, [harmful, safe], settings, progress, (0.0, 0.5))

@@ -14,6 +14,7 @@ from safesteer.errors import SafeSteerError
 from safesteer.operations import DEFAULT, How, SteeringOptions, Where
 from safesteer.policy import check_name
 from safesteer.prompts import MAX_FILE_BYTES, PromptReport, clean_prompts, parse_prompts
+from safesteer.text_gates import BaselineRates
 from safesteer.vectors import MIN_PROMPTS_PER_SIDE, CategoryVectors
 
 from .resources import HELDOUT_SHARE, MAX_HELDOUT, OWN_PROMPTS, builtin_area, plain_text
@@ -30,6 +31,7 @@ class Draft:
     heldout: list[str]  # harmful prompts kept out of extraction, for previews
     vectors: CategoryVectors | None = None
     notes: list[str] = field(default_factory=list)
+    baselines: tuple[BaselineRates, ...] = ()  # simple text classifiers on the gate's held-out prompts
 
 
 def _read_side(file_path: str | None, pasted: str | None, side: str) -> PromptReport:

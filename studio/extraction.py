@@ -12,7 +12,8 @@ from typing import Any
 import gradio as gr
 
 from safesteer.gates import DEFAULT_FPR
-from safesteer.vectors import CategoryVectors, ExtractionSettings, extract_vectors
+from safesteer.text_gates import BaselineRates, baseline_rates
+from safesteer.vectors import CategoryVectors, ExtractionSettings, distinct_others, extract_vectors
 from safesteer.workflows import other_categories_prompts
 
 from .category import Draft, require_draft
@@ -92,7 +93,14 @@ def extract(
     vectors = task.result()
     if vectors.gate is not None and mode == "always":
         vectors = vectors.with_gate(vectors.gate.with_mode("always"))
-    draft = replace(category, vectors=vectors)
+    baselines: tuple[BaselineRates, ...] = ()
+    if vectors.gate is not None and vectors.gate.routed:
+        yield gr.skip(), gr.skip(), "Extracting: comparing the gate with simple text classifiers", *(gr.skip(),) * 3
+        distinct = distinct_others(category.harmful, category.safe, others)
+        baselines = tuple(
+            baseline_rates(category.harmful, category.safe, distinct, seed=settings.seed, fpr=settings.gate_fpr)
+        )
+    draft = replace(category, vectors=vectors, baselines=baselines)
     best = vectors.layer_stats[vectors.recommended_layer]
     elapsed = time.monotonic() - task.started
     summary = (
@@ -103,7 +111,7 @@ def extract(
     _warm_preview_model()
     gate = vectors.gate
     plot = gate_plot(gate) if gate is not None else None
-    yield draft, separation_plot(vectors), summary, vectors.recommended_layer, plot, gate_summary(gate)
+    yield draft, separation_plot(vectors), summary, vectors.recommended_layer, plot, gate_summary(gate, baselines)
 
 
 def layer_slider(draft: Draft | None) -> gr.Slider:

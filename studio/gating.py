@@ -11,6 +11,7 @@ import gradio as gr
 from safesteer.errors import SafeSteerError
 from safesteer.gates import Gate, check_mode
 from safesteer.generation import GateVerdict
+from safesteer.text_gates import BaselineRates
 
 from .category import Draft, require_draft
 
@@ -48,7 +49,28 @@ def gate_plot(gate: Gate):
     return figure
 
 
-def gate_summary(gate: Gate | None) -> str:
+def baselines_text(rates: Sequence[BaselineRates], gate: Gate) -> str:
+    """The gate's held-out rates beside simple text classifiers' on the same prompts: what the gate adds."""
+    if not rates:
+        return ""
+    own = gate.rates()
+    lines = [
+        "",
+        "| on the same held-out prompts | catches harmful | fires on safe |",
+        "| --- | --- | --- |",
+        f"| **this gate** (the model's own reading) | **{own.catch_rate:.0%}** | **{own.false_positive_rate:.0%}** |",
+    ]
+    lines += [
+        f"| {r.name}, trained on the same examples | {r.catch_rate:.0%} | {r.false_positive_rate:.0%} |" for r in rates
+    ]
+    lines.append(
+        "\nHeld-out prompts come from the same files as the examples, where simple classifiers do well; on requests "
+        "from other sources the gate's lead is larger (docs/gates.md)."
+    )
+    return "\n".join(lines)
+
+
+def gate_summary(gate: Gate | None, baselines: Sequence[BaselineRates] = ()) -> str:
     """The gate's held-out rates at its threshold, in words an author can act on."""
     if gate is None:
         return "No gate: this category steers **every** prompt."
@@ -74,7 +96,7 @@ def gate_summary(gate: Gate | None) -> str:
         f"Gate (layer {gate.layer}, threshold {gate.threshold:.2f}): catches **{rates.catch_rate:.0%}** of held-out "
         f"harmful prompts ({rates.n_harmful}), fires on **{rates.false_positive_rate:.0%}** of held-out safe prompts "
         f"({rates.n_safe}){other}.{reads} Mode: {mode}."
-    )
+    ) + baselines_text(baselines, gate)
 
 
 def _gate(draft: Draft | None) -> tuple[Draft, Gate]:
@@ -105,7 +127,11 @@ def move_threshold(draft: Draft | None, threshold: float) -> tuple[Draft, Any, s
     draft, gate = _gate(draft)
     moved = gate.with_threshold(float(threshold))
     assert draft.vectors is not None
-    return replace(draft, vectors=draft.vectors.with_gate(moved)), gate_plot(moved), gate_summary(moved)
+    return (
+        replace(draft, vectors=draft.vectors.with_gate(moved)),
+        gate_plot(moved),
+        gate_summary(moved, draft.baselines),
+    )
 
 
 def set_mode(draft: Draft | None, mode: str) -> tuple[Draft, str]:
@@ -115,7 +141,7 @@ def set_mode(draft: Draft | None, mode: str) -> tuple[Draft, str]:
     draft, gate = _gate(draft)
     changed = gate.with_mode(check_mode(mode))
     assert draft.vectors is not None
-    return replace(draft, vectors=draft.vectors.with_gate(changed)), gate_summary(changed)
+    return replace(draft, vectors=draft.vectors.with_gate(changed)), gate_summary(changed, draft.baselines)
 
 
 def verdict_lines(names: Sequence[str], verdicts: Sequence[GateVerdict | None]) -> str:

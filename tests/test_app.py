@@ -76,6 +76,7 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
     recommended = layer  # a plain number, not a component update
     assert 7 <= recommended <= 19 and plot is not None and gate_plot is not None
     assert "catches **" in gate_text and "held-out safe prompts" in gate_text and "**gated**" in gate_text
+    assert "sentence embeddings (MiniLM), trained on the same examples" in gate_text  # what the gate adds
     calibrated = float(re.search(r"threshold (-?[\d.]+)", gate_text).group(1))
 
     from safesteer import generate

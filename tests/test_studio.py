@@ -69,6 +69,7 @@ def test_extract_preview_save_compare_rollback_export_import(app_env):
     steps = list(studio.extract(draft, "pruned", "residual", "last", 0.5))
     draft, figure, summary, layer, gate_figure, gate_text = steps[-1]
     assert draft.vectors.gate is not None and gate_figure.axes and "catches **" in gate_text
+    assert "word counts (TF-IDF), trained on the same examples" in gate_text and len(draft.baselines) == 2
     assert draft.vectors is not None and "Recommended layer" in summary
     assert layer == draft.vectors.recommended_layer  # a plain number for the API
     slider = studio.layer_slider(draft)

@@ -23,3 +23,18 @@ def test_gate_training_data_never_overlaps_what_measures_gates():
     framings = datasets.training_framings()
     assert len(framings) >= 8 and all(f.count("{prompt}") == 1 for f in framings)
     assert all(f.format(prompt="X").count("X") == 1 for f in framings)
+
+
+def test_baselines_are_measured_on_the_gates_own_held_out_prompts(tiny_lm):
+    from safesteer.text_gates import baseline_rates
+    from safesteer.vectors import ExtractionSettings, record_policy_gate
+    from tests.conftest import HARMFUL, SAFE
+
+    harmful, safe, others = HARMFUL * 3, SAFE * 3, [f"{p} Be specific." for p in HARMFUL]
+    gate = record_policy_gate(tiny_lm, harmful, safe, others, ExtractionSettings())
+    rates = baseline_rates(harmful, safe, others, seed=0, fpr=0.05)
+    assert [r.name for r in rates] == ["word counts (TF-IDF)", "sentence embeddings (MiniLM)"]
+    held = gate.rates()
+    for r in rates:
+        assert (r.n_harmful, r.n_safe) == (held.n_harmful, held.n_safe)
+        assert 0.0 <= r.catch_rate <= 1.0 and 0.0 <= r.false_positive_rate <= 1.0
