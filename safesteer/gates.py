@@ -342,6 +342,19 @@ def fit_logistic_all_layers(
     return center, scale, w.detach(), b.detach()
 
 
+def _gate_at(layer: int, fitted: tuple[torch.Tensor, ...], **fields: Any) -> Gate:
+    """The probe fitted at every layer (`fit_logistic_all_layers`), kept at `layer`, with its other fields."""
+    center, scale, w, b = fitted
+    return Gate(
+        layer=layer,
+        center=center[layer].clone(),
+        scale=scale[layer].clone(),
+        weights=w[layer].clone(),
+        bias=float(b[layer]),
+        **fields,
+    )
+
+
 def train_gate(
     harmful: torch.Tensor,
     safe: torch.Tensor,
@@ -395,14 +408,11 @@ def train_gate(
     held_out = {name: at_layer(acts) for name, acts in test.items()}
     test_negative = [v for name in ("safe", "other") for v in held_out.get(name, [])]
     test_auroc = float(auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(test_negative)[:, None])[0])
-    return Gate(
-        layer=layer,
+    return _gate_at(
+        layer,
+        (center, scale, w, b),
         site=site,
         token=token,
-        center=center[layer].clone(),
-        scale=scale[layer].clone(),
-        weights=w[layer].clone(),
-        bias=float(b[layer]),
         threshold=calibrated_threshold(calibration_scores, target_fpr),
         target_fpr=target_fpr,
         mode=mode,
@@ -501,14 +511,11 @@ def train_policy_gate(
     calibration_scores = {"calibration_safe": at_layer(calibration["safe"])}
     test_negative = held_out["safe"]
     test_auroc = float(auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(test_negative)[:, None])[0])
-    return Gate(
-        layer=layer,
+    return _gate_at(
+        layer,
+        (center, scale, w, b),
         site=site,
         token=token,
-        center=center[layer].clone(),
-        scale=scale[layer].clone(),
-        weights=w[layer].clone(),
-        bias=float(b[layer]),
         threshold=threshold_for(calibration_scores["calibration_safe"], target_fpr),
         target_fpr=target_fpr,
         mode=mode,

@@ -205,17 +205,3 @@ def test_models_list_every_servable_version_and_each_can_be_retrieved(server):
     assert client.models.retrieve("P").id == "P@2"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("P@3")
-
-
-def test_a_full_queue_says_when_to_retry(tiny_lm, tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from fastapi.testclient import TestClient
-
-    store = PolicyStore(f"sqlite:///{tmp_path / 'q.db'}")
-    app = create_app(tiny_lm, store, ServeSettings(max_queue=1, max_batch=1, max_wait_s=0.0))
-    body = {"model": "base", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 40}
-    with TestClient(app) as client, ThreadPoolExecutor(max_workers=6) as pool:
-        answers = list(pool.map(lambda _: client.post("/v1/chat/completions", json=body), range(6)))
-    refused = [r for r in answers if r.status_code == 429]
-    assert refused and all(r.headers.get("retry-after", "").isdigit() for r in refused)
