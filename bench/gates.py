@@ -41,7 +41,7 @@ from safesteer import SteeringSpec, datasets, generate, generate_side_by_side, l
 from safesteer.activations import record_activations
 from safesteer.models import generation_precision
 from safesteer.steering import read_gates
-from safesteer.vectors import ExtractionSettings, record_policy_gate, vectors_from_activations
+from safesteer.vectors import ExtractionSettings, PolicyGateSets, vectors_from_activations
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 AREAS = list(datasets.DONOTANSWER_AREAS)
@@ -94,13 +94,15 @@ def main() -> None:
     safe = datasets.benign_prompts()  # the built-in safe examples (never the held-out everyday part)
     acts = {area: record_activations(extractor, prompts) for area, prompts in harmful.items()}
     safe_acts = record_activations(extractor, safe)
-    categories = {}
-    for area in AREAS:  # each category's gate exactly as `extract --policy` trains it (gates.train_policy_gate)
-        others = [p for o in AREAS if o != area for p in harmful[o]]
-        gate = record_policy_gate(lm, harmful[area], safe, others, settings)
-        categories[area] = vectors_from_activations(
-            acts[area], safe_acts, settings, extractor.identity, area, gate=gate
+    # Each category's gate as `extract --policy` trains it: the policy's prompts recorded once by
+    # the reading model (every category sees the same pool), then one gate per category.
+    gate_sets = PolicyGateSets.record(lm, [p for area in AREAS for p in harmful[area]], safe, settings)
+    categories = {
+        area: vectors_from_activations(
+            acts[area], safe_acts, settings, extractor.identity, area, gate=gate_sets.gate_for(harmful[area], settings)
         )
+        for area in AREAS
+    }
     recorded_s = time.perf_counter() - started
 
     gates = [v.gate for v in categories.values()]

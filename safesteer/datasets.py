@@ -187,10 +187,9 @@ def training_framings() -> list[str]:
 
 
 def framed(prompts: Sequence[str], seed: int = 0) -> list[str]:
-    """Each prompt in one of the training framings, drawn reproducibly per prompt."""
+    """Each prompt in one of the training framings, drawn from the prompt itself and `seed`: the same everywhere."""
     framings = training_framings()
-    rng = random.Random(seed)
-    return [rng.choice(framings).format(prompt=p) for p in prompts]
+    return [random.Random(f"{seed}:{p}").choice(framings).format(prompt=p) for p in prompts]
 
 
 def split_heldout(prompts: list[str], heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -424,11 +424,10 @@ def train_gate(
 
 
 def train_policy_gate(
-    harmful: torch.Tensor,
+    pool: torch.Tensor,
+    own: torch.Tensor,
     safe: torch.Tensor,
-    others: torch.Tensor | None,
-    framed_harmful: torch.Tensor,
-    framed_others: torch.Tensor | None,
+    framed_pool: torch.Tensor,
     framed_safe: torch.Tensor,
     hard_negatives: torch.Tensor,
     *,
@@ -441,43 +440,33 @@ def train_policy_gate(
 ) -> Gate:
     """A policy gate from activations `[n, L, d]`: admits any of the policy's categories, routes by centroid.
 
-    `framed_*` are the same prompts, row for row, read in the training framings; `hard_negatives`
-    are edgy-but-benign prompts. Each group is split as `train_gate` splits (a framed prompt falls
-    on the side of its plain one); the layer is chosen by calibration AUROC of all positives against
-    all negatives, and the threshold fires on at most `target_fpr` of the calibration safe prompts.
+    `pool` holds every harmful prompt of the policy (`PolicyGateSets` orders it canonically) and
+    `own` marks this category's rows, so every category of a policy trains the same admission and
+    only its centroid differs. `framed_*` are the same prompts, row for row, in the training
+    framings; `hard_negatives` are edgy-but-benign prompts. The pool and the safe prompts are split
+    as `train_gate` splits (a framed prompt falls on the side of its plain one); the layer is chosen
+    by calibration AUROC of all positives against all negatives, and the threshold fires on at most
+    `target_fpr` of the calibration safe prompts.
     """
     check_fpr(target_fpr)
-    others = others if others is not None and others.shape[0] >= 3 else None
-    framed_others = framed_others if others is not None else None
-    for name, group, least in (("harmful", harmful, 3), ("safe", safe, 3)):
-        if group.shape[0] < least:
-            raise SafeSteerError(f"a gate needs at least {least} {name} prompts, got {group.shape[0]}")
-    for plain, dressed in ((harmful, framed_harmful), (safe, framed_safe), (others, framed_others)):
-        if plain is not None and (dressed is None or dressed.shape != plain.shape):
-            raise SafeSteerError("framed prompts must match their plain prompts row for row")
+    own = own.bool()
+    if int(own.sum()) < 3 or safe.shape[0] < 3:
+        raise SafeSteerError(
+            f"a gate needs at least 3 harmful and 3 safe prompts, got {int(own.sum())} and {safe.shape[0]}"
+        )
+    if framed_pool.shape != pool.shape or framed_safe.shape != safe.shape or own.shape[0] != pool.shape[0]:
+        raise SafeSteerError("framed prompts must match their plain prompts row for row")
     rng = random.Random(seed)
-    groups: dict[str, torch.Tensor] = {"harmful": harmful, "safe": safe}
-    if others is not None:
-        groups["other"] = others
-    framed: dict[str, torch.Tensor] = {"harmful": framed_harmful, "safe": framed_safe}
-    if others is not None and framed_others is not None:
-        framed["other"] = framed_others
-    splits = {name: _three_way(int(acts.shape[0]), rng) for name, acts in groups.items()}
+    pool_split, safe_split = _three_way(pool.shape[0], rng), _three_way(safe.shape[0], rng)
     n_hard_cal = round(hard_negatives.shape[0] * HARD_NEGATIVE_CALIBRATION)
-    hard = {"train": hard_negatives[n_hard_cal:].float(), "calibration": hard_negatives[:n_hard_cal].float()}
+    hard = (hard_negatives[n_hard_cal:].float(), hard_negatives[:n_hard_cal].float())
 
-    def part(index: int, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: source[name][splits[name][index]].float() for name in groups}
+    def sides(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, safe_rows = pool_split[index], safe_split[index]
+        positives = torch.cat([pool[rows], framed_pool[rows]]).float()
+        return positives, torch.cat([safe[safe_rows].float(), framed_safe[safe_rows].float(), hard[index]])
 
-    train, calibration, test = part(0, groups), part(1, groups), part(2, groups)
-    framed_train, framed_calibration = part(0, framed), part(1, framed)
-    positive_names = [n for n in ("harmful", "other") if n in groups]
-
-    def sides(plain: dict[str, torch.Tensor], dressed: dict[str, torch.Tensor], edgy: torch.Tensor):
-        positives = [plain[n] for n in positive_names] + [dressed[n] for n in positive_names]
-        return torch.cat(positives), torch.cat([plain["safe"], dressed["safe"], edgy])
-
-    positives, negatives = sides(train, framed_train, hard["train"])
+    positives, negatives = sides(0)
     x = torch.cat([positives, negatives])
     y = torch.cat([torch.ones(positives.shape[0]), torch.zeros(negatives.shape[0])])
     weight = torch.cat(
@@ -489,28 +478,32 @@ def train_policy_gate(
     center, scale, w, b = fit_logistic_all_layers(x, y, weight, POLICY_PENALTY)
 
     def scores(acts: torch.Tensor) -> torch.Tensor:  # [n, L]
-        return torch.einsum("nld,ld->nl", (acts - center) / scale, w) + b
+        return torch.einsum("nld,ld->nl", (acts.float() - center) / scale, w) + b
 
-    cal_positive, cal_negative = sides(calibration, framed_calibration, hard["calibration"])
+    cal_positive, cal_negative = sides(1)
     layer_auroc = auroc(scores(cal_positive), scores(cal_negative))
     layer = int(layer_auroc.argmax())
+
+    def rows_of(index: int, mine: bool) -> list[int]:
+        return [i for i in pool_split[index] if bool(own[i]) == mine]
 
     def at_layer(acts: torch.Tensor) -> list[float]:
         return scores(acts)[:, layer].tolist()
 
-    centroid = train["harmful"][:, layer].mean(0)
-    held_out = {name: at_layer(acts) for name, acts in test.items()}
-    if "other" in test:  # would routing send another category's held-out prompt here? (against their centroid)
-        others_centroid = train["other"][:, layer].mean(0)
+    centroid = pool[rows_of(0, True)][:, layer].float().mean(0)
+    held_out = {"harmful": at_layer(pool[rows_of(2, True)]), "safe": at_layer(safe[safe_split[2]])}
+    others_train, others_test = rows_of(0, False), rows_of(2, False)
+    if len(others_train) >= 3 and others_test:  # would routing send another category's prompt here?
+        others_centroid = pool[others_train][:, layer].float().mean(0)
+        features = pool[others_test][:, layer].float()
 
-        def distance(acts: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
-            return (((acts - to) / scale[layer]) ** 2).mean(-1)
+        def distance(to: torch.Tensor) -> torch.Tensor:
+            return (((features - to) / scale[layer]) ** 2).mean(-1)
 
-        here = distance(test["other"][:, layer], centroid) < distance(test["other"][:, layer], others_centroid)
-        held_out["other_routed"] = here.float().tolist()
-    calibration_scores = {"calibration_safe": at_layer(calibration["safe"])}
-    test_negative = held_out["safe"]
-    test_auroc = float(auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(test_negative)[:, None])[0])
+        held_out["other"] = at_layer(pool[others_test])
+        held_out["other_routed"] = (distance(centroid) < distance(others_centroid)).float().tolist()
+    calibration_scores = {"calibration_safe": at_layer(safe[safe_split[1]])}
+    test_auroc = float(auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(held_out["safe"])[:, None])[0])
     return _gate_at(
         layer,
         (center, scale, w, b),

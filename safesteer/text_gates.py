@@ -69,25 +69,23 @@ def baseline_rates(
 ) -> list[BaselineRates]:
     """TF-IDF and MiniLM classifiers on a policy gate's own splits (`gates.train_policy_gate`, same seed).
 
-    Fit on the split's training prompts (the category's and the other categories' against the safe
-    ones, plain text), thresholds on its calibration safe prompts at `fpr`, measured on its held-out
-    prompts: the figures an author can put beside the gate's.
+    Fit on the split's training prompts (the policy's harmful prompts against the safe ones, plain
+    text), thresholds on its calibration safe prompts at `fpr`, measured on its held-out prompts:
+    the figures an author can put beside the gate's.
     """
     from .gates import _three_way, fit_logistic_all_layers, threshold_for
     from .metrics import embed
+    from .vectors import canonical_safe, policy_pool
 
+    pool, safe_prompts = policy_pool(harmful, others), canonical_safe(safe)
     rng = random.Random(seed)
-    groups: dict[str, list[str]] = {"harmful": list(harmful), "safe": list(safe)}
-    if len(others) >= 3:
-        groups["other"] = list(others)
-    splits = {name: _three_way(len(texts), rng) for name, texts in groups.items()}
-
-    def part(name: str, index: int) -> list[str]:
-        return [groups[name][i] for i in splits[name][index]]
-
-    positives = part("harmful", 0) + (part("other", 0) if "other" in groups else [])
-    negatives = part("safe", 0)
-    held_harmful, held_safe, calibration_safe = part("harmful", 2), part("safe", 2), part("safe", 1)
+    pool_split, safe_split = _three_way(len(pool), rng), _three_way(len(safe_prompts), rng)
+    mine = set(harmful)
+    positives = [pool[i] for i in pool_split[0]]
+    negatives = [safe_prompts[i] for i in safe_split[0]]
+    held_harmful = [pool[i] for i in pool_split[2] if pool[i] in mine]
+    held_safe = [safe_prompts[i] for i in safe_split[2]]
+    calibration_safe = [safe_prompts[i] for i in safe_split[1]]
     vocabulary = tfidf_vocabulary(positives + negatives)
     readers = {
         "word counts (TF-IDF)": lambda texts: tfidf_features(texts, vocabulary),

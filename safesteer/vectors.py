@@ -450,6 +450,64 @@ def distinct_others(harmful: Sequence[str], safe: Sequence[str], others: Sequenc
     return [p for p in dict.fromkeys(others) if p not in own]
 
 
+def policy_pool(harmful: Sequence[str], others: Sequence[str]) -> list[str]:
+    """Every harmful prompt of a policy once, in one order whichever category is asking: they share a gate."""
+    return sorted(set(harmful) | set(others))
+
+
+def canonical_safe(safe: Sequence[str]) -> list[str]:
+    return sorted(set(safe))
+
+
+@dataclass
+class PolicyGateSets:
+    """What a policy's gates learn from, recorded once by the model that reads them (token: mean).
+
+    Every category of the policy trains its gate from the same recordings, so all of them admit the
+    same requests; only the routing centroid differs (`gates.train_policy_gate`).
+    """
+
+    pool: list[str]
+    safe: list[str]
+    activations: dict[str, torch.Tensor]
+    precision: str
+
+    @classmethod
+    def record(
+        cls,
+        gate_lm: LoadedModel,
+        harmful: Sequence[str],
+        safe: Sequence[str],
+        settings: ExtractionSettings,
+        progress: ProgressCallback | None = None,
+        span: tuple[float, float] = (0.0, 1.0),
+    ) -> PolicyGateSets:
+        """`harmful`: every harmful prompt of the policy. Each is read plain and in one training framing."""
+        pool, safe_prompts = policy_pool(harmful, ()), canonical_safe(safe)
+        names = ("pool", "safe", "framed_pool", "framed_safe", "edgy")
+        edgy = edgy_benign_prompts(part="training")
+        sets = [pool, safe_prompts, framed(pool, settings.seed), framed(safe_prompts, settings.seed), edgy]
+        recorded = _record_sets(gate_lm, sets, settings, progress, span, token="mean")
+        return cls(pool, safe_prompts, dict(zip(names, recorded, strict=True)), gate_lm.identity.precision)
+
+    def gate_for(self, own: Sequence[str], settings: ExtractionSettings) -> Gate:
+        mine = set(own)
+        a = self.activations
+        return train_policy_gate(
+            a["pool"],
+            torch.tensor([p in mine for p in self.pool]),
+            a["safe"],
+            a["framed_pool"],
+            a["framed_safe"],
+            a["edgy"],
+            site=settings.site,
+            token="mean",
+            target_fpr=settings.gate_fpr,
+            seed=settings.seed,
+            precision=self.precision,
+        )
+
+
 def record_policy_gate(
     gate_lm: LoadedModel,
     harmful: Sequence[str],
@@ -459,35 +517,9 @@ def record_policy_gate(
     progress: ProgressCallback | None = None,
     span: tuple[float, float] = (0.0, 1.0),
 ) -> Gate:
-    """Record what a policy gate learns from, with the model that will read it, and train it.
-
-    The prompts are read plain and in the project's training framings, each framing drawn per
-    prompt with the extraction's seed; edgy-but-benign training prompts are the hard negatives.
-    """
-    sets: list[Sequence[str]] = [
-        harmful,
-        safe,
-        framed(harmful, settings.seed),
-        framed(safe, settings.seed + 1),
-        edgy_benign_prompts(part="training"),
-    ]
-    if others:
-        sets += [others, framed(others, settings.seed + 2)]
-    recorded = _record_sets(gate_lm, sets, settings, progress, span, token="mean")
-    return train_policy_gate(
-        recorded[0],
-        recorded[1],
-        recorded[5] if others else None,
-        recorded[2],
-        recorded[6] if others else None,
-        recorded[3],
-        recorded[4],
-        site=settings.site,
-        token="mean",
-        target_fpr=settings.gate_fpr,
-        seed=settings.seed,
-        precision=gate_lm.identity.precision,
-    )
+    """Record what the category's policy gate learns from, with the model that will read it, and train it."""
+    sets = PolicyGateSets.record(gate_lm, [*harmful, *others], safe, settings, progress, span)
+    return sets.gate_for(harmful, settings)
 
 
 def extract_vectors(

@@ -210,30 +210,20 @@ def test_repeated_prompts_are_read_once_with_the_same_result(tiny_lm):
 
 def _routed_gate(lm, own, others, seed=0):
     """A policy gate on the tiny model: its own prompts and the other category's, against the safe ones."""
-    from safesteer.datasets import edgy_benign_prompts, framed
-    from safesteer.gates import train_policy_gate
+    from safesteer.vectors import ExtractionSettings, record_policy_gate
 
-    def acts(prompts):
-        return record_activations(lm, list(prompts), token="mean")
-
-    safe = SAFE * 2
-    return train_policy_gate(
-        acts(own),
-        acts(safe),
-        acts(others),
-        acts(framed(own)),
-        acts(framed(others)),
-        acts(framed(safe)),
-        acts(edgy_benign_prompts(part="training", limit=12)),
-        seed=seed,
-    )
+    return record_policy_gate(lm, own, SAFE * 2, others, ExtractionSettings(seed=seed))
 
 
 def test_a_policy_gate_admits_any_category_and_routes_each_prompt_to_one(tiny_lm):
     from safesteer.steering import decide_rows
 
-    first, second = HARMFUL[:4] * 2, HARMFUL[4:] * 2
-    gate_a, gate_b = _routed_gate(tiny_lm, first, second), _routed_gate(tiny_lm, second, first, seed=1)
+    endings = ("", " Now.", " Quickly please.", " Step by step.")
+    first = [p + e for p in HARMFUL[:4] for e in endings]
+    second = [p + e for p in HARMFUL[4:] for e in endings]
+    gate_a, gate_b = _routed_gate(tiny_lm, first, second), _routed_gate(tiny_lm, second, first)
+    assert torch.equal(gate_a.weights, gate_b.weights) and gate_a.threshold == gate_b.threshold  # one admission
+    assert not torch.equal(gate_a.centroid, gate_b.centroid)
     assert gate_a.routed and gate_a.token == "mean" and "other_routed" in gate_a.scores
     gates = [gate_a, gate_b]
     batch = tiny_lm.encode(HARMFUL + SAFE)
@@ -254,7 +244,7 @@ def test_a_policy_gate_admits_any_category_and_routes_each_prompt_to_one(tiny_lm
 def test_a_routed_gate_survives_the_round_trip_and_older_readers_refuse_it(tiny_lm):
     import json
 
-    gate = _routed_gate(tiny_lm, HARMFUL[:4] * 2, HARMFUL[4:] * 2)
+    gate = _routed_gate(tiny_lm, [*HARMFUL[:4], *(f"{p} Now." for p in HARMFUL[:4])], HARMFUL[4:])
     back = Gate.from_bytes(gate.to_bytes())
     assert torch.equal(back.centroid, gate.centroid) and back.routed and back.scores == gate.scores
     assert (
