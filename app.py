@@ -37,9 +37,10 @@ SITE_HELP = (
     "**attention**: only the attention block's output, as in the papers."
 )
 GATE_HELP = (
-    "**Gate**: a small classifier trained with the vectors on the same activations decides, per request, "
-    "whether it belongs to this category; only then is it steered, so everyday requests are answered as "
-    "before. Its rates below are measured on prompts it never trained on."
+    "**Gate**: a small classifier on the model's own reading of the prompt decides, per request, whether "
+    "it is one of the policy's harm categories (also when dressed up in role-play); the closest category "
+    "then steers it, and everyday requests are answered as before. Its rates below are measured on "
+    "prompts it never trained on, beside simple text classifiers trained on the same examples."
 )
 EXPORT_FORMATS = [(f.label, f.key) for f in workflows.EXPORT_FORMATS.values()]  # shown label, API value
 
