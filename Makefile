@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TEST_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 PARALLEL := -n auto --dist loadfile
 
-.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-judges bench-gates bench-gate-study bench-serve bench-gpu bench-peers clean
+.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-judges bench-gates bench-gate-study soak bench-serve bench-gpu bench-peers clean
 
 # Installs from the locks (requirements.txt, requirements-dev.txt: exact pins made by `make lock`).
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
@@ -98,6 +98,10 @@ bench-gates: install
 # Activation gates against text classifiers fit on the same examples (docs/gate-study.json, docs/gates.md).
 bench-gate-study: install
 	HF_HUB_OFFLINE=1 $(PY) bench/gate_study.py --report-test
+
+# The policy server soaked for two minutes on loopback: timeouts, hang-ups, long and short requests mixed.
+soak: install
+	HF_HUB_OFFLINE=1 SAFESTEER_SOAK_S=120 $(PY) -m pytest -q -s tests/test_server_soak.py
 
 # The policy server under 8 concurrent clients vs one at a time (docs/serving.md).
 bench-serve: install
