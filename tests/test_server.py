@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,7 +12,7 @@ import pytest
 from db import PolicyStore
 from safesteer.batching import Job, answer_alone
 from server import ServeSettings, create_app
-from tests.conftest import HARMFUL, SAFE, free_port
+from tests.conftest import HARMFUL, SAFE, serving
 from tests.policy_factory import category
 
 KEY = "test-key-2"
@@ -22,26 +20,14 @@ KEY = "test-key-2"
 
 @pytest.fixture(scope="module")
 def served(tiny_lm, tmp_path_factory):
-    import uvicorn
-
     store = PolicyStore(f"sqlite:///{tmp_path_factory.mktemp('serve') / 'p.db'}")
     identity = tiny_lm.identity
     store.save_version("alpha", [category("weapons", identity=identity, strength=4.0)], author="ann")
     store.save_version("beta", [category("fraud", seed=3, identity=identity, layer=2, strength=3.0)], author="ann")
     settings = ServeSettings(api_keys=("test-key-1", KEY), max_tokens_limit=64, max_wait_s=0.05, audit=True)
     app = create_app(tiny_lm, store, settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    yield url, store, app
-    server.should_exit = True
-    thread.join(30)
+    with serving(app) as url:
+        yield url, store, app
 
 
 def _client(url, key=KEY):

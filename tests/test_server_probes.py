@@ -7,7 +7,6 @@ batching worker, plain-text 500s for odd bytes, forged chat turns, settings acce
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 from db import PolicyStore
 from safesteer.batching import Job, answer_alone
 from server import ServeSettings, create_app
-from tests.conftest import HARMFUL, SAFE, free_port
+from tests.conftest import HARMFUL, SAFE, serving
 from tests.policy_factory import category
 
 KEY = "probe-key"
@@ -26,24 +25,13 @@ HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def server(tiny_lm, tmp_path_factory):
-    import uvicorn
-
     store = PolicyStore(f"sqlite:///{tmp_path_factory.mktemp('probes') / 'p.db'}")
     store.save_version("P", [category("weapons", identity=tiny_lm.identity, strength=4.0)], author="ann")
     store.save_version("P", [category("weapons", identity=tiny_lm.identity, strength=2.0)], author="ann")
     settings = ServeSettings(api_keys=(KEY,), max_tokens_limit=400, max_wait_s=0.02)
     app = create_app(tiny_lm, store, settings)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", settings, app
-    uv.should_exit = True
-    thread.join(30)
+    with serving(app) as url:
+        yield url, settings, app
 
 
 def _client(url: str) -> openai.OpenAI:

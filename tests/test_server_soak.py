@@ -19,7 +19,7 @@ import pytest
 
 from db import PolicyStore
 from server import ServeSettings, create_app
-from tests.conftest import HARMFUL, SAFE, free_port
+from tests.conftest import HARMFUL, SAFE, serving
 from tests.policy_factory import category
 
 SOAK_S = float(os.environ.get("SAFESTEER_SOAK_S", "20"))
@@ -28,23 +28,12 @@ CLIENTS = 6
 
 @pytest.fixture(scope="module")
 def soaked_server(tiny_lm, tmp_path_factory):
-    import uvicorn
-
     store = PolicyStore(f"sqlite:///{tmp_path_factory.mktemp('soak') / 'p.db'}")
     store.save_version("P", [category("weapons", identity=tiny_lm.identity, strength=4.0)], author="ann")
     settings = ServeSettings(max_tokens_limit=400, max_wait_s=0.01, timeout_s=0.6, max_queue=32)
     app = create_app(tiny_lm, store, settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    server.should_exit = True
-    thread.join(30)
+    with serving(app) as url:
+        yield url, app
 
 
 def _client_loop(url: str, seed: int, until: float, outcomes: Counter, lock: threading.Lock) -> None:
