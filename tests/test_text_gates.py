@@ -38,3 +38,15 @@ def test_baselines_are_measured_on_the_gates_own_held_out_prompts(tiny_lm):
     for r in rates:
         assert (r.n_harmful, r.n_safe) == (held.n_harmful, held.n_safe)
         assert 0.0 <= r.catch_rate <= 1.0 and 0.0 <= r.false_positive_rate <= 1.0
+
+
+def test_the_preview_says_when_another_category_lay_closer():
+    from safesteer.generation import GateVerdict
+    from studio.gating import verdict_lines
+
+    lines = verdict_lines(
+        ["fraud", "hacking", "cooking"],
+        [GateVerdict(2.0, 1.0, True), GateVerdict(1.5, 1.0, False), GateVerdict(-3.0, 1.0, False)],
+    ).splitlines()
+    assert "**fired**" in lines[0] and "steered" in lines[0]
+    assert "another category lies closer" in lines[1] and "did not fire" in lines[2]
