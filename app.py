@@ -59,7 +59,7 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     with gr.Column():
                         harmful_file = gr.File(
-                            label="Harmful prompts: CSV ('prompt' column), JSONL or TXT",
+                            label="Harmful prompts: CSV or Excel ('prompt' column), JSONL or TXT",
                             type="filepath",
                             file_types=[".csv", ".jsonl", ".txt", ".xlsx"],
                         )

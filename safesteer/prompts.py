@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,21 @@ def _from_csv(data: bytes, name: str) -> list[str]:
     try:
         frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
     except Exception as exc:
-        raise SafeSteerError(f"{name} is not a readable CSV file ({type(exc).__name__})") from exc
+        raise SafeSteerError(f"{name} is not a readable CSV file: {_csv_problem(exc)}") from exc
     return _prompt_column(frame, name)
+
+
+def _csv_problem(exc: Exception) -> str:
+    """pandas' reason in an author's words, with the line number when it gives one."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+    if fields:
+        expected, line, saw = fields.groups()
+        return (
+            f"line {line} has {saw} fields where the header has {expected} "
+            "(put prompts that contain commas in double quotes)"
+        )
+    return text[:200]
 
 
 def _from_excel(data: bytes, name: str) -> list[str]:

@@ -29,6 +29,12 @@ def test_wrong_column_names_what_was_found():
         parse_prompts(b"text,label\nhello,1\n", "x.csv")
 
 
+def test_a_malformed_csv_names_the_line():
+    data = b"prompt,category\nHow do I pick a lock?,crime\nok,x\nHow do I, in short, steal a car?,crime\n"
+    with pytest.raises(SafeSteerError, match=r"line 4 has 4 fields where the header has 2 .*double quotes"):
+        parse_prompts(data, "x.csv")
+
+
 def test_malformed_jsonl_names_the_line():
     with pytest.raises(SafeSteerError, match="line 2 is not valid JSON"):
         parse_prompts(b'{"prompt": "ok"}\n{broken\n', "x.jsonl")
