@@ -23,7 +23,7 @@ from gates import WRAPPERS, phrasings
 
 from safesteer import datasets, load_model
 from safesteer.activations import record_activations
-from safesteer.gates import SPLIT, auroc, fit_logistic_all_layers, threshold_for
+from safesteer.gates import SPLIT, auroc, fit_two_sides, threshold_for
 from safesteer.models import generation_precision
 from safesteer.text_gates import tfidf_features, tfidf_vocabulary
 
@@ -108,12 +108,9 @@ class Reader:
         self.name, self.features = name, features
         pos, neg = features(train[0]).float(), features(train[1]).float()
         cal_pos, cal_neg = features(cal[0]).float(), features(cal[1]).float()
-        x = torch.cat([pos, neg])
-        y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
-        weight = torch.cat([torch.full((len(pos),), 0.5 / len(pos)), torch.full((len(neg),), 0.5 / len(neg))])
         best = None
         for penalty in PENALTIES:
-            center, scale, w, b = fit_logistic_all_layers(x, y, weight, penalty)
+            center, scale, w, b = fit_two_sides(pos, neg, penalty)
             score = lambda a, c=center, s=scale, w=w, b=b: torch.einsum("nld,ld->nl", (a - c) / s, w) + b  # noqa: E731
             per_layer = auroc(score(cal_pos), score(cal_neg))
             layer = int(per_layer.argmax())

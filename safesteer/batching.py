@@ -290,8 +290,9 @@ class Batcher:
                 if readings and readings[0].fired[row][position]:
                     fired[row].append(name)
         for row, job in enumerate(jobs):
-            text, stopped = job.visible(self.lm.tokenizer.decode(job.ids, skip_special_tokens=True))
-            text = text if stopped else self.lm.tokenizer.decode(job.ids, skip_special_tokens=True)
+            whole = self.lm.tokenizer.decode(job.ids, skip_special_tokens=True)
+            text, stopped = job.visible(whole)
+            text = text if stopped else whole  # held-back text that did not become a stop string is shown
             length = len(job.ids) >= job.max_new_tokens and not stopped
             if text != job.text:
                 job.deltas.put(text[len(job.text) :] if text.startswith(job.text) else text)
@@ -308,9 +309,8 @@ class Batcher:
 
 def answer_alone(lm: LoadedModel, job: Job) -> str:
     """What one job gets without batching (the reference the batcher must match)."""
-    ids = generate_ids(lm, [job.prompt], list(job.specs), max_new_tokens=job.max_new_tokens, sampling=[job.sampling])[
-        0
-    ].tolist()
+    new = generate_ids(lm, [job.prompt], list(job.specs), max_new_tokens=job.max_new_tokens, sampling=[job.sampling])
+    ids = new[0].tolist()
     eos = set(_eos_ids(lm))
     kept: list[Any] = []
     for token in ids:

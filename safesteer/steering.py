@@ -248,20 +248,18 @@ class SteeringState:
         self.generation += 1
 
     def _given(self, index: int, rows: int) -> tuple[float, ...]:
+        """Spec `index`'s strength for each of `rows` rows, before its gate decides."""
         given = self.specs[index].strengths()
         return given * rows if len(given) == 1 else given
 
     def strengths(self, index: int, rows: int) -> tuple[float, ...]:
         """Spec `index`'s strength per row (or one for all), zero for rows its gate did not fire on."""
-        spec = self.specs[index]
-        given = spec.strengths()
         if index not in self.gated:
-            return given
+            return self.specs[index].strengths()
         if self.fired is None or len(self.fired) != rows:
             raise SafeSteerError("a gated steering vector was applied before its gate was read for this batch")
         k = self.gated.index(index)
-        per_row = given * rows if len(given) == 1 else given
-        return tuple(s if fired[k] else 0.0 for s, fired in zip(per_row, self.fired, strict=True))
+        return tuple(s if fired[k] else 0.0 for s, fired in zip(self._given(index, rows), self.fired, strict=True))
 
 
 def _shift_hook(block: int, index: int, part: int, state: SteeringState):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -73,13 +72,12 @@ def baseline_rates(
     text), thresholds on its calibration safe prompts at `fpr`, measured on its held-out prompts:
     the figures an author can put beside the gate's.
     """
-    from .gates import _three_way, fit_logistic_all_layers, threshold_for
+    from .gates import fit_two_sides, policy_splits, threshold_for
     from .metrics import embed
     from .vectors import canonical_safe, policy_pool
 
     pool, safe_prompts = policy_pool(harmful, others), canonical_safe(safe)
-    rng = random.Random(seed)
-    pool_split, safe_split = _three_way(len(pool), rng), _three_way(len(safe_prompts), rng)
+    pool_split, safe_split = policy_splits(len(pool), len(safe_prompts), seed)
     mine = set(harmful)
     positives = [pool[i] for i in pool_split[0]]
     negatives = [safe_prompts[i] for i in safe_split[0]]
@@ -93,12 +91,8 @@ def baseline_rates(
     }
     results = []
     for name, features in readers.items():
-        x = torch.cat([features(positives), features(negatives)])[:, None, :]
-        y = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
-        weight = torch.cat(
-            [torch.full((len(positives),), 0.5 / len(positives)), torch.full((len(negatives),), 0.5 / len(negatives))]
-        )
-        center, scale, w, b = fit_logistic_all_layers(x, y, weight, BASELINE_PENALTIES[name])
+        sides = (features(positives)[:, None, :], features(negatives)[:, None, :])
+        center, scale, w, b = fit_two_sides(*sides, BASELINE_PENALTIES[name])
 
         def scores(texts: list[str], f=features, c=center, s=scale, w=w, b=b) -> list[float]:
             return ((((f(texts) - c[0]) / s[0]) @ w[0]) + b[0]).tolist()

@@ -456,6 +456,7 @@ def policy_pool(harmful: Sequence[str], others: Sequence[str]) -> list[str]:
 
 
 def canonical_safe(safe: Sequence[str]) -> list[str]:
+    """A category's safe prompts once each, in one order: categories with the same safe prompts share a gate."""
     return sorted(set(safe))
 
 
