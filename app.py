@@ -28,6 +28,9 @@ export it as a versioned **policy**.
 """
 
 METHOD_HELP = (
+    "**answers**: the model answers the category's harmful prompts twice, once asked to refuse (or to redirect) "
+    "and once asked to comply; the vector points from its complying answers to its safe ones. It takes about a "
+    "minute more and is the method measured to make steered answers safer. "
     "**mean-diff**: the direction from the harmful prompts' average to the safe prompts' average. "
     "**pruned**: the same, using only the harmful examples that show the category most strongly "
     "(often keeps answers more fluent)."
@@ -80,10 +83,16 @@ def build_app() -> gr.Blocks:
             with gr.Tab("2 · Extract"):
                 with gr.Row():
                     method = gr.Radio(
-                        ["mean-diff", "pruned"],
-                        value="pruned",
+                        ["answers", "mean-diff", "pruned"],
+                        value="answers",
                         label="Method",
-                        info="Guided vectors: label answers in 5 · Evaluate, then compute them there.",
+                        info="answers: from the model's own answers (the default; measured to make answers safer)",
+                    )
+                    target = gr.Radio(
+                        ["refuse", "redirect"],
+                        value="refuse",
+                        label="Steer toward",
+                        info="refuse: decline the harmful request; redirect: a safe on-topic answer without refusing",
                     )
                     site = gr.Radio(list(SITES), value="residual", label="Where to steer")
                     token = gr.Radio(
@@ -271,13 +280,13 @@ def build_app() -> gr.Blocks:
         )
         extract_button.click(
             studio.user_errors(studio.extract),
-            [draft, method, site, token, prune, gate_mode, gate_fpr, policy],
+            [draft, method, site, token, prune, gate_mode, gate_fpr, policy, target],
             [draft, separation, extract_summary, layer, gate_scores, gate_text],
             api_name="extract",
             concurrency_limit=1,
         ).then(studio.layer_slider, draft, layer, api_visibility="private").then(
-            studio.threshold_slider, draft, gate_threshold, api_visibility="private"
-        )
+            studio.suggested_controls, draft, [strength, steer_where, steer_how, steer_spread], api_visibility="private"
+        ).then(studio.threshold_slider, draft, gate_threshold, api_visibility="private")
         gate_threshold.release(
             studio.user_errors(studio.move_threshold),
             [draft, gate_threshold],

@@ -24,6 +24,9 @@ from safesteer import SteeringSpec, datasets, extract_vectors, generate, load_mo
 from safesteer.checkpoints import embedded_gguf_path, prepare_gguf
 from safesteer.llama_cpp import export_llama_cpp
 from safesteer.policy import PolicyCategory, PolicyVersion
+from safesteer.vectors import ExtractionSettings
+
+PROMPT_VECTORS = ExtractionSettings(method="mean-diff")  # what these figures have always timed: prompt vectors
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -82,11 +85,13 @@ def measure_ours(
     lm = load_model(None, precision)  # type: ignore[arg-type]
     figures: dict = {}
     label = precision if decoder == "auto" else f"{precision}_{decoder}"
-    extract_vectors(lm, harmful[:8], safe[:8])  # warm-up
+    extract_vectors(lm, harmful[:8], safe[:8], PROMPT_VECTORS)  # warm-up
     if decoder == "auto":
-        figures[f"extraction_s_{label}"], vectors = timed(lambda: extract_vectors(lm, harmful, safe), REPEATS)
+        figures[f"extraction_s_{label}"], vectors = timed(
+            lambda: extract_vectors(lm, harmful, safe, PROMPT_VECTORS), REPEATS
+        )
     else:
-        vectors = extract_vectors(lm, harmful, safe)
+        vectors = extract_vectors(lm, harmful, safe, PROMPT_VECTORS)
     spec = SteeringSpec(vectors.vector(layer), layer, STRENGTH)
     both = SteeringSpec(spec.vector, layer, (0.0, STRENGTH))
     preview = harmful[0]

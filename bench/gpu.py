@@ -39,6 +39,8 @@ from safesteer.models import forget_loaded_models
 from safesteer.synthetic import SHAPES, build_model_folder
 from safesteer.vectors import ExtractionSettings
 
+PROMPT_VECTORS = ExtractionSettings(method="mean-diff")  # what these figures have always timed: prompt vectors
+
 GiB = 1024**3
 
 
@@ -172,7 +174,7 @@ def measure(
     extraction: dict[str, Any] = {}
     vectors = None
     for batch_size in args.extraction_batches:
-        settings = ExtractionSettings(batch_size=batch_size)
+        settings = ExtractionSettings(method="mean-diff", batch_size=batch_size)
         extract_vectors(lm, harmful[:8], safe[:8], settings)  # warm-up
         samples = []
         for _ in range(args.repeats):
@@ -180,7 +182,7 @@ def measure(
             samples.append(seconds)
         timing = summary(samples)
         extraction[f"batch_{batch_size}"] = {**timing, "prompts_per_s": 2 * n / timing["median"]}
-    vectors = extract_vectors(lm, harmful[:16], safe[:16])
+    vectors = extract_vectors(lm, harmful[:16], safe[:16], PROMPT_VECTORS)
     result["extraction"] = {"prompts": 2 * n, "layers": vectors.n_layers, **extraction}
 
     layer = vectors.n_layers // 2

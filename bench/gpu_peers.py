@@ -19,6 +19,8 @@ from safesteer import SteeringSpec, extract_vectors
 from safesteer.generation import generate_ids
 from safesteer.vectors import ExtractionSettings
 
+PROMPT_VECTORS = ExtractionSettings(method="mean-diff")  # what these figures have always timed: prompt vectors
+
 
 def compare(lm, harmful: list[str], safe: list[str], args) -> dict[str, Any]:
     """Extraction (all layers, last token, mean difference) and steered decode: ours vs the peers."""
@@ -40,7 +42,7 @@ def compare(lm, harmful: list[str], safe: list[str], args) -> dict[str, Any]:
         return summary([clock.time(fn) for _ in range(args.repeats)])
 
     for batch in args.extraction_batches:
-        settings = ExtractionSettings(batch_size=batch)
+        settings = ExtractionSettings(method="mean-diff", batch_size=batch)
         out[f"safesteer_batch_{batch}_s"] = repeat(lambda s=settings: extract_vectors(lm, harmful, safe, s))
     for batch in args.extraction_batches:
         out[f"steering_vectors_batch_{batch}_s"] = repeat(
@@ -67,7 +69,7 @@ def compare(lm, harmful: list[str], safe: list[str], args) -> dict[str, Any]:
     fastest_peer = min(v["median"] for k, v in out.items() if k.startswith(("steering_vectors_", "repeng_")))
     out["extraction_speedup_vs_fastest_peer"] = fastest_peer / ours
 
-    vectors = extract_vectors(lm, harmful[:16], safe[:16])
+    vectors = extract_vectors(lm, harmful[:16], safe[:16], PROMPT_VECTORS)
     layer = n_layers // 2
     vector = vectors.vector(layer)
     spec = SteeringSpec(vector, layer, args.strength)

@@ -40,7 +40,11 @@ def main() -> None:
     extractor = load_model(None, "nf4")
     train, heldout = datasets.split_heldout(datasets.harmful_prompts("malicious-uses"), 40, seed=5)
     vectors = extract_vectors(
-        extractor, train, datasets.benign_prompts(limit=160), ExtractionSettings(gate=False), "malicious-uses"
+        extractor,
+        train,
+        datasets.benign_prompts(limit=160),
+        ExtractionSettings(method="mean-diff", gate=False),
+        "malicious-uses",
     )
     lm = load_model(None, generation_precision("nf4"))
     rng = random.Random(11)

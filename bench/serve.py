@@ -28,7 +28,10 @@ from db import PolicyStore
 from safesteer import datasets, extract_vectors, load_model
 from safesteer.models import generation_precision
 from safesteer.policy import PolicyCategory
+from safesteer.vectors import ExtractionSettings
 from server import ServeSettings, create_app
+
+PROMPT_VECTORS = ExtractionSettings(method="mean-diff")  # what these figures have always timed: prompt vectors
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -51,7 +54,7 @@ def main() -> None:
 
     lm = load_model(None, args.precision or generation_precision("nf4"))
     harmful = datasets.harmful_prompts("malicious-uses")
-    vectors = extract_vectors(lm, harmful[:48], datasets.benign_prompts(limit=96), category="malicious-uses")
+    vectors = extract_vectors(lm, harmful[:48], datasets.benign_prompts(limit=96), PROMPT_VECTORS, "malicious-uses")
     layer = vectors.recommended_layer
     store = PolicyStore(f"sqlite:///{tempfile.mkdtemp()}/serve.db")
     safe = datasets.benign_prompts(limit=96)

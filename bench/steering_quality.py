@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from builtin import builtin_category
 
-from safesteer import datasets, extract_vectors, load_model
+from safesteer import datasets, load_model
 from safesteer.evaluation import (
     Cell,
     Evaluation,
@@ -60,9 +61,9 @@ RESIDUAL_OPTIONS = (
     SteeringOptions("all", "add", spread=3),
 )
 VARIANTS: dict[str, tuple[ExtractionSettings, tuple[SteeringOptions, ...]]] = {
-    "residual": (ExtractionSettings(gate=False), RESIDUAL_OPTIONS),
+    "residual": (ExtractionSettings(method="mean-diff", gate=False), RESIDUAL_OPTIONS),
     "attention": (
-        ExtractionSettings(site="attention", gate=False),
+        ExtractionSettings(method="mean-diff", site="attention", gate=False),
         (SteeringOptions("all", "add"), SteeringOptions("all", "clamp")),
     ),
     "pruned": (
@@ -82,10 +83,7 @@ def prompt_sets() -> tuple[list[str], list[str], list[str]]:
 
 
 def _category(extractor: Any, gate_lm: Any, settings: ExtractionSettings) -> PolicyCategory:
-    train, _ = datasets.split_heldout(datasets.harmful_prompts("malicious-uses"), 40, seed=5)
-    safe = datasets.benign_prompts(limit=160)
-    vectors = extract_vectors(extractor, train, safe, settings, "malicious-uses")
-    return PolicyCategory("malicious-uses", train, safe, vectors, LAYERS[0], STRENGTHS[0])
+    return builtin_category(extractor, settings, layer=LAYERS[0], strength=STRENGTHS[0])
 
 
 def _row(variant: str, cell: Cell, n_harmful: int, n_everyday: int) -> dict[str, Any]:

@@ -37,7 +37,11 @@ def main() -> None:
     extractor = load_model(None, "nf4")
     train, heldout = datasets.split_heldout(datasets.harmful_prompts("malicious-uses"), 40, seed=5)
     vectors = extract_vectors(
-        extractor, train, datasets.benign_prompts(limit=64), ExtractionSettings(gate=False), "malicious-uses"
+        extractor,
+        train,
+        datasets.benign_prompts(limit=64),
+        ExtractionSettings(method="mean-diff", gate=False),
+        "malicious-uses",
     )
     category = PolicyCategory("malicious-uses", train, datasets.benign_prompts(limit=64), vectors, 14, 4.0)
     reader = load_model(None, "int4")

@@ -13,7 +13,7 @@ from safesteer.errors import SafeSteerError
 from safesteer.generation import generate_side_by_side
 from safesteer.identity import check_compatible
 from safesteer.limits import check_layer, check_strength
-from safesteer.policy import PolicyCategory, category_spec, check_name
+from safesteer.policy import PolicyCategory, category_spec, check_name, suggested_point
 from safesteer.vectors import CategoryVectors, ExtractionSettings, check_prompt_counts, extract_vectors
 from safesteer.workflows import other_categories_prompts
 
@@ -33,6 +33,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         gate=args.mode != "none",
         gate_fpr=args.gate_fpr,
         gate_recipe=args.gate_recipe,
+        target=args.target,
+        answer_source=args.answer_source,
     )
     settings.validate()
     try:  # every cheap check before the model loads
@@ -42,7 +44,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.policy:
         check_name("policy", args.policy)
         check_name("category", args.category)
-        check_strength(args.strength)
+        if args.strength is not None:
+            check_strength(args.strength)
         if args.layer is not None:
             check_layer(args.layer)
     store = open_store(args) if args.policy else None  # open (and migrate) before the long work
@@ -74,7 +77,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             safe=safe,
             vectors=result,
             layer=result.recommended_layer if args.layer is None else args.layer,
-            strength=args.strength,
+            strength=suggested_point(result).strength if args.strength is None else args.strength,
             options=args.steer,
         )
         number = store.save_version(

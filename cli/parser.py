@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from safesteer.activations import TOKENS
+from safesteer.answer_vectors import ANSWER_SOURCES, TARGETS
 from safesteer.architectures import SITES
 from safesteer.checkpoints import EMBEDDED_MODEL
 from safesteer.errors import SafeSteerError
 from safesteer.gates import DEFAULT_FPR
 from safesteer.models import PRECISIONS
-from safesteer.operations import COMPARED, DEFAULT, SteeringOptions, parse_options
+from safesteer.operations import ANSWER_DEFAULT, COMPARED, DEFAULT, SUGGESTED, SteeringOptions, parse_options
 from safesteer.vectors import METHODS
 from safesteer.workflows import DEFAULT_BENIGN, DEFAULT_HARMFUL, EXPORT_FORMATS
 
@@ -69,7 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--site", choices=SITES, default="residual", help="where to read and steer: residual stream or attention output"
     )
     extract.add_argument("--token", choices=TOKENS, default="last", help="last prompt token or mean over the prompt")
-    extract.add_argument("--method", choices=METHODS, default="mean-diff")
+    extract.add_argument(
+        "--method",
+        choices=METHODS,
+        default="answers",
+        help="answers: from the model's own answers (default, measured to make answers safer); mean-diff, pruned: "
+        "from the prompts",
+    )
+    extract.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="refuse",
+        help="with --method answers: steer toward refusing, or toward a safe on-topic answer (redirect)",
+    )
+    extract.add_argument(
+        "--answer-source",
+        choices=ANSWER_SOURCES,
+        default="self-contrast",
+        help="with --method answers: the model answers each prompt both ways (self-contrast), or its plain "
+        "answers are sorted by the judges (judged)",
+    )
     extract.add_argument(
         "--prune-fraction", type=float, default=0.5, help="share of harmful examples kept by --method pruned"
     )
@@ -100,9 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument(
         "--layer", type=int, default=None, help="with --policy: layer to apply at (default: recommended)"
     )
-    extract.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="with --policy: strength to apply at")
+    extract.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --policy: strength to apply at (default: suggested for the method: 1 for answers, 2 for prompts)",
+    )
     extract.add_argument("--note", default="", help="with --policy: a change note")
-    add_steering_argument(extract, "with --policy: ")
+    add_steering_argument(extract, "with --policy: ", suggested=True)
     extract.set_defaults(handler=cmd_extract)
 
     gen = subcommand(commands, "generate", help="answer a prompt naive and steered, side by side")
@@ -240,12 +265,17 @@ def steering_options(text: str) -> tuple[SteeringOptions, ...]:
     return COMPARED if text.strip() == "all" else (steering_option(text),)
 
 
-def add_steering_argument(parser: argparse.ArgumentParser, scope: str) -> None:
+def add_steering_argument(parser: argparse.ArgumentParser, scope: str, suggested: bool = False) -> None:
+    """`suggested`: without the flag, the options suggested for the vectors' method (`policy.suggested_point`)."""
     default = f"{DEFAULT.how}:{DEFAULT.where}:{DEFAULT.spread}"
+    if suggested:
+        default = (
+            f"suggested for the method: {ANSWER_DEFAULT.how}:{ANSWER_DEFAULT.where} for answers, {default} for prompts"
+        )
     parser.add_argument(
         "--steer",
         type=steering_option,
-        default=DEFAULT,
+        default=SUGGESTED if suggested else DEFAULT,
         help=f"{scope}how the vector is applied, how:where[:spread] (how: add, norm, clamp; where: all, prompt, "
         f"generated; spread: adjacent layers sharing the strength); default {default}",
     )

@@ -15,9 +15,10 @@ None of this changes results: a prompt's activations are the same alone or in an
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from contextlib import ExitStack
 from contextvars import ContextVar
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -162,3 +163,53 @@ def record_activations(
             done = min(start + batch_size, len(order))
             report(done / len(order), f"recorded {done}/{len(order)} prompts")
     return result
+
+
+class _Enough(Exception):
+    """Raised inside the forward pass once the wanted layer's output is captured."""
+
+
+def answer_activations(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    site: Site = "residual",
+    batch_size: int = 16,
+    layer: int | None = None,
+) -> torch.Tensor:
+    """Mean activation over each answer's tokens as the unsteered model reads prompt + answer: `[n, L, d]`, float32.
+
+    What the response probe reads and what answer vectors are made of: the model's state while it is
+    *saying* something, not while reading the request. With `layer`, the pass stops after that
+    layer and the result is `[n, 1, d]`.
+    """
+    from .metrics import answer_batch  # metrics imports the embedder's stack; keep `activations` light
+
+    rows: list[torch.Tensor] = []
+    layers = range(lm.identity.n_layers) if layer is None else [layer]
+    for start in range(0, len(prompts), batch_size):
+        batch = answer_batch(lm, prompts[start : start + batch_size], answers[start : start + batch_size])
+        captured: list[torch.Tensor] = []
+
+        def hook(
+            module: torch.nn.Module, args: object, output: object, batch: Any = batch, captured: list = captured
+        ) -> None:
+            hidden = primary_tensor(output).float()
+            captured.append(
+                torch.stack([hidden[row, begin:end].mean(0) for row, (begin, end) in enumerate(batch.spans)])
+            )
+            if len(captured) == len(layers):
+                raise _Enough
+
+        handles = [lm.architecture.module(i, site).register_forward_hook(hook) for i in layers]
+        try:
+            with torch.inference_mode():
+                lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        except _Enough:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        rows.append(torch.stack(captured, dim=1).cpu())  # [b, L, d]
+    return torch.cat(rows) if rows else torch.empty(0, len(layers), lm.identity.hidden_size)

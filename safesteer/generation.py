@@ -48,6 +48,7 @@ def generate_ids(
     decoder: Decoder = "auto",
     gate_readings: list[GateReading] | None = None,
     sampling: Sequence[Sampling | None] | None = None,
+    prefill: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """New token ids [rows, <= max_new_tokens] of chat completions, steered by `specs`; greedy by default.
 
@@ -57,7 +58,7 @@ def generate_ids(
     "lean" forces the lean loop on any device (benchmarks compare them).
     Specs with gates steer only the rows their gate fires on; `gate_readings` receives what the
     gates said about each row. `sampling` (one per row, None for greedy) samples those rows instead,
-    each from its own seeded stream.
+    each from its own seeded stream. `prefill` (one per row) starts each answer with given text.
     """
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         raise SafeSteerError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
@@ -67,7 +68,7 @@ def generate_ids(
         n = len(spec.strengths())
         if n not in (1, len(prompts)):
             raise SafeSteerError(f"{n} strengths given for {len(prompts)} prompts")
-    batch = lm.encode(list(prompts))
+    batch = lm.encode(list(prompts), prefill)
     limit = max_prompt_tokens()
     for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist(), start=1):
         if length > limit:
@@ -126,6 +127,7 @@ def generate(
     streamer: Any = None,
     decoder: Decoder = "auto",
     gate_readings: list[GateReading] | None = None,
+    prefill: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy completions of chat prompts, one per row, with the specs applied (per-row strengths allowed).
 
@@ -144,6 +146,7 @@ def generate(
         streamer=streamer,
         decoder=decoder,
         gate_readings=gate_readings,
+        prefill=prefill,
     )
     return [text.strip() for text in lm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

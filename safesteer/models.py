@@ -94,11 +94,15 @@ class LoadedModel:
                     "template reserves for its own turns; remove it"
                 )
 
-    def encode(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-        """Left-padded token ids and mask for a batch of chat prompts, on the model's device."""
-        batch = self.tokenizer(
-            [self.chat_text(p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+    def encode(self, prompts: Sequence[Prompt], prefill: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded token ids and mask for a batch of chat prompts, on the model's device.
+
+        `prefill`: text each answer starts with (one per prompt), so the model continues it in its own words.
+        """
+        texts = [self.chat_text(p) for p in prompts]
+        if prefill is not None:
+            texts = [text + start for text, start in zip(texts, prefill, strict=True)]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return {
             "input_ids": batch["input_ids"].to(self.device),
             "attention_mask": batch["attention_mask"].to(self.device),

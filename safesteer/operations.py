@@ -87,12 +87,21 @@ LEGACY = SteeringOptions()
 """The papers' operation: add at every position of one layer. Categories saved without options use it."""
 
 DEFAULT = SteeringOptions(where="prompt", how="add", spread=1)
-"""What new categories use: the option with the best trade-off measured on the embedded model.
+"""What new categories with prompt vectors use: the option with the best trade-off measured on the embedded model.
 
 Steering only the prompt's positions lets the model read a request as safer and then answer in
 its own words: on held-out StrongREJECT prompts it cut unsafe attempts as far as adding at every
 position did, with far fewer looping or off-topic answers (docs/steering-quality.md).
 """
+
+
+ANSWER_DEFAULT = SteeringOptions(where="all", how="add", spread=1)
+"""What new categories with answer vectors use: an answer vector describes the answer, so it is added
+where the answer is written too; added at the prompt or the answer alone it does little
+(docs/steering-quality.md)."""
+
+SUGGESTED = SteeringOptions()
+"""A placeholder meaning "the options suggested for these vectors" (`policy.suggested_point`); compared by identity."""
 
 
 COMPARED = (

@@ -17,7 +17,7 @@ from .errors import SafeSteerError
 from .gates import Gate
 from .identity import ModelIdentity
 from .limits import check_layer, check_strength
-from .operations import DEFAULT, SteeringOptions
+from .operations import ANSWER_DEFAULT, DEFAULT, SUGGESTED, SteeringOptions
 from .steering import SteeringSpec
 from .vectors import CategoryVectors
 
@@ -40,7 +40,7 @@ def check_name(kind: str, name: str) -> str:
 class PolicyCategory:
     """One harm category inside a policy, with the layer, strength and options it is applied with.
 
-    A new category steers with `operations.DEFAULT`; one loaded from a store or bundle keeps the
+    A new category steers as `suggested_point` says for its vectors; one loaded from a store or bundle keeps the
     options it was saved with (`operations.LEGACY` when it was saved before options existed).
     """
 
@@ -51,10 +51,12 @@ class PolicyCategory:
     layer: int
     strength: float
     description: str = ""
-    options: SteeringOptions = DEFAULT
+    options: SteeringOptions = SUGGESTED
 
     def __post_init__(self) -> None:
         self.name = check_name("category", self.name)
+        if self.options is SUGGESTED:
+            self.options = suggested_point(self.vectors).options
         self.layer = check_layer(self.layer, self.vectors.n_layers)
         self.strength = check_strength(self.strength)
         check_options(self.options, self.vectors)
@@ -95,6 +97,29 @@ class PolicyCategory:
             self.strength if strength is None else strength,
             self.options if options is None else options,
         )
+
+
+PROMPT_STRENGTH = 2.0
+"""Prompt vectors' suggested strength (docs/steering-quality.md: layer 12, strength 2 for the embedded model)."""
+ANSWER_STRENGTH = 1.0
+"""Answer vectors' suggested strength: chosen on set A, confirmed on set B (docs/steering-quality.md).
+Answer vectors are long (the safe and unsafe answers differ a lot), so 1.0 already moves far."""
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Where a new category starts: the layer, strength and options suggested for its vectors."""
+
+    layer: int
+    strength: float
+    options: SteeringOptions
+
+
+def suggested_point(vectors: CategoryVectors) -> OperatingPoint:
+    """The measured starting point for these vectors' method; the author's preview and evaluation refine it."""
+    if vectors.settings.method == "answers":
+        return OperatingPoint(vectors.recommended_layer, ANSWER_STRENGTH, ANSWER_DEFAULT)
+    return OperatingPoint(vectors.recommended_layer, PROMPT_STRENGTH, DEFAULT)
 
 
 def check_options(options: SteeringOptions, vectors: CategoryVectors) -> SteeringOptions:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load, save
 
 from .activations import TOKENS, Token, record_activations
+from .answer_vectors import AnswerSets, AnswerSource, Target, check_source, check_target
 from .architectures import SITES, Site
 from .datasets import edgy_benign_prompts, framed
 from .errors import SafeSteerError
@@ -29,8 +30,9 @@ from .identity import ModelIdentity
 from .models import LoadedModel
 from .progress import ProgressCallback, scaled
 
-Method = Literal["mean-diff", "pruned", "guided"]
-METHODS: tuple[Method, ...] = ("mean-diff", "pruned", "guided")
+Method = Literal["answers", "mean-diff", "pruned", "guided"]
+METHODS: tuple[Method, ...] = ("answers", "mean-diff", "pruned", "guided")
+PROMPT_METHODS = ("mean-diff", "pruned", "guided")  # vectors read at the request rather than the answer
 MIN_PROMPTS_PER_SIDE = 4
 FORMAT_VERSION = 1
 GATED_FORMAT_VERSION = 2  # written when a gate rides along; older readers refuse it instead of dropping the gate
@@ -42,7 +44,9 @@ class ExtractionSettings:
 
     site: Site = "residual"
     token: Token = "last"
-    method: Method = "mean-diff"
+    method: Method = (
+        "answers"  # answer vectors (answer_vectors.py): measured to buy safety where prompt vectors buy none
+    )
     prune_fraction: float = 0.5  # share of harmful examples kept by `pruned`
     heldout_fraction: float = 0.25  # share of each side kept out to score the layers
     seed: int = 0
@@ -50,6 +54,10 @@ class ExtractionSettings:
     gate: bool = True  # also train the category's gate (gates.py) from the same activations
     gate_fpr: float = DEFAULT_FPR  # the gate's false-positive rate on held-out safe prompts
     gate_recipe: GateRecipe = "policy"  # "policy": admit any category of the policy, route; "category": the older gate
+    target: Target = "refuse"  # answers: the behaviour steered toward ("refuse" or "redirect")
+    answer_source: AnswerSource = "self-contrast"  # answers: where the model's answers come from
+    answer_prompts: int = 48  # answers: how many of the harmful prompts the model answers
+    answer_tokens: int = 40  # answers: new tokens per answer
 
     def validate(self) -> None:
         if self.site not in SITES:
@@ -65,6 +73,12 @@ class ExtractionSettings:
         if self.batch_size < 0:
             raise SafeSteerError("the batch size must be at least 1 (or 0 to pick one for the device)")
         check_fpr(self.gate_fpr)
+        check_target(self.target)
+        check_source(self.answer_source)
+        if not MIN_PROMPTS_PER_SIDE <= self.answer_prompts <= 1000:
+            raise SafeSteerError(f"the model answers between {MIN_PROMPTS_PER_SIDE} and 1000 prompts")
+        if not 8 <= self.answer_tokens <= 256:
+            raise SafeSteerError("answers for vectors are 8 to 256 tokens long")
         if self.gate_recipe not in GATE_RECIPES:
             raise SafeSteerError(f"unknown gate recipe '{self.gate_recipe}': use one of {', '.join(GATE_RECIPES)}")
 
@@ -113,6 +127,7 @@ def _guided_needs_labels(harmful: torch.Tensor, safe: torch.Tensor, settings: Ex
 
 
 VECTOR_METHODS: dict[str, VectorMethod] = {
+    "answers": mean_difference,  # of answer activations (`answer_vectors`), not prompt activations
     "mean-diff": mean_difference,
     "pruned": pruned_mean_difference,
     "guided": _guided_needs_labels,
@@ -163,6 +178,21 @@ def recommend_layer(stats: list[LayerStats]) -> tuple[int, str]:
     return chosen.layer, reason
 
 
+ANSWER_LAYER_DEPTH = 0.4
+"""Where answer vectors steer best, as a share of the model's depth: chosen on set A of
+docs/steering-quality.md (layer 12 of the embedded model's 30), confirmed on set B."""
+
+
+def recommend_answer_layer(stats: list[LayerStats]) -> tuple[int, str]:
+    """Answer vectors separate their two sides at nearly every layer, so separation cannot pick one:
+    the measured depth does (a share of depth, so it carries to deeper models)."""
+    layer = round(ANSWER_LAYER_DEPTH * (len(stats) - 1))
+    return layer, (
+        f"layer {layer}: {ANSWER_LAYER_DEPTH:.0%} of the model's depth, where answer vectors were measured to "
+        f"make answers safer without breaking them (held-out separation there: AUROC {stats[layer].auroc:.3f})"
+    )
+
+
 def _split(n: int, heldout_fraction: float, rng: random.Random) -> tuple[list[int], list[int]]:
     indices = list(range(n))
     rng.shuffle(indices)
@@ -208,6 +238,7 @@ class CategoryVectors:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     gate: Gate | None = None  # which prompts these vectors steer (None: every prompt, the papers' way)
     safe_projection: torch.Tensor | None = None  # [n_layers]: mean projection of safe prompts on each unit vector
+    answers: AnswerSets | None = None  # the model's answers the vectors were made from (method "answers")
 
     @property
     def n_layers(self) -> int:
@@ -243,6 +274,8 @@ class CategoryVectors:
         }
         if self.gate is not None:
             data["gate"] = self.gate.metadata()
+        if self.answers is not None:
+            data["answers"] = self.answers.to_dict()
         return data
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -259,6 +292,8 @@ class CategoryVectors:
         data = self.metadata()
         data["layers"] = data.pop("layer_stats")
         data["gate"] = self.gate.summary() if self.gate is not None else None
+        if self.answers is not None:
+            data["answers"] = self.answers.describe()
         return data
 
     def to_bytes(self) -> bytes:
@@ -322,6 +357,7 @@ class CategoryVectors:
             created_at=str(metadata.get("created_at", "")),
             gate=_gate_from_parts(metadata, tensors or {}, model, source),
             safe_projection=_safe_projection(tensors or {}, model, source),
+            answers=AnswerSets.from_dict(metadata["answers"]) if metadata.get("answers") is not None else None,
         )
 
     @classmethod
@@ -377,6 +413,7 @@ def vectors_from_activations(
     gate_activations: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     gate_precision: str = "",
     gate: Gate | None = None,
+    answers: AnswerSets | None = None,
 ) -> CategoryVectors:
     """Turn recorded activations into scored vectors and, unless settings say not, the category's gate.
 
@@ -386,10 +423,10 @@ def vectors_from_activations(
     step after recording, and the seam for `guided`. A `gate` trained elsewhere (the policy
     recipe's, from its own recordings) is used as it is.
     """
-    method = method or VECTOR_METHODS[settings.method]
+    method = method or VECTOR_METHODS.get(settings.method, mean_difference)
     final = method(harmful, safe, settings).float()
     stats = layer_statistics(harmful, safe, final, settings, method)
-    layer, reason = recommend_layer(stats)
+    layer, reason = recommend_answer_layer(stats) if settings.method == "answers" else recommend_layer(stats)
     if gate is None and settings.gate:
         g_harmful, g_safe, g_others = gate_activations or (harmful, safe, others)
         gate = train_gate(
@@ -413,6 +450,7 @@ def vectors_from_activations(
         n_safe=int(safe.shape[0]),
         gate=gate,
         safe_projection=safe_projections(safe.float(), final),
+        answers=answers,
     )
 
 
@@ -547,6 +585,8 @@ def extract_vectors(
         _guided_needs_labels(torch.empty(0), torch.empty(0), settings)
     check_prompt_counts(harmful, safe)
     others = distinct_others(harmful, safe, others) if settings.gate else []
+    if settings.method == "answers":
+        return extract_answer_vectors(lm, harmful, safe, settings, category, progress, others, gate_lm)
     policy_gate = settings.gate and settings.gate_recipe == "policy"
     if policy_gate:  # the gate reads its own sets; vectors need only the category's prompts
         recorded = _record_sets(lm, [harmful, safe], settings, progress, (0.0, 0.5))
@@ -583,4 +623,76 @@ def extract_vectors(
     if progress:
         gate = f"; gate at layer {result.gate.layer}" if result.gate is not None else ""
         progress(1.0, f"vectors ready; recommended layer {result.recommended_layer}{gate}")
+    return result
+
+
+def _train_gate_for(
+    gate_lm: LoadedModel,
+    harmful: list[str],
+    safe: list[str],
+    others: list[str],
+    settings: ExtractionSettings,
+    progress: ProgressCallback | None,
+    span: tuple[float, float],
+) -> Gate | None:
+    """The category's gate by its recipe, recorded with the model that reads it."""
+    if not settings.gate:
+        return None
+    if settings.gate_recipe == "policy":
+        return record_policy_gate(gate_lm, harmful, safe, others, settings, progress, span)
+    sets: list[Sequence[str]] = [harmful, safe, *([others] if others else [])]
+    recorded = _record_sets(gate_lm, sets, settings, progress, span)
+    return train_gate(
+        recorded[0],
+        recorded[1],
+        recorded[2] if others else None,
+        site=settings.site,
+        token=settings.token,
+        target_fpr=settings.gate_fpr,
+        precision=gate_lm.identity.precision,
+    )
+
+
+def extract_answer_vectors(
+    lm: LoadedModel,
+    harmful: list[str],
+    safe: list[str],
+    settings: ExtractionSettings,
+    category: str = "category",
+    progress: ProgressCallback | None = None,
+    others: Sequence[str] = (),
+    gate_lm: LoadedModel | None = None,
+) -> CategoryVectors:
+    """Vectors from the model's own answers (`answer_vectors`): the model answers, reads its answers, and the
+    category's gate is trained as for any method.
+
+    The model that answers previews (`gate_lm` when given: int4 on a CPU) writes and reads the
+    answers: it is the fast copy, and averages carry over between precisions.
+    """
+    from .answer_vectors import answer_sides, answering_prompts, judged_answers, self_contrast
+
+    report = progress or (lambda f, t: None)
+    writer = gate_lm or lm
+    prompts = answering_prompts(harmful, settings.answer_prompts, settings.seed)
+    what = "toward " + ("refusing" if settings.target == "refuse" else "a safe on-topic answer")
+    report(0.0, f"the model answers {len(prompts)} of the category's prompts {what} and as plain compliance")
+    make = self_contrast if settings.answer_source == "self-contrast" else judged_answers
+    answers = make(writer, prompts, settings.target, settings.answer_tokens, scaled(report, 0.0, 0.55))
+    if min(len(answers.safe), len(answers.unsafe)) < MIN_PROMPTS_PER_SIDE:
+        raise SafeSteerError(
+            f"the judges found {len(answers.safe)} answers that {settings.target} and {len(answers.unsafe)} unsafe "
+            f"ones among the model's {len(prompts)} answers; answer vectors need {MIN_PROMPTS_PER_SIDE} of each. "
+            "Use the self-contrast source, which asks the model for both sides"
+        )
+    report(0.55, "reading the answers at every layer")
+    unsafe, safe_side = answer_sides(writer, answers, settings.site)
+    if settings.gate:
+        names = f" and the policy's other categories ({len(others)} prompts)" if others else ""
+        report(0.6, f"recording for the gate: this category{names}, safe and edgy prompts, plain and dressed up")
+    gate = _train_gate_for(writer, harmful, safe, list(others), settings, progress, (0.6, 0.38))
+    ungated = replace(settings, gate=False)  # the gate above learned from prompts; answers train no gate
+    result = vectors_from_activations(unsafe, safe_side, ungated, lm.identity, category, gate=gate, answers=answers)
+    result = replace(result, settings=settings, n_harmful=len(harmful), n_safe=len(safe))
+    gate_text = f"; gate at layer {gate.layer}" if gate is not None else ""
+    report(1.0, f"vectors ready; recommended layer {result.recommended_layer}{gate_text}")
     return result

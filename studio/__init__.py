@@ -21,7 +21,7 @@ from .evaluation import (
     run_evaluation,
     save_evaluation,
 )
-from .extraction import extract, layer_slider, separation_plot
+from .extraction import extract, layer_slider, separation_plot, suggested_controls
 from .gating import gate_plot, gate_summary, move_threshold, set_mode, threshold_slider
 from .preview import draft_spec, policy_categories, preview, preview_batch
 from .resources import (
@@ -102,6 +102,7 @@ __all__ = [
     "set_mode",
     "studio_model",
     "studio_store",
+    "suggested_controls",
     "threshold_slider",
     "user_errors",
     "versions_table",

@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from safesteer.gates import DEFAULT_FPR
+from safesteer.policy import suggested_point
 from safesteer.text_gates import BaselineRates, baseline_rates
 from safesteer.vectors import CategoryVectors, ExtractionSettings, distinct_others, extract_vectors
 from safesteer.workflows import other_categories_prompts
@@ -62,6 +63,7 @@ def extract(
     mode: str = "gated",
     gate_fpr: float = DEFAULT_FPR,
     policy: str | None = None,
+    target: str = "refuse",
     progress: gr.Progress | None = None,
 ) -> Iterator[tuple[Any, ...]]:
     """Compute the category's vectors at every layer and its gate, streaming progress; recommend a layer."""
@@ -73,6 +75,7 @@ def extract(
         prune_fraction=float(prune_fraction),
         gate=mode != "none",
         gate_fpr=float(gate_fpr),
+        target=target,  # type: ignore[arg-type]
     )
     settings.validate()
     others = other_categories_prompts(studio_store(), policy, category.name) if settings.gate else []
@@ -103,10 +106,13 @@ def extract(
     draft = replace(category, vectors=vectors, baselines=baselines)
     best = vectors.layer_stats[vectors.recommended_layer]
     elapsed = time.monotonic() - task.started
+    point = suggested_point(vectors)
+    answers = f"\n\nMade from {plain_text(vectors.answers.describe())}." if vectors.answers is not None else ""
     summary = (
         f"Vectors ready for all {vectors.n_layers} layers in {elapsed:.0f} s. Recommended layer "
         f"**{vectors.recommended_layer}** (held-out AUROC {best.auroc:.2f}). {plain_text(vectors.recommendation)}"
-        "\n\nNext: **3 · Preview**."
+        f"{answers}\n\nThe preview starts at strength **{point.strength:g}**, steering "
+        f"**{point.options.label()}**. Next: **3 · Preview**."
     )
     _warm_preview_model()
     gate = vectors.gate
@@ -119,6 +125,14 @@ def layer_slider(draft: Draft | None) -> gr.Slider:
     if draft is None or draft.vectors is None:
         return gr.Slider()
     return gr.Slider(minimum=0, maximum=draft.vectors.n_layers - 1, value=draft.vectors.recommended_layer, step=1)
+
+
+def suggested_controls(draft: Draft | None) -> tuple[Any, ...]:
+    """The preview's strength and options set to where the extracted vectors' method starts (`suggested_point`)."""
+    if draft is None or draft.vectors is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    point = suggested_point(draft.vectors)
+    return point.strength, point.options.where, point.options.how, point.options.spread
 
 
 def _warm_preview_model() -> None:

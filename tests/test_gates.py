@@ -184,7 +184,7 @@ def test_the_gate_learns_from_the_model_that_reads_it(tiny_lm, tiny_folder):
 
     reader = load_model(str(tiny_folder), "int4")
     harmful, safe = HARMFUL * 2, SAFE * 2
-    older = ExtractionSettings(gate_recipe="category")
+    older = ExtractionSettings(method="mean-diff", gate_recipe="category")  # prompt vectors: read by `tiny_lm`
     vectors = extract_vectors(tiny_lm, harmful, safe, older, gate_lm=reader)
     direct = train_gate(record_activations(reader, harmful), record_activations(reader, safe), precision="int4")
     assert vectors.gate.precision == "int4" and vectors.gate.summary()["precision"] == "int4"
@@ -192,7 +192,7 @@ def test_the_gate_learns_from_the_model_that_reads_it(tiny_lm, tiny_folder):
     plain = extract_vectors(tiny_lm, harmful, safe, older)  # the same model reads it: no second recording
     assert plain.gate.precision == "fp32" and torch.equal(plain.vectors, vectors.vectors)
     # the policy recipe (the default) records its own sets, with the reading model too
-    policy = extract_vectors(tiny_lm, harmful, safe, gate_lm=reader)
+    policy = extract_vectors(tiny_lm, harmful, safe, ExtractionSettings(method="mean-diff"), gate_lm=reader)
     again = record_policy_gate(reader, harmful, safe, [], ExtractionSettings())
     assert policy.gate.routed and policy.gate.token == "mean" and policy.gate.precision == "int4"
     assert torch.equal(policy.gate.weights, again.weights) and torch.equal(policy.vectors, vectors.vectors)

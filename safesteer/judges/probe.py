@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..activations import answer_activations
 from ..checkpoints import default_cache_dir
 from ..errors import SafeSteerError
 from ..gates import auroc, fit_logistic_all_layers
-from ..metrics import answer_batch
 from ..models import LoadedModel
 from .base import Answer, AnswerKind, JudgeContext, Judgement, register_judge
 from .reference import LabelledAnswer, load_reference
@@ -41,48 +41,13 @@ FOLDS = 5
 PROBE_VERSION = 3  # bump when features or fitting change
 
 
-class _Enough(Exception):
-    """Raised inside the forward pass once the wanted layer's output is captured."""
-
-
 def reading_features(
     lm: LoadedModel, answers: Sequence[Answer], batch_size: int = 16, layer: int | None = None
 ) -> torch.Tensor:
-    """Mean hidden state over each answer's tokens, `[n, L, d]` (float32, CPU) at every layer.
-
-    With `layer`, the pass stops after that layer and the result is `[n, 1, d]`: scoring needs one
-    layer, and half a forward pass is half the cost.
-    """
-    rows = []
-    for start in range(0, len(answers), batch_size):
-        chunk = answers[start : start + batch_size]
-        batch = answer_batch(lm, [a.prompt for a in chunk], [a.text for a in chunk])
-        stacked = _hidden(lm, batch.input_ids, batch.attention_mask, layer)  # [b, L, t, d]
-        for row, (begin, end) in enumerate(batch.spans):
-            rows.append(stacked[row, :, begin:end].mean(1).cpu())
-    return torch.stack(rows)
-
-
-def _hidden(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, layer: int | None) -> torch.Tensor:
-    """Block outputs `[b, L, t, d]`: every layer's, or only `layer`'s (the pass then stops there)."""
-    layers = range(lm.identity.n_layers) if layer is None else [layer]
-    captured: list[torch.Tensor] = []
-
-    def hook(module: torch.nn.Module, args: object, output: object) -> None:
-        captured.append((output[0] if isinstance(output, tuple) else output).float())  # type: ignore[union-attr]
-        if len(captured) == len(layers):
-            raise _Enough
-
-    handles = [lm.architecture.module(i, "residual").register_forward_hook(hook) for i in layers]
-    try:
-        with torch.inference_mode():
-            lm.model(input_ids=input_ids, attention_mask=mask)
-    except _Enough:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return torch.stack(captured, dim=1)
+    """Mean residual state over each answer's tokens, `[n, L, d]` (`[n, 1, d]` with `layer`): what the probe reads."""
+    return answer_activations(
+        lm, [a.prompt for a in answers], [a.text for a in answers], batch_size=batch_size, layer=layer
+    )
 
 
 @dataclass
