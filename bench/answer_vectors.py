@@ -25,11 +25,12 @@ from builtin import builtin_category
 from steering_quality import prompt_sets, safe_on_topic
 
 from safesteer import datasets, load_model
-from safesteer.evaluation import Cell, SweepSettings, evaluate, recommend
+from safesteer.evaluation import Cell, SweepSettings, evaluate
 from safesteer.judges import Judgement
 from safesteer.judges.reference import judged_label
 from safesteer.metrics import wilson_interval
 from safesteer.operations import SteeringOptions
+from safesteer.recommendation import recommend
 from safesteer.vectors import ExtractionSettings
 
 ROOT = Path(__file__).resolve().parent.parent

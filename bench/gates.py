@@ -39,9 +39,10 @@ from timing import timed
 
 from safesteer import SteeringSpec, datasets, generate, generate_side_by_side, load_model
 from safesteer.activations import record_activations
+from safesteer.extraction import PolicyGateSets
 from safesteer.models import generation_precision
 from safesteer.steering import read_gates
-from safesteer.vectors import ExtractionSettings, PolicyGateSets, vectors_from_activations
+from safesteer.vectors import ExtractionSettings, vectors_from_activations
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 AREAS = list(datasets.DONOTANSWER_AREAS)

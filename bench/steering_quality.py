@@ -30,21 +30,14 @@ import torch
 from builtin import builtin_category
 
 from safesteer import datasets, load_model
-from safesteer.evaluation import (
-    Cell,
-    Evaluation,
-    SweepSettings,
-    evaluate,
-    frontier,
-    harmful_degradation,
-    recommend,
-    write_plots,
-)
+from safesteer.evaluation import Cell, Evaluation, SweepSettings, evaluate
 from safesteer.judges import Judgement
 from safesteer.judges.reference import judged_label, load_reference
 from safesteer.metrics import wilson_interval
 from safesteer.operations import SteeringOptions
 from safesteer.policy import PolicyCategory
+from safesteer.recommendation import frontier, harmful_degradation, recommend
+from safesteer.reports import write_plots
 from safesteer.vectors import ExtractionSettings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from safesteer.errors import SafeSteerError
+from safesteer.extraction import extract_vectors
 from safesteer.generation import generate_side_by_side
 from safesteer.identity import check_compatible
 from safesteer.limits import check_layer, check_strength
 from safesteer.policy import PolicyCategory, category_spec, check_name, suggested_point
-from safesteer.vectors import CategoryVectors, ExtractionSettings, check_prompt_counts, extract_vectors
+from safesteer.vectors import CategoryVectors, ExtractionSettings, check_prompt_counts
 from safesteer.workflows import other_categories_prompts
 
 from .common import ProgressBar, load_for, open_store, print_json, prompts_from_argument

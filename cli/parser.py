@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from safesteer.activations import TOKENS
-from safesteer.answer_vectors import ANSWER_SOURCES, TARGETS
 from safesteer.architectures import SITES
 from safesteer.checkpoints import EMBEDDED_MODEL
 from safesteer.errors import SafeSteerError
 from safesteer.gates import DEFAULT_FPR
+from safesteer.methods.answers import ANSWER_SOURCES, TARGETS
 from safesteer.models import PRECISIONS
 from safesteer.operations import ANSWER_DEFAULT, COMPARED, DEFAULT, SUGGESTED, SteeringOptions, parse_options
 from safesteer.vectors import METHODS

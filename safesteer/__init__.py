@@ -12,11 +12,12 @@ The public API, in the order one uses it::
 
 from .activations import record_activations
 from .errors import SafeSteerError
+from .extraction import extract_vectors
 from .generation import SideBySide, generate, generate_side_by_side, generate_strength_sweep
 from .identity import ModelIdentity, check_compatible
 from .models import LoadedModel, load_model, wrap_model
 from .steering import SteeringSpec, steer
-from .vectors import CategoryVectors, ExtractionSettings, LayerStats, extract_vectors, vectors_from_activations
+from .vectors import CategoryVectors, ExtractionSettings, LayerStats, vectors_from_activations
 
 __all__ = [
     "CategoryVectors",

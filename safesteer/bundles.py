@@ -31,11 +31,12 @@ from safetensors.torch import load, save
 
 from . import __version__
 from .errors import SafeSteerError
-from .evaluation import Evaluation, report_markdown
+from .evaluation import Evaluation
 from .identity import ModelIdentity, check_compatible
 from .models import LoadedModel, wrap_model
 from .operations import LEGACY, SteeringOptions
 from .policy import SIDES, PolicyCategory, PolicyVersion
+from .reports import report_markdown
 from .steering import steer
 from .vectors import CategoryVectors
 

@@ -72,9 +72,9 @@ def baseline_rates(
     text), thresholds on its calibration safe prompts at `fpr`, measured on its held-out prompts:
     the figures an author can put beside the gate's.
     """
+    from .extraction import canonical_safe, policy_pool
     from .gates import fit_two_sides, policy_splits, threshold_for
     from .metrics import embed
-    from .vectors import canonical_safe, policy_pool
 
     pool, safe_prompts = policy_pool(harmful, others), canonical_safe(safe)
     pool_split, safe_split = policy_splits(len(pool), len(safe_prompts), seed)

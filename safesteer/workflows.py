@@ -20,11 +20,12 @@ from typing import Any, Protocol
 from . import datasets
 from .bundles import export_bundle, read_bundle
 from .errors import SafeSteerError
-from .evaluation import Evaluation, report_markdown, write_plots
+from .evaluation import Evaluation
 from .identity import ModelIdentity, check_made_for
 from .llama_cpp import export_llama_cpp
 from .llama_cpp import export_warning as llama_cpp_warning
 from .policy import PolicyCategory, PolicyVersion
+from .reports import report_markdown, write_plots
 
 DEFAULT_HARMFUL = 10
 """Held-out harmful prompts an evaluation answers, unless the caller gives its own held-out set."""

@@ -14,12 +14,14 @@ import gradio as gr
 import pandas as pd
 
 from safesteer.errors import SafeSteerError
-from safesteer.evaluation import Evaluation, SweepSettings, evaluate, failing_answers, guided_vectors
+from safesteer.evaluation import Evaluation, SweepSettings, evaluate
 from safesteer.judges import load_guard
 from safesteer.judges.reference import LabelledAnswer
+from safesteer.methods.guided import guided_vectors
 from safesteer.metrics import review_queue, review_summary
 from safesteer.operations import COMPARED, DEFAULT, options_by_label
 from safesteer.policy import PolicyCategory
+from safesteer.reports import failing_answers
 from safesteer.workflows import evaluation_prompts, write_evaluation_files
 
 from .category import Draft, require_draft

@@ -11,10 +11,11 @@ from typing import Any
 
 import gradio as gr
 
+from safesteer.extraction import distinct_others, extract_vectors
 from safesteer.gates import DEFAULT_FPR
 from safesteer.policy import suggested_point
 from safesteer.text_gates import BaselineRates, baseline_rates
-from safesteer.vectors import CategoryVectors, ExtractionSettings, distinct_others, extract_vectors
+from safesteer.vectors import CategoryVectors, ExtractionSettings
 from safesteer.workflows import other_categories_prompts
 
 from .category import Draft, require_draft

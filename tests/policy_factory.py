@@ -24,7 +24,9 @@ def category(
     shape = (8, identity.n_layers, identity.hidden_size)
     acts_h = torch.randn(*shape, generator=g)
     acts_s = torch.randn(*shape, generator=g) + 1.0
-    vectors = vectors_from_activations(acts_h, acts_s, ExtractionSettings(site=site), identity, name)  # type: ignore[arg-type]
+    vectors = vectors_from_activations(
+        acts_h, acts_s, ExtractionSettings(method="mean-diff", site=site), identity, name
+    )  # type: ignore[arg-type]
     return PolicyCategory(
         name=name,
         harmful=harmful if harmful is not None else [f"harmful {name} {i}" for i in range(4)],

@@ -7,11 +7,11 @@ import torch
 
 from safesteer import extract_vectors
 from safesteer.activations import answer_activations
-from safesteer.answer_vectors import INSTRUCTIONS, AnswerSets, answering_prompts, self_contrast
 from safesteer.errors import SafeSteerError
 from safesteer.judges import Answer, JudgeContext
 from safesteer.judges.off_topic import OffTopicJudge
 from safesteer.judges.refusal import RefusalJudge
+from safesteer.methods.answers import INSTRUCTIONS, AnswerSets, answering_prompts, self_contrast
 from safesteer.operations import ANSWER_DEFAULT, DEFAULT
 from safesteer.policy import ANSWER_STRENGTH, PolicyCategory, suggested_point
 from safesteer.vectors import CategoryVectors, ExtractionSettings

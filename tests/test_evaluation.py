@@ -2,18 +2,12 @@ import pytest
 import torch
 
 from safesteer import SafeSteerError, SteeringSpec, extract_vectors
-from safesteer.evaluation import (
-    Cell,
-    Evaluation,
-    SweepSettings,
-    evaluate,
-    guided_vectors,
-    recommend,
-    report_markdown,
-    write_plots,
-)
+from safesteer.evaluation import Cell, Evaluation, SweepSettings, evaluate
+from safesteer.methods.guided import guided_vectors
 from safesteer.metrics import next_token_divergence, perplexity
 from safesteer.policy import PolicyCategory
+from safesteer.recommendation import recommend
+from safesteer.reports import report_markdown, write_plots
 from safesteer.vectors import ExtractionSettings
 from tests.conftest import HARMFUL, SAFE
 
@@ -160,7 +154,7 @@ def test_a_new_measure_is_one_registration(tiny_lm, tiny_category, tmp_path, mon
         )
     )
     measures.register(measures.Measure("steered", "steered at all", False, lambda c: float(bool(c.steering))))
-    monkeypatch.setattr("safesteer.evaluation.MEASURES", measures.MEASURES)
+    monkeypatch.setattr("safesteer.reports.MEASURES", measures.MEASURES)
     with pytest.raises(ValueError, match="already registered"):
         measures.register(measures.MEASURES["perplexity"])
     settings = SweepSettings(layers=(1,), strengths=(2.0,), max_new_tokens=6)

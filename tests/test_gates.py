@@ -180,7 +180,8 @@ def test_the_gate_learns_from_the_model_that_reads_it(tiny_lm, tiny_folder):
 
     if int4_problem():
         pytest.skip(int4_problem())
-    from safesteer.vectors import ExtractionSettings, record_policy_gate
+    from safesteer.extraction import record_policy_gate
+    from safesteer.vectors import ExtractionSettings
 
     reader = load_model(str(tiny_folder), "int4")
     harmful, safe = HARMFUL * 2, SAFE * 2
@@ -210,7 +211,8 @@ def test_repeated_prompts_are_read_once_with_the_same_result(tiny_lm):
 
 def _routed_gate(lm, own, others, seed=0):
     """A policy gate on the tiny model: its own prompts and the other category's, against the safe ones."""
-    from safesteer.vectors import ExtractionSettings, record_policy_gate
+    from safesteer.extraction import record_policy_gate
+    from safesteer.vectors import ExtractionSettings
 
     return record_policy_gate(lm, own, SAFE * 2, others, ExtractionSettings(seed=seed))
 

@@ -26,8 +26,9 @@ def test_gate_training_data_never_overlaps_what_measures_gates():
 
 
 def test_baselines_are_measured_on_the_gates_own_held_out_prompts(tiny_lm):
+    from safesteer.extraction import record_policy_gate
     from safesteer.text_gates import baseline_rates
-    from safesteer.vectors import ExtractionSettings, record_policy_gate
+    from safesteer.vectors import ExtractionSettings
     from tests.conftest import HARMFUL, SAFE
 
     harmful, safe, others = HARMFUL * 3, SAFE * 3, [f"{p} Be specific." for p in HARMFUL]

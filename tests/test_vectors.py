@@ -6,7 +6,8 @@ from safetensors.torch import load_file, save_file
 
 from safesteer import CategoryVectors, ExtractionSettings, SafeSteerError, extract_vectors, vectors_from_activations
 from safesteer.identity import ModelIdentity
-from safesteer.vectors import LayerStats, auroc, mean_difference, pruned_mean_difference, recommend_layer
+from safesteer.methods.prompt import mean_difference, pruned_mean_difference
+from safesteer.vectors import LayerStats, auroc, recommend_layer
 from tests.conftest import HARMFUL, SAFE
 
 IDENTITY = ModelIdentity("toy", None, "fp32", "llama", n_layers=3, hidden_size=2)

@@ -32,11 +32,11 @@ from typing import Any, Literal
 
 import torch
 
-from .activations import answer_activations
-from .errors import SafeSteerError
-from .generation import generate_ids
-from .models import LoadedModel
-from .progress import ProgressCallback, no_progress
+from ..activations import answer_activations
+from ..errors import SafeSteerError
+from ..generation import generate_ids
+from ..models import LoadedModel
+from ..progress import ProgressCallback, no_progress
 
 Target = Literal["refuse", "redirect"]
 TARGETS: tuple[Target, ...] = ("refuse", "redirect")
@@ -137,13 +137,13 @@ class AnswerSets:
 def check_target(target: str) -> Target:
     if target not in TARGETS:
         raise SafeSteerError(f"unknown target behaviour '{target}': use one of {', '.join(TARGETS)}")
-    return target  # type: ignore[return-value]
+    return target
 
 
 def check_source(source: str) -> AnswerSource:
     if source not in ANSWER_SOURCES:
         raise SafeSteerError(f"unknown answer source '{source}': use one of {', '.join(ANSWER_SOURCES)}")
-    return source  # type: ignore[return-value]
+    return source
 
 
 def answering_prompts(harmful: Sequence[str], limit: int, seed: int) -> list[str]:
@@ -190,7 +190,7 @@ def self_contrast(
     progress: ProgressCallback = no_progress,
 ) -> AnswerSets:
     """Each prompt answered toward `target` and as plain compliance; the refusal judge checks the sides differ."""
-    from .judges.refusal import refusal_rate
+    from ..judges.refusal import refusal_rate
 
     def part(lo: float, hi: float) -> ProgressCallback:
         return lambda f, text: progress(lo + (hi - lo) * f, text)
@@ -224,14 +224,13 @@ def judged_answers(
     The response probe (trained on the reference set, none of these answers) decides unsafe
     attempts; for `refuse` the safe side is refusals, for `redirect` answers neither refused nor unsafe.
     """
-    from .judges.probe import reference_probe
-    from .judges.refusal import is_refusal
+    from ..judges.base import Answer
+    from ..judges.probe import reference_probe
+    from ..judges.refusal import is_refusal
 
     answers = answer_as(lm, prompts, None, max_new_tokens, lambda f, t: progress(0.6 * f, t))
     progress(0.6, "judging the answers with the response probe (trained once per model)")
     probe = reference_probe(reader or lm)
-    from .judges.base import Answer
-
     scores = probe.scores(reader or lm, [Answer(p, a) for p, a in zip(prompts, answers, strict=True)])
     refused = [is_refusal(a) for a in answers]
     unsafe = [s >= probe.threshold and not r for s, r in zip(scores, refused, strict=True)]
