@@ -82,8 +82,9 @@ def policy_card(version: PolicyVersion) -> str:
     ]
     for c in version.categories:
         s = c.vectors.settings
+        method = f"answers, toward: {s.target}" if s.method == "answers" else s.method
         lines.append(
-            f"| {c.name} | {c.layer} | {c.strength:g} | {c.options.label()} | {s.site} | {s.method} | {applied_to(c)} "
+            f"| {c.name} | {c.layer} | {c.strength:g} | {c.options.label()} | {s.site} | {method} | {applied_to(c)} "
             f"| {len(c.harmful)} / {len(c.safe)} |"
         )
     lines += [

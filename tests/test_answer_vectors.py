@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
+
 import pytest
 import torch
 
@@ -101,3 +104,26 @@ def test_refusing_a_harmful_request_is_not_off_topic_and_evading_an_everyday_one
     judged = RefusalJudge().judge([evasive, Answer(evasive.prompt, evasive.text, "harmful")], JudgeContext())
     assert judged[0].flagged and "evades" in judged[0].reason
     assert not judged[1].flagged  # to a harmful request the same words are not a refusal phrase
+
+
+def test_the_answers_behind_the_vectors_travel_in_bundles_and_the_store(tiny_lm, tmp_path):
+    from db.store import PolicyStore
+    from safesteer.bundles import bundle_bytes, read_bundle
+    from safesteer.llama_cpp import export_warning
+    from safesteer.policy import PolicyVersion
+
+    vectors = extract_vectors(tiny_lm, HARMFUL, SAFE, ExtractionSettings(answer_prompts=4, answer_tokens=8))
+    category = PolicyCategory("burglary", HARMFUL, SAFE, vectors, vectors.recommended_layer, ANSWER_STRENGTH)
+    version = PolicyVersion(policy="homes", categories=[category], number=1)
+    data = bundle_bytes(version)
+    (back,) = read_bundle(data).categories
+    assert back.vectors.answers is not None and back.vectors.answers.to_dict() == vectors.answers.to_dict()
+    assert back.options == ANSWER_DEFAULT and back.vectors.settings.target == "refuse"
+    with zipfile.ZipFile(io.BytesIO(data)) as bundle:
+        assert "answers, toward: refuse" in bundle.read("README.md").decode()  # the policy card says how it was made
+    assert export_warning(version) is None or "only add at every position" not in export_warning(version)
+    store = PolicyStore(f"sqlite:///{tmp_path / 'store.db'}")
+    store.save_version("homes", [category], author="ann")
+    saved = store.load_version("homes").categories[0]
+    assert saved.vectors.answers is not None and saved.vectors.answers.to_dict() == vectors.answers.to_dict()
+    assert saved.options == ANSWER_DEFAULT
