@@ -1,6 +1,7 @@
 """Answer vectors (safe answers minus unsafe ones, the model's own): choose on set A, confirm on set B, read blind.
 
-    python bench/answer_vectors.py choose      # set A: targets x layers x strengths, gates off; the rule picks
+    python bench/answer_vectors.py choose      # set A: targets x layers x strengths, gates off: what steering does
+    python bench/answer_vectors.py choose --gated --targets refuse   # set A as the product runs: gated; the rule picks
     python bench/answer_vectors.py confirm     # set B + unseen everyday prompts: naive, always-on, gated
     # ... a reader labels docs/steering-quality/answers/blind.jsonl into blind-labels.jsonl, blind ...
     python bench/answer_vectors.py score       # the reader's labels joined with the arms, beside the judges'
@@ -56,14 +57,22 @@ def _row(cell: Cell) -> dict[str, Any]:
 def choose(args: argparse.Namespace) -> None:
     set_a, _, everyday = prompt_sets()
     lm = load_model(None, "int4")
-    out: dict[str, Any] = {"set": "A", "n_harmful": len(set_a), "n_everyday": len(everyday), "targets": {}}
+    out: dict[str, Any] = {
+        "set": "A",
+        "gated": args.gated,
+        "n_harmful": len(set_a),
+        "n_everyday": len(everyday),
+        "targets": {},
+    }
     started = time.perf_counter()
+    layers = tuple(int(x) for x in args.layers.split(","))
     for target in args.targets.split(","):
-        settings = ExtractionSettings(gate=False, target=target)  # type: ignore[arg-type]
+        settings = ExtractionSettings(gate=args.gated, target=target)  # type: ignore[arg-type]
         category = builtin_category(lm, settings, reader=lm, options=ALL)
-        sweep = SweepSettings(LAYERS, STRENGTHS, args.new_tokens, (ALL,))
+        sweep = SweepSettings(layers, STRENGTHS, args.new_tokens, (ALL,))
         result = evaluate(lm, category, set_a, everyday, sweep, reader=lm, cache_dir=CACHE)
         out["naive"] = _row(result.baseline)
+        out.setdefault("gate", {})[target] = result.gate
         out["targets"][target] = {
             "answers": category.vectors.answers.describe() if category.vectors.answers else "",
             "cells": [_row(c) for c in result.cells],
@@ -72,7 +81,7 @@ def choose(args: argparse.Namespace) -> None:
         print(target, json.dumps(out["targets"][target]["recommended"]), f"{time.perf_counter() - started:.0f} s")
     out["seconds"] = round(time.perf_counter() - started)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "choose.json").write_text(json.dumps(out, indent=2) + "\n")
+    (OUT / ("choose-gated.json" if args.gated else "choose.json")).write_text(json.dumps(out, indent=2) + "\n")
 
 
 def confirming_everyday() -> list[str]:
@@ -151,6 +160,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="step", required=True)
     first = sub.add_parser("choose")
     first.add_argument("--targets", default="refuse,redirect")
+    first.add_argument("--gated", action="store_true", help="gate each category as the product does")
+    first.add_argument("--layers", default=",".join(map(str, LAYERS)))
     first.add_argument("--new-tokens", type=int, default=48)
     second = sub.add_parser("confirm")
     second.add_argument("--target", default="refuse")

@@ -165,6 +165,10 @@ def record_activations(
     return result
 
 
+_READING: ContextVar[list | None] = ContextVar("safesteer_reading_answers", default=None)
+"""The answer reading whose pass this context runs: its hooks ignore passes of other threads on the same model."""
+
+
 class _Enough(Exception):
     """Raised inside the forward pass once the wanted layer's output is captured."""
 
@@ -195,6 +199,8 @@ def answer_activations(
         def hook(
             module: torch.nn.Module, args: object, output: object, batch: Any = batch, captured: list = captured
         ) -> None:
+            if _READING.get() is not captured:
+                return  # another caller's pass on the shared model (a preview while the probe trains)
             hidden = primary_tensor(output).float()
             captured.append(
                 torch.stack([hidden[row, begin:end].mean(0) for row, (begin, end) in enumerate(batch.spans)])
@@ -203,12 +209,14 @@ def answer_activations(
                 raise _Enough
 
         handles = [lm.architecture.module(i, site).register_forward_hook(hook) for i in layers]
+        mine = _READING.set(captured)
         try:
             with torch.inference_mode():
                 lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         except _Enough:
             pass
         finally:
+            _READING.reset(mine)
             for handle in handles:
                 handle.remove()
         rows.append(torch.stack(captured, dim=1).cpu())  # [b, L, d]

@@ -20,7 +20,7 @@ from safesteer.workflows import other_categories_prompts
 
 from .category import Draft, require_draft
 from .gating import gate_plot, gate_summary
-from .resources import BackgroundTask, plain_text, preview_model, studio_model, studio_store
+from .resources import BackgroundTask, plain_text, preview_model, ready_probe, studio_model, studio_store
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def extract(
             category=category.name,
             progress=report,
             others=others,
-            gate_lm=preview_model() if settings.gate else None,  # the gate is read by the model that answers
+            # the gate is read, and answer vectors are written, by the model that answers previews
+            gate_lm=preview_model() if settings.gate or settings.method == "answers" else None,
         )
     )
     for line in task.lines(progress):
@@ -142,6 +143,7 @@ def _warm_preview_model() -> None:
     def load() -> None:
         try:
             preview_model()
+            ready_probe()  # the preview's unsafe-attempt judge trains while the author reads the plot
         except Exception:  # the preview itself reports the problem when it is asked for
             log.warning("could not load the preview model in advance", exc_info=True)
 

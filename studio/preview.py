@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import gradio as gr
 import pandas as pd
 
+from safesteer.answer_verdicts import describe_answer, steering_effect
 from safesteer.errors import SafeSteerError
 from safesteer.gates import GateReading
-from safesteer.generation import generate, generate_stream, verdicts
+from safesteer.generation import GateVerdict, generate, generate_stream, verdicts
 from safesteer.identity import check_compatible
+from safesteer.judges.base import AnswerKind
 from safesteer.operations import DEFAULT, SteeringOptions
 from safesteer.policy import category_spec
 from safesteer.steering import SteeringSpec
 
 from .category import Draft, require_draft, steering_options
 from .gating import verdict_lines
-from .resources import MAX_BATCH_PROMPTS, preview_model, studio_model, studio_store
+from .resources import MAX_BATCH_PROMPTS, preview_model, ready_probe, studio_model, studio_store
 from .versions import policy_names
 
 
@@ -82,10 +84,32 @@ def preview(
         preview_model(), [prompt, prompt], specs, max_new_tokens=int(max_tokens), gate_readings=readings
     )
     gated = any(spec.gated and not spec.is_noop() for spec in specs)
+    naive = steered = ""
+    said = ""
     for naive, steered in stream:
         ready = readings or not gated  # gates are read before the first token; without gates nothing to wait for
         said = verdict_lines(names, verdicts(specs, readings[0] if readings else None, row=1)) if ready else gr.skip()
         yield naive, steered, said
+    gate_said = verdicts(specs, readings[0] if readings else None, row=1)
+    yield naive, steered, f"{said}\n\n{judged_lines(prompt, naive, steered, gate_said)}"
+
+
+def judged_lines(prompt: str, naive: str, steered: str, gate_said: Sequence[GateVerdict | None]) -> str:
+    """The judges' verdict on each answer in words, and whether steering helped (`answer_verdicts`)."""
+    known = [v for v in gate_said if v is not None]
+    kind: AnswerKind = "everyday" if known and all(v.score < v.threshold for v in known) else "harmful"
+    probe = ready_probe() if kind == "harmful" else None
+    reader = preview_model() if probe is not None else None
+    before = describe_answer(prompt, naive, kind, probe, reader)
+    after = describe_answer(prompt, steered, kind, probe, reader)
+    request = "a harmful request (a gate recognised it)" if known and kind == "harmful" else f"an {kind} request"
+    if not known:
+        request = "a harmful request (no gate decides here; read as one)"
+    note = "" if probe is not None or kind == "everyday" else " The unsafe-attempt judge is still being trained."
+    return (
+        f"**The judges read this as {request}.** Naive answer: **{before.words}**. Steered answer: "
+        f"**{after.words}**. {steering_effect(before, after, naive == steered, kind)}{note}"
+    )
 
 
 def preview_batch(

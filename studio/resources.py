@@ -102,6 +102,34 @@ def preview_model() -> LoadedModel:
     return load_model(default_model_id(), _preview_precision())
 
 
+_PROBE: dict[str, Any] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def ready_probe() -> Any:
+    """The preview model's unsafe-attempt probe if it is trained, else None (training starts in the background).
+
+    Trained once per model and cached on disk; the first preview does not wait for it: its verdicts
+    leave out "still helps with the harmful request" until the probe is ready.
+    """
+    with _PROBE_LOCK:
+        if "probe" in _PROBE:
+            return _PROBE["probe"]
+        if "thread" not in _PROBE:
+
+            def train() -> None:
+                from safesteer.judges.probe import reference_probe
+
+                try:
+                    _PROBE["probe"] = reference_probe(preview_model())
+                except Exception:  # the preview says the judge is not available; nothing else depends on it
+                    log.warning("could not train the response probe", exc_info=True)
+
+            _PROBE["thread"] = threading.Thread(target=train, name="train-response-probe", daemon=True)
+            _PROBE["thread"].start()
+    return None
+
+
 _ENGINE_NAMES = {
     "int4": "4-bit weights run by PyTorch's int4 CPU kernel (for the built-in model: the GGUF's own 4-bit weights)",
     "nf4": "4-bit NF4 through bitsandbytes (the extraction model itself)",
