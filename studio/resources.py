@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import html
 import inspect
@@ -103,6 +104,7 @@ def preview_model() -> LoadedModel:
 
 
 _PROBE: dict[str, Any] = {}
+PROBE_EXIT_WAIT_S = 60.0
 _PROBE_LOCK = threading.Lock()
 
 
@@ -127,6 +129,7 @@ def ready_probe() -> Any:
 
             _PROBE["thread"] = threading.Thread(target=train, name="train-response-probe", daemon=True)
             _PROBE["thread"].start()
+            atexit.register(_PROBE["thread"].join, PROBE_EXIT_WAIT_S)  # torch aborts if a thread runs at exit
     return None
 
 
