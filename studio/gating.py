@@ -144,11 +144,18 @@ def set_mode(draft: Draft | None, mode: str) -> tuple[Draft, str]:
     return replace(draft, vectors=draft.vectors.with_gate(changed)), gate_summary(changed, draft.baselines)
 
 
-def verdict_lines(names: Sequence[str], verdicts: Sequence[GateVerdict | None]) -> str:
-    """One line per category for the preview: its gate's score and whether it steered this prompt."""
+def verdict_lines(
+    names: Sequence[str], verdicts: Sequence[GateVerdict | None], idle: Sequence[bool] | None = None
+) -> str:
+    """One line per category for the preview: its gate's score and whether it steered this prompt.
+
+    `idle`: per category, whether it steers nothing at all (strength 0), whatever its gate says.
+    """
     lines = []
-    for name, verdict in zip(names, verdicts, strict=True):
-        if verdict is None:
+    for i, (name, verdict) in enumerate(zip(names, verdicts, strict=True)):
+        if idle is not None and idle[i]:
+            lines.append(f"- **{name}**: strength 0: not steered, so the answer is the naive one")
+        elif verdict is None:
             lines.append(f"- **{name}**: always on (no gate in use): steered")
         elif verdict.fired:
             lines.append(f"- **{name}**: gate **fired** (score {verdict.score:.2f} ≥ {verdict.threshold:.2f}): steered")

@@ -84,11 +84,16 @@ def preview(
         preview_model(), [prompt, prompt], specs, max_new_tokens=int(max_tokens), gate_readings=readings
     )
     gated = any(spec.gated and not spec.is_noop() for spec in specs)
+    idle = [spec.is_noop() for spec in specs]
     naive = steered = ""
     said = ""
     for naive, steered in stream:
         ready = readings or not gated  # gates are read before the first token; without gates nothing to wait for
-        said = verdict_lines(names, verdicts(specs, readings[0] if readings else None, row=1)) if ready else gr.skip()
+        said = (
+            verdict_lines(names, verdicts(specs, readings[0] if readings else None, row=1), idle)
+            if ready
+            else gr.skip()
+        )
         yield naive, steered, said
     gate_said = verdicts(specs, readings[0] if readings else None, row=1)
     yield naive, steered, f"{said}\n\n{judged_lines(prompt, naive, steered, gate_said)}"

@@ -83,6 +83,8 @@ def test_extract_preview_save_compare_rollback_export_import(app_env):
     assert "Naive answer: **" in said and "Steered answer: **" in said  # the judges' verdicts, in words
     if naive == steered:
         assert "Steering did not change this answer." in said
+    naive, steered, said = list(studio.preview(draft, HARMFUL[0], 1, 0.0, 12))[-1]
+    assert naive == steered and "strength 0: not steered" in said and "always on" not in said
     draft, _ = studio.set_mode(draft, "always")  # every prompt steered, as in the papers
     steps = list(studio.preview(draft, HARMFUL[0], 1, 3.0, 12))
     expected = generate_side_by_side(
