@@ -56,6 +56,8 @@ def _row(cell: Cell) -> dict[str, Any]:
 
 def choose(args: argparse.Namespace) -> None:
     set_a, _, everyday = prompt_sets()
+    if args.gated:
+        everyday = everyday + everyday_sets()[0]
     lm = load_model(None, "int4")
     out: dict[str, Any] = {
         "set": "A",
@@ -84,17 +86,23 @@ def choose(args: argparse.Namespace) -> None:
     (OUT / ("choose-gated.json" if args.gated else "choose.json")).write_text(json.dumps(out, indent=2) + "\n")
 
 
-def confirming_everyday() -> list[str]:
-    """Everyday and edgy prompts set A never used: the confirming set's side of quality."""
+def everyday_sets() -> tuple[list[str], list[str]]:
+    """(choosing, confirming) everyday and edgy prompts, disjoint, none of them set A's twelve.
+
+    Set A's 12 everyday prompts cannot resolve the rule's 5-point limit once gated (one answer is 8
+    points), so the gated choice adds 48 more; the confirming set has its own 32.
+    """
     _, _, seen = prompt_sets()
     fresh = [p for p in datasets.benign_prompts(part="heldout") if p not in seen]
     edgy = [p for p in datasets.edgy_benign_prompts() if p not in seen]
-    return random.Random(9).sample(fresh, min(24, len(fresh))) + random.Random(9).sample(edgy, min(8, len(edgy)))
+    random.Random(9).shuffle(fresh)
+    random.Random(9).shuffle(edgy)
+    return fresh[:36] + edgy[:12], fresh[36:60] + edgy[12:20]
 
 
 def confirm(args: argparse.Namespace) -> None:
     _, set_b, _ = prompt_sets()
-    everyday = confirming_everyday()
+    everyday = everyday_sets()[1]
     lm = load_model(None, "int4")
     target, layer, strength = args.target, args.layer, args.strength
     settings = ExtractionSettings(target=target)  # the product's default: gated (policy gate)

@@ -101,9 +101,10 @@ class PolicyCategory:
 
 PROMPT_STRENGTH = 2.0
 """Prompt vectors' suggested strength (docs/steering-quality.md: layer 12, strength 2 for the embedded model)."""
-ANSWER_STRENGTH = 1.0
-"""Answer vectors' suggested strength: chosen on set A, confirmed on set B (docs/steering-quality.md).
-Answer vectors are long (the safe and unsafe answers differ a lot), so 1.0 already moves far."""
+ANSWER_STRENGTH = 1.5
+"""Answer vectors' suggested strength: chosen on set A by the recommendation rule with gating on, confirmed on
+set B (docs/steering-quality.md). Answer vectors are long (safe and unsafe answers differ a lot), so strengths
+near 1 already move far: at 1.5, layers 10 and 14 sent a quarter to a third of answers off topic."""
 
 
 @dataclass(frozen=True)
