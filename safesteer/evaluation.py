@@ -35,7 +35,7 @@ from .recommendation import recommend
 from .steering import SteeringSpec, read_gates
 from .vectors import CategoryVectors
 
-CACHE_VERSION = 7  # bump when measurements or the recommendation rule change
+CACHE_VERSION = 8  # bump when measurements or the recommendation rule change
 SWEEP_ROWS = 512  # rows of one batched generation: cells of any layer, strength and option share it
 
 
@@ -233,8 +233,10 @@ def evaluate(
 
     n = settings.max_new_tokens
     report(0.02, "answering without steering")
-    naive_harm = generate(lm, harmful, max_new_tokens=n)
-    naive_benign = generate(lm, benign, max_new_tokens=n)
+    # one batch of the same prompts as every cell's: the same padding, so a row no steering touches (strength 0,
+    # or a gate that did not fire) gets exactly the naive answer, and a difference is the steering's doing
+    naive = generate(lm, harmful + benign, max_new_tokens=n)
+    naive_harm, naive_benign = naive[: len(harmful)], naive[len(harmful) :]
     answers = _Answers(lm, harmful, naive_harm, benign, naive_benign, context)
     baseline = answers.score(naive_harm, naive_benign, [], None, 0.0)
     options = settings.options or (category.options,)

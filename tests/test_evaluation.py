@@ -178,6 +178,10 @@ def test_a_gated_category_is_evaluated_with_gating_on(tiny_lm, tiny_category, tm
     quiet = evaluate(tiny_lm, silent, HARMFUL, SAFE[:4], settings, cache_dir=tmp_path)
     assert quiet.gate["catch_rate"] == 0.0 and quiet.cells[0].benign_changed == 0.0
     assert all(s["naive"] == s["steered"] for s in quiet.samples)
+    long = [HARMFUL[0] + " Please answer in full detail, step by step, with every material and quantity." * 6]
+    padded = evaluate(tiny_lm, silent, long + HARMFUL[1:], SAFE[:4], settings, cache_dir=tmp_path)
+    assert padded.cells[0].benign_changed == 0.0  # the naive answers were padded as the cell's were
+    assert [a["text"] for a in padded.cells[0].answers] == [a["text"] for a in padded.baseline.answers]
     always = replace(tiny_category, vectors=tiny_category.vectors.with_gate(gate.with_mode("always")))
     assert evaluate(tiny_lm, always, HARMFUL, SAFE[:4], settings, cache_dir=tmp_path).gate is None
 
