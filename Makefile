@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TEST_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 PARALLEL := -n auto --dist loadfile
 
-.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-judges bench-gates bench-gate-study soak bench-serve bench-gpu bench-peers clean
+.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-answers bench-judges bench-gates bench-gate-study soak bench-serve bench-gpu bench-peers clean
 
 # Installs from the locks (requirements.txt, requirements-dev.txt: exact pins made by `make lock`).
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
@@ -90,6 +90,12 @@ bench-sweep: install
 bench-quality: install
 	HF_HUB_OFFLINE=1 $(PY) bench/steering_quality.py choose
 	@echo "confirm: bench/steering_quality.py confirm --picks JSON; after the blind read: ... score"
+
+# Answer vectors (the default method): choose on set A (ungated, then gated), confirm on set B (docs/steering-quality.md).
+bench-answers: install
+	HF_HUB_OFFLINE=1 $(PY) bench/answer_vectors.py choose
+	HF_HUB_OFFLINE=1 $(PY) bench/answer_vectors.py choose --gated --targets refuse --layers 10,12,14
+	@echo "confirm: bench/answer_vectors.py confirm --layer L --strength S; after the blind read: ... score"
 
 # Gates on the embedded model: cross-source catch rate, false positives, distinctness, cost (docs/gates.md).
 bench-gates: install

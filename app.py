@@ -195,6 +195,10 @@ def build_app() -> gr.Blocks:
                     wrap=True,
                 )
                 with gr.Row():
+                    open_category = gr.Dropdown(label="Saved category of this policy", choices=[])
+                    open_button = gr.Button("Open it for preview and evaluation")
+                open_status = gr.Markdown(elem_id="open-status")
+                with gr.Row():
                     old_version = gr.Number(label="Compare version", precision=0, value=1)
                     new_version = gr.Number(label="with version", precision=0, value=2)
                     compare_button = gr.Button("Compare")
@@ -374,6 +378,13 @@ def build_app() -> gr.Blocks:
         policy.change(studio.user_errors(studio.versions_table), policy, versions, api_name="versions")
         policy.change(studio.user_errors(studio.policy_categories), policy, also_apply, api_visibility="private")
         policy.change(studio.export_target, policy, export_summary, api_visibility="private")
+        policy.change(studio.user_errors(studio.saved_categories), policy, open_category, api_visibility="private")
+        open_button.click(
+            studio.user_errors(studio.open_saved_category),
+            [policy, open_category],
+            [draft, layer, strength, steer_where, steer_how, steer_spread, open_status],
+            api_name="open_saved_category",
+        ).then(studio.layer_slider, draft, layer, api_visibility="private")
         for control in (layer, strength, steer_where, steer_how, steer_spread):
             control.change(
                 studio.save_target,

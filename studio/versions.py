@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -172,3 +173,27 @@ def import_policy(file_path: str | None, request: gr.Request | None = None) -> t
         studio_store(), path.read_bytes(), target=studio_model().identity, actor=author_of(request)
     )
     return f"Imported as **{plain_text(name)}** version **{number}**.", gr.Dropdown(choices=policy_names(), value=name)
+
+
+def saved_categories(policy: str | None) -> gr.Dropdown:
+    """The categories of a policy's latest version, to open one as the draft."""
+    names = [c.name for c in studio_store().load_version(policy).categories] if policy in policy_names() else []
+    return gr.Dropdown(choices=names, value=names[0] if names else None)
+
+
+def open_saved_category(policy: str | None, name: str | None, version: str | float | None = None) -> tuple[Any, ...]:
+    """Make a saved category the draft, at its saved layer, strength and options: preview, evaluate or save it
+    again without step 1. Its examples all built the vectors, so no held-out examples come with it."""
+    if not policy or policy not in policy_names():
+        raise SafeSteerError("pick a saved policy first")
+    saved = studio_store().load_version(policy, parse_version(version))
+    category = next((c for c in saved.categories if c.name == name), None)
+    if category is None:
+        raise SafeSteerError(f"version {saved.number} of '{policy}' has no category named {name!r}")
+    draft = Draft(category.name, category.description, category.harmful, category.safe, [], category.vectors)
+    o = category.options
+    said = (
+        f"Opened **{category.name}** from '{policy}' version {saved.number}: layer {category.layer}, strength "
+        f"{category.strength:g}, steering {o.label()}. Preview it in **3 · Preview**, evaluate it in **5**."
+    )
+    return draft, category.layer, category.strength, o.where, o.how, o.spread, said

@@ -105,6 +105,15 @@ def test_extract_preview_save_compare_rollback_export_import(app_env):
     status, versions = studio.rollback("Crime policy", 1)
     assert "version **3**" in status and list(versions["version"]) == [3, 2, 1]
 
+    # a saved category opens as the draft at its saved settings: it previews without step 1
+    assert studio.saved_categories("Crime policy").choices == [("crime", "crime")]
+    opened, layer, strength, where, how, spread, said = studio.open_saved_category("Crime policy", "crime", 2)
+    assert (layer, strength) == (2, 5.0) and "version 2" in said and opened.vectors.sha256() == draft.vectors.sha256()
+    reopened = list(studio.preview(opened, HARMFUL[0], layer, strength, 12, None, [], where, how, spread))[-1]
+    assert reopened[0] and "Naive answer:" in reopened[2]
+    with pytest.raises(SafeSteerError, match="no category named"):
+        studio.open_saved_category("Crime policy", "fraud")
+
     bundle = studio.export_policy("Crime policy", 2, studio_formats()[0])
     gguf = studio.export_policy("Crime policy", None, studio_formats()[1])
     assert bundle.endswith("Crime-policy-v2.zip") and gguf.endswith("Crime-policy-v3.gguf")
