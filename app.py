@@ -55,6 +55,13 @@ def build_app() -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("1 · Category"):
                 with gr.Row():
+                    resume_choice = gr.Dropdown(
+                        label="Resume a draft",
+                        choices=[],
+                        info="your categories in progress are kept after every step, across reloads and restarts",
+                    )
+                    resume_button = gr.Button("Resume")
+                with gr.Row():
                     name = gr.Textbox(label="Category name", value="malicious-uses", max_lines=1)
                     description = gr.Textbox(label="Description (optional)", max_lines=2)
                 sources = studio.example_sources()
@@ -281,7 +288,15 @@ def build_app() -> gr.Blocks:
             [name, description, source, harmful_file, safe_file, harmful_text, safe_text],
             [draft, read_table, read_summary, example],
             api_name="read_category",
-        )
+        ).success(studio.remember_draft, draft, resume_choice, api_visibility="private")
+        resume_button.click(
+            studio.user_errors(studio.resume_draft),
+            resume_choice,
+            [draft, read_summary, example],
+            api_name="resume_draft",
+        ).success(studio.layer_slider, draft, layer, api_visibility="private").then(
+            studio.suggested_controls, draft, [strength, steer_where, steer_how, steer_spread], api_visibility="private"
+        ).then(studio.threshold_slider, draft, gate_threshold, api_visibility="private")
         extract_button.click(
             studio.user_errors(studio.extract),
             [draft, method, site, token, prune, gate_mode, gate_fpr, policy, target],
@@ -290,16 +305,18 @@ def build_app() -> gr.Blocks:
             concurrency_limit=1,
         ).then(studio.layer_slider, draft, layer, api_visibility="private").then(
             studio.suggested_controls, draft, [strength, steer_where, steer_how, steer_spread], api_visibility="private"
-        ).then(studio.threshold_slider, draft, gate_threshold, api_visibility="private")
+        ).then(studio.threshold_slider, draft, gate_threshold, api_visibility="private").then(
+            studio.remember_draft, draft, resume_choice, api_visibility="private"
+        )
         gate_threshold.release(
             studio.user_errors(studio.move_threshold),
             [draft, gate_threshold],
             [draft, gate_scores, gate_text],
             api_name="move_threshold",
-        )
+        ).success(studio.remember_draft, draft, resume_choice, api_visibility="private")
         gate_mode.change(
             studio.user_errors(studio.set_mode), [draft, gate_mode], [draft, gate_text], api_name="set_mode"
-        )
+        ).success(studio.remember_draft, draft, resume_choice, api_visibility="private")
         eval_event = eval_button.click(
             studio.user_errors(studio.run_evaluation),
             [draft, eval_layers, eval_strengths, eval_tokens, guard_model, eval_options],
@@ -414,6 +431,7 @@ def build_app() -> gr.Blocks:
             studio.user_errors(studio.import_policy), import_file, [import_status, policy], api_name="import_bundle"
         )
         demo.load(lambda: gr.Dropdown(choices=studio.policy_names()), None, policy, api_visibility="private")
+        demo.load(studio.draft_choices, None, resume_choice, api_visibility="private")
     demo.queue(default_concurrency_limit=2)
     return demo
 

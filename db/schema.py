@@ -120,3 +120,20 @@ class EvaluationRow(Base):
     author: Mapped[str] = mapped_column(String(100), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     data: Mapped[dict[str, Any]]
+
+
+class DraftRow(Base):
+    """An author's category in progress (the studio's steps 1-3): kept so a reload or restart loses nothing.
+
+    Unlike versions, drafts are working copies: saved over, and deleted when the author is done.
+    """
+
+    __tablename__ = "drafts"
+    __table_args__ = (UniqueConstraint("author", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    author: Mapped[str] = mapped_column(String(100), default="")
+    name: Mapped[str] = mapped_column(String(100))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    data: Mapped[dict[str, Any]]  # description, harmful, safe, held-out prompts, notes, text baselines
+    vectors: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # safetensors, once extracted

@@ -8,6 +8,7 @@ may return Gradio updates.
 
 from . import resources
 from .category import Draft, read_category, require_draft
+from .drafts import draft_choices, remember_draft, resume_draft
 from .evaluation import (
     OPTION_CHOICES,
     EvaluationSession,
@@ -66,6 +67,7 @@ __all__ = [
     "author_of",
     "compare_versions",
     "default_model_id",
+    "draft_choices",
     "draft_spec",
     "example_sources",
     "export_policy",
@@ -88,9 +90,11 @@ __all__ = [
     "preview_model",
     "read_category",
     "recommended_controls",
+    "remember_draft",
     "require_draft",
     "reset_store",
     "resources",
+    "resume_draft",
     "review_label",
     "review_labels_file",
     "review_start",

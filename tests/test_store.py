@@ -26,11 +26,12 @@ def test_migrations_create_the_schema_from_empty(tmp_path):
         "examples",
         "audit_log",
         "evaluations",
+        "drafts",
         "alembic_version",
     } <= tables
     assert "steering" in {c["name"] for c in inspect(store.engine).get_columns("categories")}
     with store.engine.connect() as conn:
-        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0004"
+        assert conn.execute(text("select version_num from alembic_version")).scalar() == "0005"
         assert conn.execute(text("pragma journal_mode")).scalar() == "wal"
         assert conn.execute(text("pragma foreign_keys")).scalar() == 1
     PolicyStore(f"sqlite:///{path}")  # opening again is a no-op migration

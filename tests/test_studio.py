@@ -315,3 +315,20 @@ def test_preview_note_names_the_precision_that_will_really_load(tiny_folder, mon
     monkeypatch.setitem(models._BNB_PROBLEM, models.default_device(), "RuntimeError: no 4-bit backend")
     note = studio.preview_engine_note()
     assert "NF4" not in note and ("float32" in note or "bfloat16" in note)
+
+
+def test_a_draft_survives_a_reload_and_a_restart(app_env):
+    draft, *_ = studio.read_category("burglary", "break-ins", studio.OWN_PROMPTS, None, None, "\n".join(HARMFUL), "")
+    assert studio.remember_draft(draft).choices == [("burglary (prompts read)", "burglary")]
+    settings = ("mean-diff", "residual", "last", 0.5)
+    draft, *_ = list(studio.extract(draft, *settings))[-1]
+    studio.remember_draft(draft)
+    studio.reset_store()  # a restart: the store is opened again from its file
+    assert studio.draft_choices().choices == [("burglary (vectors extracted)", "burglary")]
+    back, said, examples = studio.resume_draft("burglary")
+    assert back.vectors.sha256() == draft.vectors.sha256() and back.harmful == draft.harmful
+    assert back.heldout == draft.heldout and examples.choices == [(p, p) for p in draft.heldout]
+    assert "Resumed **burglary**" in said and "3 · Preview" in said
+    assert list(studio.preview(back, HARMFUL[0], 1, 2.0, 8))[-1][0]  # it previews as it did before the reload
+    with pytest.raises(SafeSteerError, match="no draft named"):
+        studio.resume_draft("arson")
