@@ -233,3 +233,22 @@ def test_evaluations_attach_to_immutable_versions(store):
     assert store.audit_log("p")[0].action == "evaluate"
     with pytest.raises(SafeSteerError, match="no version 9"):
         store.add_evaluation("p", 9, "sweep", {})
+
+
+def test_drafts_are_per_author_saved_over_and_capped(tmp_path):
+    from db.drafts import MAX_DRAFTS_PER_AUTHOR, DraftStore
+
+    store = PolicyStore(f"sqlite:///{tmp_path / 'drafts.db'}")
+    drafts = DraftStore(store.engine)
+    drafts.save("ann", "fraud", {"harmful": ["a"], "safe": ["b"]}, None)
+    drafts.save("ann", "fraud", {"harmful": ["a", "c"], "safe": ["b"]}, b"vectors")  # saved over, not added
+    drafts.save("bob", "fraud", {"harmful": ["x"], "safe": ["y"]}, None)
+    (ann,) = drafts.list("ann")
+    assert ann.data["harmful"] == ["a", "c"] and ann.vectors == b"vectors"
+    assert drafts.load("bob", "fraud").data["harmful"] == ["x"]  # each author sees their own
+    for i in range(MAX_DRAFTS_PER_AUTHOR + 2):
+        drafts.save("ann", f"c{i}", {"harmful": [], "safe": []}, None)
+    names = [d.name for d in drafts.list("ann")]
+    assert len(names) == MAX_DRAFTS_PER_AUTHOR and "fraud" not in names and names[0] == f"c{MAX_DRAFTS_PER_AUTHOR + 1}"
+    drafts.delete("bob", "fraud")
+    assert drafts.list("bob") == []
