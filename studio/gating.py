@@ -11,6 +11,7 @@ import gradio as gr
 from safesteer.errors import SafeSteerError
 from safesteer.gates import Gate, check_mode
 from safesteer.generation import GateVerdict
+from safesteer.metrics import Interval, wilson_interval
 from safesteer.text_gates import BaselineRates
 
 from .category import Draft, require_draft
@@ -92,11 +93,36 @@ def gate_summary(gate: Gate | None, baselines: Sequence[BaselineRates] = ()) -> 
         if gate.routed
         else ""
     )
+    caught = wilson_interval(round(rates.catch_rate * rates.n_harmful), rates.n_harmful)
+    false = wilson_interval(round(rates.false_positive_rate * rates.n_safe), rates.n_safe)
     return (
         f"Gate (layer {gate.layer}, threshold {gate.threshold:.2f}): catches **{rates.catch_rate:.0%}** of held-out "
-        f"harmful prompts ({rates.n_harmful}), fires on **{rates.false_positive_rate:.0%}** of held-out safe prompts "
-        f"({rates.n_safe}){other}.{reads} Mode: {mode}."
+        f"harmful prompts ({rates.n_harmful}; 95% interval {caught.low:.0%}–{caught.high:.0%}), fires on "
+        f"**{rates.false_positive_rate:.0%}** of held-out safe prompts ({rates.n_safe}; {false.low:.0%}–"
+        f"{false.high:.0%}){other}.{reads} Mode: {mode}."
+        + target_text(gate.target_fpr, rates.false_positive_rate, false)
     ) + baselines_text(baselines, gate)
+
+
+def target_text(target: float, measured: float, interval: Interval) -> str:
+    """Why the held-out false-positive rate can miss the asked-for one, and why step 5 measures another."""
+    if measured <= target + 1e-9:
+        missed = ""
+    elif interval.low <= target:
+        missed = (
+            f" The threshold was set for **{target:.0%}** false positives on the gate's own calibration prompts; "
+            f"{measured:.0%} on these held-out ones is within sampling noise of it."
+        )
+    else:
+        missed = (
+            f" The threshold was set for **{target:.0%}** false positives on the gate's own calibration prompts; "
+            f"these held-out prompts are harder for it ({measured:.0%}, beyond sampling noise): move the threshold "
+            "up, or add safe examples like the ones it fires on."
+        )
+    return missed + (
+        " An evaluation (step 5) measures the gate again on other prompts (held-out everyday requests, fewer "
+        "of them), so its rates differ from these; compare them with their intervals."
+    )
 
 
 def _gate(draft: Draft | None) -> tuple[Draft, Gate]:

@@ -332,3 +332,15 @@ def test_a_draft_survives_a_reload_and_a_restart(app_env):
     assert list(studio.preview(back, HARMFUL[0], 1, 2.0, 8))[-1][0]  # it previews as it did before the reload
     with pytest.raises(SafeSteerError, match="no draft named"):
         studio.resume_draft("arson")
+
+
+def test_the_gate_panel_explains_a_missed_false_positive_target():
+    from safesteer.metrics import wilson_interval
+    from studio.gating import target_text
+
+    met = target_text(0.05, 0.04, wilson_interval(4, 100))
+    assert "set for" not in met and "step 5" in met
+    noise = target_text(0.05, 0.08, wilson_interval(8, 100))
+    assert "within sampling noise" in noise
+    beyond = target_text(0.05, 0.20, wilson_interval(40, 200))
+    assert "beyond sampling noise" in beyond and "move the threshold up" in beyond
