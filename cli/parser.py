@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--strength",
         type=float,
         default=None,
-        help="with --policy: strength to apply at (default: suggested for the method: 1.5 for answers, 2 for prompts)",
+        help="with --policy: strength to apply at (default: suggested for the method: 1 for answers, 2 for prompts)",
     )
     extract.add_argument("--note", default="", help="with --policy: a change note")
     add_steering_argument(extract, "with --policy: ", suggested=True)

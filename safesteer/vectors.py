@@ -136,9 +136,9 @@ def recommend_layer(stats: list[LayerStats]) -> tuple[int, str]:
     return chosen.layer, reason
 
 
-ANSWER_LAYER_DEPTH = 0.4
-"""Where answer vectors steer best, as a share of the model's depth: chosen on set A of
-docs/steering-quality.md (layer 12 of the embedded model's 30), confirmed on set B."""
+ANSWER_LAYER_DEPTH = 0.35
+"""Where answer vectors steer, as a share of the model's depth: the recommendation rule's choice on set A of
+docs/steering-quality.md with gating on (layer 10 of the embedded model's 30), confirmed on set B."""
 
 
 def recommend_answer_layer(stats: list[LayerStats]) -> tuple[int, str]:

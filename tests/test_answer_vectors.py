@@ -60,7 +60,7 @@ def test_answer_vectors_point_from_complying_answers_to_safe_ones_and_keep_their
     safe = answer_activations(tiny_lm, [p.prompt for p in sets.safe], [p.answer for p in sets.safe])
     unsafe = answer_activations(tiny_lm, [p.prompt for p in sets.unsafe], [p.answer for p in sets.unsafe])
     assert torch.allclose(vectors.vectors, safe.mean(0) - unsafe.mean(0), atol=1e-5)
-    assert vectors.n_harmful == len(HARMFUL) and vectors.recommended_layer == round(0.4 * 3)
+    assert vectors.n_harmful == len(HARMFUL) and vectors.recommended_layer == round(0.35 * 3)
     loaded = CategoryVectors.from_bytes(vectors.to_bytes())
     assert loaded.answers is not None and loaded.answers.to_dict() == sets.to_dict()
     assert loaded.settings == settings and "self-contrast" in loaded.summary()["answers"]
