@@ -102,9 +102,10 @@ class PolicyCategory:
 PROMPT_STRENGTH = 2.0
 """Prompt vectors' suggested strength (docs/steering-quality.md: layer 12, strength 2 for the embedded model)."""
 ANSWER_STRENGTH = 1.0
-"""Answer vectors' suggested strength: chosen on set A by the recommendation rule with gating on, confirmed on
-set B (docs/steering-quality.md). Answer vectors are long (safe and unsafe answers differ a lot), so 1 already moves far; stronger settings
-cut unsafe attempts further but degrade the everyday answers a gate fires on by mistake."""
+"""Answer vectors' suggested strength: the recommendation rule's choice on set A with gating on, confirmed
+on set B (docs/steering-quality.md). Answer vectors are long (safe and unsafe answers differ a lot), so 1
+already moves far; stronger settings cut unsafe attempts further but degrade the everyday answers a gate
+fires on by mistake."""
 
 
 @dataclass(frozen=True)
