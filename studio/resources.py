@@ -103,7 +103,7 @@ def preview_model() -> LoadedModel:
     return load_model(default_model_id(), _preview_precision())
 
 
-_PROBE: dict[str, Any] = {}
+_PROBES: dict[str, dict[str, Any]] = {}  # per preview model (its identity): the probe, or the thread training it
 PROBE_EXIT_WAIT_S = 60.0
 _PROBE_LOCK = threading.Lock()
 
@@ -114,22 +114,25 @@ def ready_probe() -> Any:
     Trained once per model and cached on disk; the first preview does not wait for it: its verdicts
     leave out "still helps with the harmful request" until the probe is ready.
     """
+    lm = preview_model()
+    key = repr(sorted(lm.identity.to_dict().items()))
     with _PROBE_LOCK:
-        if "probe" in _PROBE:
-            return _PROBE["probe"]
-        if "thread" not in _PROBE:
+        entry = _PROBES.setdefault(key, {})
+        if "probe" in entry:
+            return entry["probe"]
+        if "thread" not in entry:
 
             def train() -> None:
                 from safesteer.judges.probe import reference_probe
 
                 try:
-                    _PROBE["probe"] = reference_probe(preview_model())
+                    entry["probe"] = reference_probe(lm)
                 except Exception:  # the preview says the judge is not available; nothing else depends on it
                     log.warning("could not train the response probe", exc_info=True)
 
-            _PROBE["thread"] = threading.Thread(target=train, name="train-response-probe", daemon=True)
-            _PROBE["thread"].start()
-            atexit.register(_PROBE["thread"].join, PROBE_EXIT_WAIT_S)  # torch aborts if a thread runs at exit
+            entry["thread"] = threading.Thread(target=train, name="train-response-probe", daemon=True)
+            entry["thread"].start()
+            atexit.register(entry["thread"].join, PROBE_EXIT_WAIT_S)  # torch aborts if a thread runs at exit
     return None
 
 
