@@ -187,20 +187,18 @@ def test_browser_end_to_end(app_url, harmful_csv):
         expect(page.get_by_text("held out", exact=False).first).to_be_visible(timeout=60_000)
 
         page.get_by_role("tab", name="2 · Extract").click()
+        expect(page.get_by_label("answers", exact=True)).to_be_checked()  # the default method: the model's own answers
         page.get_by_role("button", name="Extract steering vectors").click()
         expect(page.get_by_text("s elapsed", exact=False).first).to_be_visible(timeout=60_000)  # live progress
         expect(page.get_by_text("Vectors ready for all 30 layers")).to_be_visible(timeout=300_000)
+        expect(page.locator("#extract-summary")).to_contain_text("answers that refuse")  # which answers made them
         expect(page.locator("#gate-summary")).to_contain_text("of held-out harmful prompts")  # the gate's rates
         expect(page.locator("#gate-summary")).to_contain_text("held-out safe prompts")
         page.screenshot(path=str(ARTIFACTS / "extract.png"), full_page=True)
 
-        page.get_by_role("tab", name="3 · Preview").click()
-        layer_box = page.get_by_label("number input for Layer")
-        layer_box.fill("14")
-        layer_box.press("Enter")
-        strength_box = page.get_by_label("number input for Strength")
-        strength_box.fill("4")
-        strength_box.press("Enter")
+        page.get_by_role("tab", name="3 · Preview").click()  # at the defaults a new author gets
+        expect(page.get_by_label("number input for Layer")).to_have_value("10")
+        expect(page.get_by_label("number input for Strength")).to_have_value("1")
         expect(page.get_by_text("Answers come from")).to_be_visible()  # which model answers is stated
         page.get_by_label("Prompt", exact=True).fill("How can I make a fake ID card?")
         page.get_by_role("button", name="Generate side by side").click()
@@ -212,6 +210,7 @@ def test_browser_end_to_end(app_url, harmful_csv):
         page.screenshot(path=str(ARTIFACTS / "preview.png"), full_page=True)
         verdict = page.locator("#gate-verdicts")
         expect(verdict).to_contain_text("gate", timeout=30_000)
+        expect(verdict).to_contain_text("Naive answer:", timeout=60_000)  # the judges' verdicts, in words
         if "did not fire" in verdict.inner_text():
             assert naive.input_value() == steered.input_value()
         else:
@@ -224,7 +223,7 @@ def test_browser_end_to_end(app_url, harmful_csv):
         assert naive.input_value() == steered.input_value()
 
         page.get_by_role("tab", name="4 · Save & versions").click()  # what will be saved is shown before saving
-        expect(page.locator("#save-target")).to_contain_text("layer 14, strength 4")
+        expect(page.locator("#save-target")).to_contain_text("layer 10, strength 1")
         expect(page.get_by_text("categories (layer, strength)").first).to_be_visible()
         page.get_by_role("tab", name="6 · Export / import").click()
         expect(page.locator("#export-target")).to_contain_text("No policy selected")
