@@ -127,3 +127,21 @@ def test_the_answers_behind_the_vectors_travel_in_bundles_and_the_store(tiny_lm,
     saved = store.load_version("homes").categories[0]
     assert saved.vectors.answers is not None and saved.vectors.answers.to_dict() == vectors.answers.to_dict()
     assert saved.options == ANSWER_DEFAULT
+
+
+def test_judged_answers_say_plainly_when_the_model_gave_too_few_of_a_side(tiny_lm, monkeypatch):
+    from safesteer.methods import answers as answer_methods
+
+    class Probe:  # the response probe's interface; every answer scored as an unsafe attempt
+        threshold = 0.5
+
+        def scores(self, lm, answers):
+            return [0.9] * len(answers)
+
+    monkeypatch.setattr("safesteer.judges.probe.reference_probe", lambda lm: Probe())
+    sets = answer_methods.judged_answers(tiny_lm, HARMFUL[:4], "refuse", max_new_tokens=6)
+    assert sets.source == "judged" and len(sets.unsafe) + len(sets.safe) <= 4 and not sets.safe
+    assert sets.check == {"safe_refusals": 0.0, "unsafe_refusals": 0.0}
+    settings = ExtractionSettings(answer_source="judged", answer_prompts=4, answer_tokens=8, gate=False)
+    with pytest.raises(SafeSteerError, match=r"answer vectors need 4 of each.*self-contrast"):
+        extract_vectors(tiny_lm, HARMFUL, SAFE, settings)

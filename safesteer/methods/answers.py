@@ -226,7 +226,7 @@ def judged_answers(
     """
     from ..judges.base import Answer
     from ..judges.probe import reference_probe
-    from ..judges.refusal import is_refusal
+    from ..judges.refusal import is_refusal, refusal_rate
 
     answers = answer_as(lm, prompts, None, max_new_tokens, lambda f, t: progress(0.6 * f, t))
     progress(0.6, "judging the answers with the response probe (trained once per model)")
@@ -237,13 +237,13 @@ def judged_answers(
     safe = [r if target == "refuse" else (not r and not u) for r, u in zip(refused, unsafe, strict=True)]
     pairs = [AnswerPair(p, a) for p, a in zip(prompts, answers, strict=True)]
     progress(1.0, "answers judged")
-    return AnswerSets(
-        "judged",
-        target,
-        [x for x, keep in zip(pairs, safe, strict=True) if keep],
-        [x for x, bad in zip(pairs, unsafe, strict=True) if bad],
-        {"safe_refusals": 1.0 if target == "refuse" else 0.0, "unsafe_refusals": 0.0},
-    )
+    kept = [x for x, keep in zip(pairs, safe, strict=True) if keep]
+    bad = [x for x, flagged in zip(pairs, unsafe, strict=True) if flagged]
+    check = {
+        "safe_refusals": refusal_rate([x.answer for x in kept]),
+        "unsafe_refusals": refusal_rate([x.answer for x in bad]),
+    }
+    return AnswerSets("judged", target, kept, bad, check)
 
 
 def answer_sides(lm: LoadedModel, answers: AnswerSets, site: Any) -> tuple[torch.Tensor, torch.Tensor]:
