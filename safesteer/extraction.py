@@ -237,7 +237,7 @@ def extract_answer_vectors(
     others: Sequence[str] = (),
     gate_lm: LoadedModel | None = None,
 ) -> CategoryVectors:
-    """Vectors from the model's own answers (`answer_vectors`): the model answers, reads its answers, and the
+    """Vectors from the model's own answers (`methods.answers`): the model answers, reads its answers, and the
     category's gate is trained as for any method.
 
     The model that answers previews (`gate_lm` when given: int4 on a CPU) writes and reads the

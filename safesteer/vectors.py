@@ -41,7 +41,7 @@ class ExtractionSettings:
     site: Site = "residual"
     token: Token = "last"
     method: Method = (
-        "answers"  # answer vectors (answer_vectors.py): measured to buy safety where prompt vectors buy none
+        "answers"  # answer vectors (methods/answers.py): measured to buy safety where prompt vectors buy none
     )
     prune_fraction: float = 0.5  # share of harmful examples kept by `pruned`
     heldout_fraction: float = 0.25  # share of each side kept out to score the layers

@@ -48,7 +48,7 @@ def guided_needs_labels(harmful: torch.Tensor, safe: torch.Tensor, settings: Ext
 
 
 VECTOR_METHODS: dict[str, VectorMethod] = {
-    "answers": mean_difference,  # of answer activations (`answer_vectors`), not prompt activations
+    "answers": mean_difference,  # of answer activations (`methods.answers`), not prompt activations
     "mean-diff": mean_difference,
     "pruned": pruned_mean_difference,
     "guided": guided_needs_labels,
