@@ -18,7 +18,7 @@ from .errors import SafeSteerError
 from .gates import Gate, train_gate, train_policy_gate
 from .methods.prompt import guided_needs_labels
 from .models import LoadedModel
-from .progress import ProgressCallback, scaled
+from .progress import ProgressCallback, no_progress, scaled
 from .vectors import (
     MIN_PROMPTS_PER_SIDE,
     CategoryVectors,
@@ -245,7 +245,7 @@ def extract_answer_vectors(
     """
     from .methods.answers import answer_sides, answering_prompts, judged_answers, self_contrast
 
-    report = progress or (lambda f, t: None)
+    report = progress or no_progress
     writer = gate_lm or lm
     prompts = answering_prompts(harmful, settings.answer_prompts, settings.seed)
     what = "toward " + ("refusing" if settings.target == "refuse" else "a safe on-topic answer")

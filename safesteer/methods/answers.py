@@ -36,7 +36,7 @@ from ..activations import answer_activations
 from ..errors import SafeSteerError
 from ..generation import generate_ids
 from ..models import LoadedModel
-from ..progress import ProgressCallback, no_progress
+from ..progress import ProgressCallback, no_progress, scaled
 
 Target = Literal["refuse", "redirect"]
 TARGETS: tuple[Target, ...] = ("refuse", "redirect")
@@ -192,11 +192,8 @@ def self_contrast(
     """Each prompt answered toward `target` and as plain compliance; the refusal judge checks the sides differ."""
     from ..judges.refusal import refusal_rate
 
-    def part(lo: float, hi: float) -> ProgressCallback:
-        return lambda f, text: progress(lo + (hi - lo) * f, text)
-
-    wanted = answer_as(lm, prompts, INSTRUCTIONS[target], max_new_tokens, part(0.0, 0.5))
-    complying = answer_as(lm, prompts, INSTRUCTIONS["comply"], max_new_tokens, part(0.5, 1.0))
+    wanted = answer_as(lm, prompts, INSTRUCTIONS[target], max_new_tokens, scaled(progress, 0.0, 0.5))
+    complying = answer_as(lm, prompts, INSTRUCTIONS["comply"], max_new_tokens, scaled(progress, 0.5, 1.0))
     check = {
         "safe_refusals": refusal_rate(wanted),
         "unsafe_refusals": refusal_rate(complying),
@@ -228,7 +225,7 @@ def judged_answers(
     from ..judges.probe import reference_probe
     from ..judges.refusal import is_refusal, refusal_rate
 
-    answers = answer_as(lm, prompts, None, max_new_tokens, lambda f, t: progress(0.6 * f, t))
+    answers = answer_as(lm, prompts, None, max_new_tokens, scaled(progress, 0.0, 0.6))
     progress(0.6, "judging the answers with the response probe (trained once per model)")
     probe = reference_probe(reader or lm)
     scores = probe.scores(reader or lm, [Answer(p, a) for p, a in zip(prompts, answers, strict=True)])
