@@ -28,7 +28,8 @@ from .models import LoadedModel
 from .progress import ProgressCallback, no_progress
 
 _RECORDING: ContextVar[int | None] = ContextVar("safesteer_recording", default=None)
-"""The recorder whose pass this context runs: hooks on a shared model ignore other callers' passes."""
+"""The recording or answer reading whose pass this context runs: hooks on a shared model ignore other callers'
+passes (a preview while a probe trains, say)."""
 
 Token = Literal["last", "mean"]
 TOKENS: tuple[Token, ...] = ("last", "mean")
@@ -165,10 +166,6 @@ def record_activations(
     return result
 
 
-_READING: ContextVar[list | None] = ContextVar("safesteer_reading_answers", default=None)
-"""The answer reading whose pass this context runs: its hooks ignore passes of other threads on the same model."""
-
-
 class _Enough(Exception):
     """Raised inside the forward pass once the wanted layer's output is captured."""
 
@@ -199,7 +196,7 @@ def answer_activations(
         def hook(
             module: torch.nn.Module, args: object, output: object, batch: Any = batch, captured: list = captured
         ) -> None:
-            if _READING.get() is not captured:
+            if _RECORDING.get() != id(captured):
                 return  # another caller's pass on the shared model (a preview while the probe trains)
             hidden = primary_tensor(output).float()
             captured.append(
@@ -209,14 +206,14 @@ def answer_activations(
                 raise _Enough
 
         handles = [lm.architecture.module(i, site).register_forward_hook(hook) for i in layers]
-        mine = _READING.set(captured)
+        mine = _RECORDING.set(id(captured))
         try:
             with torch.inference_mode():
                 lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         except _Enough:
             pass
         finally:
-            _READING.reset(mine)
+            _RECORDING.reset(mine)
             for handle in handles:
                 handle.remove()
         rows.append(torch.stack(captured, dim=1).cpu())  # [b, L, d]
