@@ -18,6 +18,7 @@ import argparse
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,7 @@ def confirm(args: argparse.Namespace) -> None:
     target, layer, strength = args.target, args.layer, args.strength
     settings = ExtractionSettings(target=target)  # the product's default: gated (policy gate)
     gated = builtin_category(lm, settings, reader=lm, layer=layer, strength=strength, options=ALL)
-    always = builtin_category(lm, settings, reader=lm, layer=layer, strength=strength, options=ALL)
-    always.vectors = always.vectors.with_gate(None)
+    always = replace(gated, vectors=gated.vectors.with_gate(None))  # the same vectors, every prompt steered
     sweep = SweepSettings((layer,), (strength,), args.new_tokens, (ALL,))
     arms: dict[str, Cell] = {}
     for name, category in (("gated", gated), ("always", always)):
