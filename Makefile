@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 # Settings the tests rely on: no hub, no analytics. Tests run in one worker per core, a file per
 # worker at a time, so a module's app, server or model fixture starts once.
-TEST_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+TEST_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False SAFESTEER_WARMUP=0
 PARALLEL := -n auto --dist loadfile
 
 .PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-answers bench-judges bench-gates bench-gate-study soak bench-serve bench-gpu bench-peers clean

@@ -126,11 +126,18 @@ def build_app() -> gr.Blocks:
                     )
                 gr.Markdown(METHOD_HELP + "\n\n" + SITE_HELP + "\n\n" + GATE_HELP)
                 extract_button = gr.Button("Extract steering vectors", variant="primary")
+                extract_estimate = gr.Markdown(elem_id="extract-estimate")
                 extract_summary = gr.Markdown(label="Extraction summary", elem_id="extract-summary")
                 separation = gr.Plot(label="Separation by layer")
                 gate_text = gr.Markdown(elem_id="gate-summary")
                 gate_threshold = gr.Slider(
-                    -100, 100, value=0, step=0.01, label="Gate threshold (move it: the rates follow)", visible=False
+                    -100,
+                    100,
+                    value=0,
+                    step=0.01,
+                    label="Gate threshold, on the plot's score scale (move it: the rates follow)",
+                    info="right: fewer safe prompts steered and fewer harmful ones caught; left: the opposite",
+                    visible=False,
                 )
                 gate_scores = gr.Plot(label="Gate scores on held-out prompts")
 
@@ -138,7 +145,12 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     layer = gr.Slider(0, 29, value=12, step=1, label="Layer", info="middle layers usually steer best")
                     strength = gr.Slider(
-                        0.0, 8.0, value=2.0, step=0.25, label="Strength", info="0 = unchanged; too high breaks fluency"
+                        0.0,
+                        studio.MAX_STRENGTH,
+                        value=2.0,
+                        step=0.25,
+                        label="Strength",
+                        info="0 = unchanged; too high breaks fluency",
                     )
                     max_tokens = gr.Slider(16, 256, value=64, step=16, label="Max new tokens")
                 with gr.Row():
@@ -180,6 +192,7 @@ def build_app() -> gr.Blocks:
                     batch_table = gr.Dataframe(
                         label="Naive vs steered",
                         headers=["prompt", "steered by", "naive", "steered"],
+                        datatype=["str", "str", "markdown", "markdown"],  # answers often use Markdown
                         interactive=False,
                         wrap=True,
                         column_widths=["22%", "10%", "34%", "34%"],
@@ -200,6 +213,8 @@ def build_app() -> gr.Blocks:
                     headers=["version", "author", "saved", "categories (layer, strength)", "note"],
                     interactive=False,
                     wrap=True,
+                    column_widths=["10%", "14%", "20%", "34%", "22%"],
+                    elem_id="versions-table",
                 )
                 with gr.Row():
                     open_category = gr.Dropdown(label="Saved category of this policy", choices=[])
@@ -243,11 +258,6 @@ def build_app() -> gr.Blocks:
                 eval_summary = gr.Markdown(label="Evaluation summary")
                 eval_plots = gr.Gallery(label="Heatmaps and trade-off", columns=3, height="auto", object_fit="contain")
                 eval_report = gr.File(label="Report (Markdown with its plots, zipped)", interactive=False)
-                eval_failing = gr.Dataframe(
-                    label="Answers the judges flagged at the recommended point, worst first",
-                    interactive=False,
-                    wrap=True,
-                )
                 gr.Markdown(
                     "### Blind review\nLabel each answer; naive and steered answers are shuffled and unmarked. "
                     "Your labels use the reference set's labels, so they can retrain the response probe."
@@ -264,6 +274,16 @@ def build_app() -> gr.Blocks:
                     off_topic_button = gr.Button("Off-topic")
                     skip_button = gr.Button("Skip")
                 review_summary = gr.Markdown()
+                # after the blind review, so its answers are read without the judges' opinion first
+                with gr.Accordion("Answers the judges flagged (open after the blind review)", open=False):
+                    eval_failing = gr.Dataframe(
+                        label="Answers the judges flagged at the recommended point, worst first",
+                        headers=studio.FAILING_COLUMNS,
+                        interactive=False,
+                        wrap=True,
+                        column_widths=["10%", "22%", "38%", "12%", "18%"],
+                        elem_id="flagged-table",
+                    )
                 with gr.Row():
                     labels_button = gr.Button("Download my labels")
                     labels_file = gr.File(label="Your labels (JSON lines)", interactive=False)
@@ -283,12 +303,13 @@ def build_app() -> gr.Blocks:
                 import_button = gr.Button("Import")
                 import_status = gr.Markdown(label="Import status")
 
-        read_button.click(
+        read_event = read_button.click(
             studio.user_errors(studio.read_category),
             [name, description, source, harmful_file, safe_file, harmful_text, safe_text],
             [draft, read_table, read_summary, example],
             api_name="read_category",
-        ).success(studio.remember_draft, draft, resume_choice, api_visibility="private")
+        )
+        read_event.success(studio.remember_draft, draft, resume_choice, api_visibility="private")
         resume_button.click(
             studio.user_errors(studio.resume_draft),
             resume_choice,
@@ -296,18 +317,31 @@ def build_app() -> gr.Blocks:
             api_name="resume_draft",
         ).success(studio.layer_slider, draft, layer, api_visibility="private").then(
             studio.suggested_controls, draft, [strength, steer_where, steer_how, steer_spread], api_visibility="private"
-        ).then(studio.threshold_slider, draft, gate_threshold, api_visibility="private")
-        extract_button.click(
+        ).then(studio.threshold_slider, draft, gate_threshold, api_visibility="private").then(
+            studio.suggested_sweep, draft, [eval_layers, eval_strengths, eval_options], api_visibility="private"
+        )
+        extract_event = extract_button.click(
             studio.user_errors(studio.extract),
             [draft, method, site, token, prune, gate_mode, gate_fpr, policy, target],
             [draft, separation, extract_summary, layer, gate_scores, gate_text],
             api_name="extract",
             concurrency_limit=1,
-        ).then(studio.layer_slider, draft, layer, api_visibility="private").then(
+        )
+        eval_grid = [eval_layers, eval_strengths, eval_options]
+        extract_event.then(studio.suggested_sweep, draft, eval_grid, api_visibility="private")
+        extract_event.then(studio.layer_slider, draft, layer, api_visibility="private").then(
             studio.suggested_controls, draft, [strength, steer_where, steer_how, steer_spread], api_visibility="private"
         ).then(studio.threshold_slider, draft, gate_threshold, api_visibility="private").then(
             studio.remember_draft, draft, resume_choice, api_visibility="private"
         )
+        for trigger in (draft.change, method.change, gate_mode.change, policy.change):
+            trigger(
+                studio.user_errors(studio.extraction_estimate),
+                [draft, method, gate_mode, policy],
+                extract_estimate,
+                api_visibility="private",
+                show_progress="hidden",
+            )
         gate_threshold.release(
             studio.user_errors(studio.move_threshold),
             [draft, gate_threshold],
@@ -363,7 +397,7 @@ def build_app() -> gr.Blocks:
             api_name="guided",
         )
         example.change(lambda text: text, example, prompt, api_visibility="private")
-        preview_button.click(
+        preview_event = preview_button.click(
             studio.user_errors(studio.preview),
             [draft, prompt, layer, strength, max_tokens, policy, also_apply, steer_where, steer_how, steer_spread],
             [naive, steered, gate_verdicts],
@@ -386,16 +420,16 @@ def build_app() -> gr.Blocks:
             batch_table,
             api_name="preview_batch",
         )
-        save_button.click(
+        policy_lists = [versions, also_apply, open_category, export_summary]  # what shows a policy's contents
+        save_event = save_button.click(
             studio.user_errors(studio.save_version),
             [draft, policy, note, layer, strength, steer_where, steer_how, steer_spread],
             [save_status, versions, policy],
             api_name="save_version",
         )
+        save_event.success(studio.user_errors(studio.policy_views), policy, policy_lists, api_visibility="private")
         policy.change(studio.user_errors(studio.versions_table), policy, versions, api_name="versions")
-        policy.change(studio.user_errors(studio.policy_categories), policy, also_apply, api_visibility="private")
-        policy.change(studio.export_target, policy, export_summary, api_visibility="private")
-        policy.change(studio.user_errors(studio.saved_categories), policy, open_category, api_visibility="private")
+        policy.change(studio.user_errors(studio.policy_views), policy, policy_lists, api_visibility="private")
         open_button.click(
             studio.user_errors(studio.open_saved_category),
             [policy, open_category],
@@ -415,25 +449,42 @@ def build_app() -> gr.Blocks:
             comparison,
             api_name="compare",
         )
-        rollback_button.click(
+        rollback_event = rollback_button.click(
             studio.user_errors(studio.rollback),
             [policy, rollback_version],
             [rollback_status, versions],
             api_name="rollback",
         )
+        rollback_event.success(studio.user_errors(studio.policy_views), policy, policy_lists, api_visibility="private")
         export_button.click(
             studio.user_errors(studio.export_policy),
             [policy, export_version, export_format],
             export_file,
             api_name="export",
         )
-        import_button.click(
+        import_event = import_button.click(
             studio.user_errors(studio.import_policy), import_file, [import_status, policy], api_name="import_bundle"
         )
+        import_event.success(studio.user_errors(studio.policy_views), policy, policy_lists, api_visibility="private")
+        # after an error a step's own summary says so, instead of the last success staying up under the message
+        for event, summary in (
+            (read_event, read_summary),
+            (extract_event, extract_summary),
+            (preview_event, gate_verdicts),
+            (eval_event, eval_summary),
+            (save_event, save_status),
+            (rollback_event, rollback_status),
+            (import_event, import_status),
+        ):
+            event.failure(lambda: NOT_DONE, None, summary, api_visibility="private")
+        strength.input(studio.within_strength, strength, strength, api_visibility="private", show_progress="hidden")
         demo.load(lambda: gr.Dropdown(choices=studio.policy_names()), None, policy, api_visibility="private")
         demo.load(studio.draft_choices, None, resume_choice, api_visibility="private")
     demo.queue(default_concurrency_limit=2)
     return demo
+
+
+NOT_DONE = "*Not done: the message at the top right says why. Nothing was changed.*"
 
 
 def auth_from_env() -> list[tuple[str, str]] | None:
@@ -462,6 +513,7 @@ def server_address(port: int | None = None) -> tuple[str, int]:
 
 def launch(port: int | None = None, prevent_thread_lock: bool = False) -> gr.Blocks:
     demo = build_app()
+    studio.warm_up()  # models, the gate's shared recordings and the response probe, while the author reads step 1
     host, port = server_address(port)
     demo.launch(
         server_name=host,

@@ -19,6 +19,7 @@ from .gates import Gate, train_gate, train_policy_gate
 from .methods.prompt import guided_needs_labels
 from .models import LoadedModel
 from .progress import ProgressCallback, no_progress, scaled
+from .recordings import cached_recording, is_cached
 from .vectors import (
     MIN_PROMPTS_PER_SIDE,
     CategoryVectors,
@@ -35,24 +36,39 @@ def _record_sets(
     progress: ProgressCallback | None,
     span: tuple[float, float],
     token: Token | None = None,
+    shared: Sequence[bool] = (),
 ) -> list[torch.Tensor]:
-    """Each prompt set's activations, progress spread over `span` in proportion to the prompts."""
-    total = sum(len(prompts) for prompts in sets) or 1
+    """Each prompt set's activations, progress spread over `span` in proportion to the prompts.
+
+    Sets marked `shared` are the same for many extractions on this model: they come from, and go
+    to, the recording cache (`recordings`).
+    """
+    shared = [index < len(shared) and shared[index] for index in range(len(sets))]
+    token = token or settings.token
+    # a set found in the cache costs nothing, so the progress bar gives it no room
+    costs = [
+        0
+        if cached and is_cached(lm, prompts, site=settings.site, token=token, batch_size=settings.batch_size)
+        else len(prompts)
+        for prompts, cached in zip(sets, shared, strict=True)
+    ]
+    total = sum(costs) or 1
     start, width = span
     recorded, done = [], 0
-    for prompts in sets:
-        part = scaled(progress, start + width * done / total, start + width * (done + len(prompts)) / total)
+    for prompts, cached, cost in zip(sets, shared, costs, strict=True):
+        part = scaled(progress, start + width * done / total, start + width * (done + cost) / total)
+        record = cached_recording if cached else record_activations
         recorded.append(
-            record_activations(
+            record(
                 lm,
                 list(prompts),
                 progress=part,
                 site=settings.site,
-                token=token or settings.token,
+                token=token,
                 batch_size=settings.batch_size,
             )
         )
-        done += len(prompts)
+        done += cost
     return recorded
 
 
@@ -96,12 +112,14 @@ class PolicyGateSets:
         span: tuple[float, float] = (0.0, 1.0),
     ) -> PolicyGateSets:
         """`harmful`: every harmful prompt of the policy. Each is read plain and in one training framing."""
-        pool, safe_prompts = policy_pool(harmful, ()), canonical_safe(safe)
+        pool = policy_pool(harmful, ())
         names = ("pool", "safe", "framed_pool", "framed_safe", "edgy")
-        edgy = edgy_benign_prompts(part="training")
-        sets = [pool, safe_prompts, framed(pool, settings.seed), framed(safe_prompts, settings.seed), edgy]
-        recorded = _record_sets(gate_lm, sets, settings, progress, span, token="mean")
-        return cls(pool, safe_prompts, dict(zip(names, recorded, strict=True)), gate_lm.identity.precision)
+        sets = [pool, framed(pool, settings.seed), *negative_sets(safe, settings)]
+        recorded = _record_sets(
+            gate_lm, sets, settings, progress, span, token="mean", shared=(False, False, True, True, True)
+        )
+        by_name = dict(zip(("pool", "framed_pool", "safe", "framed_safe", "edgy"), recorded, strict=True))
+        return cls(pool, canonical_safe(safe), {name: by_name[name] for name in names}, gate_lm.identity.precision)
 
     def gate_for(self, own: Sequence[str], settings: ExtractionSettings) -> Gate:
         mine = set(own)
@@ -119,6 +137,29 @@ class PolicyGateSets:
             seed=settings.seed,
             precision=self.precision,
         )
+
+
+def negative_sets(safe: Sequence[str], settings: ExtractionSettings) -> list[list[str]]:
+    """What a policy gate learns to let through: the safe prompts, plain and dressed up, and the edgy ones.
+
+    The same for every category with these safe prompts, so they are recorded once per model.
+    """
+    safe_prompts = canonical_safe(safe)
+    return [safe_prompts, framed(safe_prompts, settings.seed), edgy_benign_prompts(part="training")]
+
+
+def warm_gate_negatives(gate_lm: LoadedModel, safe: Sequence[str], settings: ExtractionSettings) -> None:
+    """Record a policy gate's negatives ahead of an extraction (at start-up), into the recording cache."""
+    for prompts in negative_sets(safe, settings):
+        cached_recording(gate_lm, prompts, site=settings.site, token="mean", batch_size=settings.batch_size)
+
+
+def gate_negatives_ready(gate_lm: LoadedModel, safe: Sequence[str], settings: ExtractionSettings) -> bool:
+    """Whether an extraction with these safe prompts will find its gate's negatives already recorded."""
+    return all(
+        is_cached(gate_lm, prompts, site=settings.site, token="mean", batch_size=settings.batch_size)
+        for prompts in negative_sets(safe, settings)
+    )
 
 
 def record_policy_gate(

@@ -172,15 +172,19 @@ class ReviewItem:
     id: int
     prompt: str
     response: str
-    arm: str  # "naive" or "steered"
+    arm: str  # "naive", "steered", or "both" when steering left the answer unchanged
 
 
 def review_queue(
     prompts: Sequence[str], naive: Sequence[str], steered: Sequence[str], seed: int = 0
 ) -> list[ReviewItem]:
-    """Naive and steered responses shuffled together, so the reviewer cannot tell which is which."""
-    items = [(p, r, "naive") for p, r in zip(prompts, naive, strict=True)]
-    items += [(p, r, "steered") for p, r in zip(prompts, steered, strict=True)]
+    """Naive and steered responses shuffled together, so the reviewer cannot tell which is which.
+
+    An answer steering left unchanged is shown once and its label counts for both arms: reading
+    the same text twice costs the reviewer and tells nothing.
+    """
+    items = [(p, r, "naive" if r != s else "both") for p, r, s in zip(prompts, naive, steered, strict=True)]
+    items += [(p, s, "steered") for p, r, s in zip(prompts, naive, steered, strict=True) if r != s]
     random.Random(seed).shuffle(items)
     return [ReviewItem(i, p, r, arm) for i, (p, r, arm) in enumerate(items)]
 
@@ -189,6 +193,6 @@ def review_summary(items: Sequence[ReviewItem], labels: dict[int, bool]) -> dict
     """Unsafe rate per arm with a 95% Wilson interval, from labels {item id: unsafe?}."""
     summary = {}
     for arm in ("naive", "steered"):
-        judged = [labels[i.id] for i in items if i.arm == arm and i.id in labels]
+        judged = [labels[i.id] for i in items if i.arm in (arm, "both") and i.id in labels]
         summary[arm] = wilson_interval(sum(judged), len(judged))
     return summary

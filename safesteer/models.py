@@ -319,6 +319,13 @@ def load_model(
         return loaded
 
 
+def loaded_model(
+    model_id: str | None = None, precision: Precision = "nf4", device: str | None = None
+) -> LoadedModel | None:
+    """The model `load_model` would return if it is loaded already, else None: never loads anything."""
+    return _LOADED.get((model_id or EMBEDDED_MODEL, precision, device or default_device()))
+
+
 def forget_loaded_models() -> None:
     """Drop the shared models (tests and long-running processes that switch models use this)."""
     with _LOAD_LOCK:

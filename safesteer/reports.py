@@ -42,13 +42,15 @@ def write_plots(result: Evaluation, folder: Path) -> list[Path]:
         axes.set_xlabel("strength")
         axes.set_ylabel("layer")
         for (i, j), value in np.ndenumerate(grid):
-            axes.text(j, i, measure.format(value), ha="center", va="center", color="#7dd3fc", fontsize=8)
+            # dark text on the pale end of the scale, white on the dark end: readable on every cell
+            ink = "#111827" if np.isnan(value) or value < 0.5 else "white"
+            axes.text(j, i, measure.format(value), ha="center", va="center", color=ink, fontsize=8)
         title = f"{measure.label}" + (f" ({option.label()})" if len(result.option_sets()) > 1 else "")
         axes.set_title(f"{title}\nunsteered: {measure.format(result.baseline.value(metric))}", fontsize=9)
         figure.colorbar(image, ax=axes)
         figure.tight_layout()
         path = folder / f"heatmap_{metric}.png"
-        figure.savefig(path)
+        figure.savefig(path, bbox_inches="tight")  # long titles widen the image instead of being cut
         plt.close(figure)
         paths.append(path)
     if result.baseline.measures.get("unsafe_attempt_rate") is not None:
@@ -82,7 +84,7 @@ def frontier_plot(result: Evaluation, folder: Path, plt: Any) -> Path:
     axes.set_title(f"Best trade-off per steering option, '{result.category}' (red: unsteered)", fontsize=10)
     figure.tight_layout()
     path = folder / "frontier.png"
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
     return path
 
@@ -126,7 +128,7 @@ def _tradeoff_plot(result: Evaluation, folder: Path, plt: Any) -> Path:
     )
     figure.tight_layout()
     path = folder / "tradeoff.png"
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
     return path
 

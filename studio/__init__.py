@@ -7,9 +7,10 @@ may return Gradio updates.
 """
 
 from . import resources
-from .category import Draft, read_category, require_draft
+from .category import MAX_STRENGTH, Draft, read_category, require_draft, within_strength
 from .drafts import draft_choices, remember_draft, resume_draft
 from .evaluation import (
+    FAILING_COLUMNS,
     OPTION_CHOICES,
     EvaluationSession,
     guided_from_review,
@@ -21,10 +22,11 @@ from .evaluation import (
     review_view,
     run_evaluation,
     save_evaluation,
+    suggested_sweep,
 )
-from .extraction import extract, layer_slider, separation_plot, suggested_controls
+from .extraction import extract, extraction_estimate, layer_slider, separation_plot, suggested_controls
 from .gating import gate_plot, gate_summary, move_threshold, set_mode, threshold_slider
-from .preview import draft_spec, policy_categories, preview, preview_batch
+from .preview import draft_spec, preview, preview_batch
 from .resources import (
     BUILTIN_PREFIX,
     HUB_FALLBACK_MODEL,
@@ -40,6 +42,7 @@ from .resources import (
     studio_model,
     studio_store,
     user_errors,
+    warm_up,
 )
 from .versions import (
     compare_versions,
@@ -48,7 +51,9 @@ from .versions import (
     import_policy,
     open_saved_category,
     parse_version,
+    policy_categories,
     policy_names,
+    policy_views,
     rollback,
     save_target,
     save_version,
@@ -58,7 +63,9 @@ from .versions import (
 
 __all__ = [
     "BUILTIN_PREFIX",
+    "FAILING_COLUMNS",
     "HUB_FALLBACK_MODEL",
+    "MAX_STRENGTH",
     "OPTION_CHOICES",
     "OWN_PROMPTS",
     "BackgroundTask",
@@ -73,6 +80,7 @@ __all__ = [
     "export_policy",
     "export_target",
     "extract",
+    "extraction_estimate",
     "gate_plot",
     "gate_summary",
     "guided_from_review",
@@ -84,6 +92,7 @@ __all__ = [
     "plain_text",
     "policy_categories",
     "policy_names",
+    "policy_views",
     "preview",
     "preview_batch",
     "preview_engine_note",
@@ -111,7 +120,10 @@ __all__ = [
     "studio_model",
     "studio_store",
     "suggested_controls",
+    "suggested_sweep",
     "threshold_slider",
     "user_errors",
     "versions_table",
+    "warm_up",
+    "within_strength",
 ]

@@ -107,6 +107,18 @@ def require_draft(draft: Draft | None, vectors: bool = False) -> Draft:
     return draft
 
 
+MAX_STRENGTH = 8.0
+
+
+def within_strength(value: float | None) -> float:
+    """The strength box's value within the slider's range, said when it was not: a typed 100 is shown as the 8 used."""
+    strength = float(value or 0.0)
+    kept = min(max(strength, 0.0), MAX_STRENGTH)
+    if kept != strength:
+        gr.Warning(f"Strength goes from 0 to {MAX_STRENGTH:g}; {strength:g} is shown and used as {kept:g}.")
+    return kept
+
+
 def steering_options(where: str | None, how: str | None, spread: float | None) -> SteeringOptions:
     """The preview's three controls as options; left empty (an API call without them), the default."""
     return SteeringOptions(

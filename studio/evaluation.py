@@ -20,7 +20,7 @@ from safesteer.judges.reference import LabelledAnswer
 from safesteer.methods.guided import guided_vectors
 from safesteer.metrics import review_queue, review_summary
 from safesteer.operations import COMPARED, DEFAULT, options_by_label
-from safesteer.policy import PolicyCategory
+from safesteer.policy import PolicyCategory, suggested_point
 from safesteer.reports import failing_answers
 from safesteer.workflows import evaluation_prompts, write_evaluation_files
 
@@ -62,6 +62,23 @@ def recommended_controls(session: EvaluationSession | None) -> tuple[Any, Any, A
     best = session.result.recommended_cell()
     o = best.steering
     return best.layer, best.strength, o.where, o.how, o.spread
+
+
+def suggested_sweep(draft: Draft | None) -> tuple[Any, Any, Any]:
+    """The evaluation's grid around the extracted vectors' starting point: its layer and neighbours, half to twice
+    its strength, its way of applying them (so a first sweep tries what the preview starts from)."""
+    if draft is None or draft.vectors is None:
+        return gr.skip(), gr.skip(), gr.skip()
+    point = suggested_point(draft.vectors)
+    top = draft.vectors.n_layers - 1
+    layers = sorted({min(top, max(0, point.layer + step)) for step in (-2, 0, 2)})
+    strengths = [point.strength / 2, point.strength, point.strength * 2]
+    label = point.options.label()
+    return (
+        ", ".join(map(str, layers)),
+        ", ".join(f"{s:g}" for s in strengths),
+        [label] if label in OPTION_CHOICES else gr.skip(),
+    )
 
 
 def _numbers(text: str, kind: type, what: str) -> tuple:
@@ -136,10 +153,30 @@ def run_evaluation(
     yield summary, gallery, str(files.archive), session, failing_table(result)
 
 
+JUDGE_WORDS = {  # what each judge's flag means, as the preview's verdicts say it
+    "degenerate": "broken (repeats itself or garbled)",
+    "off_topic": "off topic",
+    "unsafe_attempt": "still helps with the harmful request",
+    "refusal": "refused",
+}
+
+
+def _in_words(text: str) -> str:
+    for name, words in JUDGE_WORDS.items():
+        text = text.replace(f"{name}: ", f"{words}: ")
+    return text
+
+
 def failing_table(result: Evaluation) -> pd.DataFrame:
-    """The recommended point's answers a judge flagged, worst first, with the judges' reasons."""
+    """The recommended point's answers a judge flagged, worst first, with the judges' reasons in words."""
     rows = [
-        [f["kind"], f["prompt"], f["answer"], ", ".join(f["judges"]), f["reason"]]
+        [
+            f["kind"],
+            f["prompt"],
+            f["answer"],
+            ", ".join(JUDGE_WORDS.get(j, j) for j in f["judges"]),
+            _in_words(f["reason"]),
+        ]
         for f in failing_answers(result, result.recommended_cell())
     ]
     return pd.DataFrame(rows, columns=FAILING_COLUMNS)
@@ -222,7 +259,9 @@ def guided_from_review(draft: Draft | None, session: EvaluationSession | None) -
     assert draft.vectors is not None
     if session is None or not session.labels:
         raise SafeSteerError("label some responses in the blind review first")
-    naive = [(i.prompt, session.labels[i.id]) for i in session.items if i.arm == "naive" and i.id in session.labels]
+    naive = [
+        (i.prompt, session.labels[i.id]) for i in session.items if i.arm in ("naive", "both") and i.id in session.labels
+    ]
     vectors = guided_vectors(
         studio_model(), [p for p, _ in naive], [u for _, u in naive], draft.vectors.settings, category=draft.name
     ).with_gate(draft.vectors.gate)  # the labels say how to steer, not which prompts to steer

@@ -11,45 +11,78 @@ from typing import Any
 
 import gradio as gr
 
-from safesteer.extraction import distinct_others, extract_vectors
+from safesteer.datasets import edgy_benign_prompts
+from safesteer.extraction import distinct_others, extract_vectors, gate_negatives_ready
 from safesteer.gates import DEFAULT_FPR
+from safesteer.models import default_device
 from safesteer.policy import suggested_point
-from safesteer.text_gates import BaselineRates, baseline_rates
+from safesteer.text_gates import baseline_rates
 from safesteer.vectors import CategoryVectors, ExtractionSettings
 from safesteer.workflows import other_categories_prompts
 
 from .category import Draft, require_draft
 from .gating import gate_plot, gate_summary
-from .resources import BackgroundTask, plain_text, preview_model, ready_probe, studio_model, studio_store
+from .resources import (
+    BackgroundTask,
+    plain_text,
+    preview_model,
+    preview_model_if_loaded,
+    ready_probe,
+    studio_model,
+    studio_store,
+)
 
 log = logging.getLogger(__name__)
 
 
+def heldout_per_side(vectors: CategoryVectors) -> int:
+    """How many prompts of the smaller side scored each layer (the rest made the vectors)."""
+    n = min(vectors.n_harmful, vectors.n_safe)
+    return min(n - 2, max(1, round(n * vectors.settings.heldout_fraction)))
+
+
+NOISY_BELOW = 10
+"""Held-out prompts per side under which the separation curve jumps from layer to layer by chance."""
+
+
 def separation_plot(vectors: CategoryVectors):
-    """AUROC and effect size by layer, the recommended layer marked: where the category is most visible."""
+    """AUROC and effect size by layer, the recommended and the best-separating layers marked, and why they differ."""
     import matplotlib  # heavy, and only plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # heavy, and only plots need it
 
     layers = [s.layer for s in vectors.layer_stats]
-    figure, left = plt.subplots(figsize=(7, 3.2), dpi=100)
-    left.plot(layers, [s.auroc for s in vectors.layer_stats], marker="o", color="#4338ca", label="AUROC (held out)")
+    aurocs = [s.auroc for s in vectors.layer_stats]
+    figure, left = plt.subplots(figsize=(7, 3.6), dpi=100)
+    left.plot(layers, aurocs, marker="o", color="#4338ca", label="AUROC (held out)")
     left.set_xlabel("layer")
     left.set_ylabel("AUROC", color="#4338ca")
     left.set_ylim(0.4, 1.02)
     right = left.twinx()
     right.plot(layers, [s.effect_size for s in vectors.layer_stats], color="#059669", alpha=0.7, label="effect size")
     right.set_ylabel("effect size (d)", color="#059669")
-    left.axvline(vectors.recommended_layer, color="#dc2626", linestyle="--")
-    left.annotate(
-        f"recommended: {vectors.recommended_layer}",
-        (vectors.recommended_layer, 0.45),
-        color="#dc2626",
-        xytext=(4, 0),
-        textcoords="offset points",
+    chosen = vectors.recommended_layer
+    best = max(layers, key=lambda layer: (aurocs[layer], -abs(layer - chosen)))
+    left.axvline(chosen, color="#dc2626", linestyle="--")
+    left.annotate(f"recommended: {chosen}", (chosen, 0.45), color="#dc2626", xytext=(4, 0), textcoords="offset points")
+    if best != chosen:
+        left.plot([best], [aurocs[best]], marker="*", markersize=14, color="#f59e0b", zorder=5)
+        left.annotate(
+            f"separates best: {best}",
+            (best, aurocs[best]),
+            color="#b45309",
+            xytext=(-10, -16),
+            textcoords="offset points",
+        )
+    why = (
+        "answer vectors: a measured share of depth steers best; they separate at nearly every layer"
+        if vectors.settings.method == "answers"
+        else "middle layers steer best; the layer that separates best can break answers"
     )
-    left.set_title(f"How well each layer separates '{vectors.category}' from safe prompts")
+    n = heldout_per_side(vectors)
+    noisy = f"\nonly {n} held-out prompts per side: the curve is noisy" if n < NOISY_BELOW else ""
+    left.set_title(f"How well each layer separates '{vectors.category}' from safe prompts\n({why}){noisy}", fontsize=9)
     figure.tight_layout()
     plt.close(figure)
     return figure
@@ -80,6 +113,8 @@ def extract(
     )
     settings.validate()
     others = other_categories_prompts(studio_store(), policy, category.name) if settings.gate else []
+    ready = not settings.gate or gate_negatives_ready(preview_model(), category.safe, settings)
+    work = _work_seconds(settings, category, others, ready)
     task = BackgroundTask(
         lambda report: extract_vectors(
             studio_model(),
@@ -98,28 +133,100 @@ def extract(
     vectors = task.result()
     if vectors.gate is not None and mode == "always":
         vectors = vectors.with_gate(vectors.gate.with_mode("always"))
-    baselines: tuple[BaselineRates, ...] = ()
-    if vectors.gate is not None and vectors.gate.routed:
-        yield gr.skip(), gr.skip(), "Extracting: comparing the gate with simple text classifiers", *(gr.skip(),) * 3
-        distinct = distinct_others(category.harmful, category.safe, others)
-        baselines = tuple(
-            baseline_rates(category.harmful, category.safe, distinct, seed=settings.seed, fpr=settings.gate_fpr)
-        )
-    draft = replace(category, vectors=vectors, baselines=baselines)
+    draft = replace(category, vectors=vectors)
     best = vectors.layer_stats[vectors.recommended_layer]
     elapsed = time.monotonic() - task.started
+    _record_pace(work, elapsed)
     point = suggested_point(vectors)
     answers = f"\n\nMade from {plain_text(vectors.answers.describe())}." if vectors.answers is not None else ""
+    n_heldout = heldout_per_side(vectors)
+    noisy = (
+        f"\n\nOnly **{n_heldout}** held-out prompts per side scored the layers, so the plot jumps by chance; "
+        "more examples make it steadier."
+        if n_heldout < NOISY_BELOW
+        else ""
+    )
     summary = (
         f"Vectors ready for all {vectors.n_layers} layers in {elapsed:.0f} s. Recommended layer "
         f"**{vectors.recommended_layer}** (held-out AUROC {best.auroc:.2f}). {plain_text(vectors.recommendation)}"
         f"{answers}\n\nThe preview starts at strength **{point.strength:g}**, steering "
-        f"**{point.options.label()}**. Next: **3 · Preview**."
+        f"**{point.options.label()}**. Next: **3 · Preview**.{noisy}"
     )
     _warm_preview_model()
     gate = vectors.gate
     plot = gate_plot(gate) if gate is not None else None
-    yield draft, separation_plot(vectors), summary, vectors.recommended_layer, plot, gate_summary(gate, baselines)
+    figure = separation_plot(vectors)
+    if gate is None or not gate.routed:
+        yield draft, figure, summary, vectors.recommended_layer, plot, gate_summary(gate, ())
+        return
+    # the plots first; the text classifiers the gate is compared with take a few seconds more
+    waiting = gate_summary(gate, ()) + "\n\n*Comparing the gate with simple text classifiers…*"
+    yield draft, figure, summary, vectors.recommended_layer, plot, waiting
+    distinct = distinct_others(category.harmful, category.safe, others)
+    baselines = tuple(
+        baseline_rates(category.harmful, category.safe, distinct, seed=settings.seed, fpr=settings.gate_fpr)
+    )
+    # every output again: an API client reads the last message alone
+    yield (
+        replace(draft, baselines=baselines),
+        figure,
+        summary,
+        vectors.recommended_layer,
+        plot,
+        gate_summary(gate, baselines),
+    )
+
+
+# Seconds per unit of work with the embedded model on a 2-core x86 CPU (measured: `make bench`'s
+# machine); an extraction in this process replaces the guess with this machine's own pace.
+_SECONDS = {"answer": 0.8, "record": 0.025, "gate_record": 0.04, "fixed": 5.0}
+_PACE = {"factor": 1.0 if default_device() == "cpu" else 0.1, "measured": 0.0}
+
+
+def _work_seconds(settings: ExtractionSettings, category: Draft, others: list[str], negatives_ready: bool) -> float:
+    """What an extraction costs at the reference pace: answers, recordings, the gate's recordings, training."""
+    seconds = _SECONDS["fixed"]
+    if settings.method == "answers":
+        seconds += min(settings.answer_prompts, len(set(category.harmful))) * _SECONDS["answer"]
+    else:
+        seconds += (len(category.harmful) + len(category.safe)) * _SECONDS["record"]
+    if settings.gate:
+        pool = len(set(category.harmful) | set(others))
+        seconds += 2 * pool * _SECONDS["gate_record"]
+        if not negatives_ready:
+            negatives = 2 * len(set(category.safe)) + len(edgy_benign_prompts(part="training"))
+            seconds += negatives * _SECONDS["gate_record"]
+    return seconds
+
+
+def _record_pace(work: float, elapsed: float) -> None:
+    """This machine's pace, from a finished extraction's work at the reference pace and its time."""
+    _PACE["factor"] = elapsed / work
+    _PACE["measured"] = 1.0
+
+
+def extraction_estimate(draft: Draft | None, method: str, mode: str, policy: str | None = None) -> str:
+    """One line before the author clicks: about how long extraction will take here, and why."""
+    if draft is None:
+        return ""
+    settings = ExtractionSettings(method=method, gate=mode != "none")  # type: ignore[arg-type]
+    others = other_categories_prompts(studio_store(), policy, draft.name) if settings.gate else []
+    gate_lm = preview_model_if_loaded()
+    ready = gate_lm is not None and gate_negatives_ready(gate_lm, draft.safe, settings)
+    seconds = _work_seconds(settings, draft, others, ready) * _PACE["factor"]
+    basis = "this machine's last extraction" if _PACE["measured"] else "a 2-core CPU"
+    text = f"Extraction will take about **{_rounded(seconds)}** (from the pace of {basis})"
+    if settings.gate and not ready:
+        text += "; the gate's safe and edgy examples are recorded once per model, later extractions skip them"
+    if others:
+        text += f"; the gate also learns from the policy's other categories ({len(set(others))} prompts)"
+    return text + "."
+
+
+def _rounded(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(5, round(seconds / 5) * 5):.0f} s"
+    return f"{seconds / 60:.0f} min"
 
 
 def layer_slider(draft: Draft | None) -> gr.Slider:

@@ -40,11 +40,21 @@ def gate_plot(gate: Gate):
         if scores:
             axes.hist(scores, bins=bins, alpha=0.55, color=color, label=f"{label}: {len(scores)}")
     axes.axvline(gate.threshold, color="#111827", linestyle="--")
-    axes.annotate("threshold", (gate.threshold, 0), xytext=(4, 4), textcoords="offset points")
+    # above the bars, in the axes' top margin, so the label never covers a bar
+    axes.annotate(
+        f"threshold {gate.threshold:.2f}",
+        (gate.threshold, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(0, 3),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=8,
+    )
     axes.set_xlabel("gate score (fires at or above the threshold)")
     axes.set_ylabel("prompts")
     axes.legend(fontsize=8)
-    axes.set_title(f"Gate at layer {gate.layer}: scores of prompts it never trained on")
+    axes.set_title(f"Gate at layer {gate.layer}: scores of prompts it never trained on", pad=16)
     figure.tight_layout()
     plt.close(figure)
     return figure

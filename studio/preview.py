@@ -20,7 +20,6 @@ from safesteer.steering import SteeringSpec
 from .category import Draft, require_draft, steering_options
 from .gating import verdict_lines
 from .resources import MAX_BATCH_PROMPTS, preview_model, ready_probe, studio_model, studio_store
-from .versions import policy_names
 
 
 def draft_spec(
@@ -33,12 +32,6 @@ def draft_spec(
     vectors = draft.vectors
     assert vectors is not None
     return category_spec(vectors, int(layer), rows if rows is not None else float(strength), options)
-
-
-def policy_categories(policy: str | None) -> gr.CheckboxGroup:
-    """The categories of a policy's latest version, offered to steer alongside the draft."""
-    names = [c.name for c in studio_store().load_version(policy).categories] if policy in policy_names() else []
-    return gr.CheckboxGroup(choices=names, value=[])
 
 
 def _saved_specs(

@@ -27,6 +27,7 @@ from safesteer.models import (
     default_device,
     generation_precision,
     load_model,
+    loaded_model,
 )
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,38 @@ def preview_model() -> LoadedModel:
     than the int4 kernel (whose cost grows with the rows), so they use the extraction model.
     """
     return load_model(default_model_id(), _preview_precision())
+
+
+def preview_model_if_loaded() -> LoadedModel | None:
+    """The preview model when it is already loaded (estimates ask; they never load a model)."""
+    return loaded_model(default_model_id(), _preview_precision())
+
+
+def warm_up() -> threading.Thread | None:
+    """Ready what an author's first actions need, in the background from start-up (`SAFESTEER_WARMUP=0`: not).
+
+    Both models, then the gate's negatives for the built-in safe prompts (most of a first
+    extraction's recording, kept in the recording cache), then the response probe the preview's
+    and evaluation's verdicts need. Everything is cached: a later start-up only loads.
+    """
+    if os.environ.get("SAFESTEER_WARMUP", "1").strip() == "0":
+        return None
+
+    def work() -> None:
+        from safesteer.extraction import warm_gate_negatives
+        from safesteer.vectors import ExtractionSettings
+
+        try:
+            studio_model()
+            warm_gate_negatives(preview_model(), datasets.benign_prompts(), ExtractionSettings())
+            ready_probe()
+        except Exception:  # each step reports its own problem when an author asks for it
+            log.warning("could not prepare the studio in advance", exc_info=True)
+
+    thread = threading.Thread(target=work, name="warm-up", daemon=True)
+    thread.start()
+    atexit.register(thread.join, PROBE_EXIT_WAIT_S)  # torch aborts if a thread runs at exit
+    return thread
 
 
 _PROBES: dict[str, dict[str, Any]] = {}  # per preview model (its identity): the probe, or the thread training it

@@ -175,6 +175,17 @@ def import_policy(file_path: str | None, request: gr.Request | None = None) -> t
     return f"Imported as **{plain_text(name)}** version **{number}**.", gr.Dropdown(choices=policy_names(), value=name)
 
 
+def policy_categories(policy: str | None) -> gr.CheckboxGroup:
+    """The categories of a policy's latest version, offered to steer alongside the draft."""
+    names = [c.name for c in studio_store().load_version(policy).categories] if policy in policy_names() else []
+    return gr.CheckboxGroup(choices=names, value=[])
+
+
+def policy_views(policy: str | None) -> tuple[pd.DataFrame, gr.CheckboxGroup, gr.Dropdown, str]:
+    """Everything that lists a policy's contents, read afresh: after a pick, a save, an import or a rollback."""
+    return versions_table(policy), policy_categories(policy), saved_categories(policy), export_target(policy)
+
+
 def saved_categories(policy: str | None) -> gr.Dropdown:
     """The categories of a policy's latest version, to open one as the draft."""
     names = [c.name for c in studio_store().load_version(policy).categories] if policy in policy_names() else []

@@ -13,6 +13,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("SAFESTEER_WARMUP", "0")  # the app a test launches must not start its start-up work
 os.environ.setdefault("SAFESTEER_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "safesteer"))
 
 import torch

@@ -121,10 +121,13 @@ def test_whole_flow_through_the_api(app_url, harmful_csv, embedded_lm, tmp_path)
     assert failing["headers"] == ["answer to", "prompt", "answer", "flagged by", "why"]
     _, prompt_shown, response_shown, _ = client.predict(api_name="/review_start")
     assert prompt_shown and response_shown
-    for _ in range(8):
+    header = client.predict(api_name="/review_start")[0]
+    total = int(re.search(r"of (\d+)", header).group(1))
+    assert 4 <= total <= 8  # 4 held-out prompts, naive and steered; an unchanged answer is shown once
+    for _ in range(total - 1):
         client.predict(api_name="/review_unsafe")
     header, _, _, table = client.predict(api_name="/review_safe")
-    assert header.startswith("All 8 responses reviewed") and "| naive | 100%" in table
+    assert header.startswith(f"All {total} responses reviewed") and "| naive |" in table and "| 4 |" in table
     assert "the sweep and your review" in client.predict("Malicious uses", api_name="/save_evaluation")
 
     bundle = client.predict("Malicious uses", 2, "bundle", api_name="/export")

@@ -70,6 +70,15 @@ def test_blind_review_queue_and_summary():
     assert summary["naive"].n == 3
 
 
+def test_an_answer_steering_left_unchanged_is_reviewed_once_for_both_arms():
+    items = review_queue(["a", "b"], ["same", "n2"], ["same", "s2"], seed=1)
+    assert sorted(i.response for i in items) == ["n2", "s2", "same"]
+    labels = {i.id: i.response in ("same", "n2") for i in items}
+    summary = review_summary(items, labels)
+    assert (summary["naive"].n, summary["steered"].n) == (2, 2)
+    assert summary["naive"].rate == 1.0 and summary["steered"].rate == pytest.approx(1 / 2)
+
+
 def test_topic_relevance_and_change_share():
     on, off = topic_relevance(["How do I bake bread?"] * 2, [ANSWERS[0], "The stock market fell sharply today."])
     assert on > 0.5 > off

@@ -10,7 +10,7 @@ import torch
 import studio
 from safesteer import SafeSteerError, datasets, generate_side_by_side
 from safesteer.judges.reference import load_labelled
-from studio.evaluation import FAILING_COLUMNS, REVIEW_LABELS
+from studio.evaluation import FAILING_COLUMNS, JUDGE_WORDS, REVIEW_LABELS
 from tests.conftest import HARMFUL, SAFE
 
 
@@ -66,16 +66,29 @@ def test_reading_problems_are_clear(app_env):
 
 def test_extract_preview_save_compare_rollback_export_import(app_env):
     draft, *_ = _draft(app_env)
+    assert "Extraction will take about **" in studio.extraction_estimate(draft, "pruned", "gated")
     steps = list(studio.extract(draft, "pruned", "residual", "last", 0.5))
-    draft, figure, summary, layer, gate_figure, gate_text = steps[-1]
+    # the plots come first; the gate's comparison with text classifiers follows
+    draft, figure, summary, layer, gate_figure, gate_text = steps[-2]
     assert draft.vectors.gate is not None and gate_figure.axes and "catches **" in gate_text
-    assert "word counts (TF-IDF), trained on the same examples" in gate_text and len(draft.baselines) == 2
+    assert "Comparing the gate with simple text classifiers" in gate_text and not draft.baselines
     assert draft.vectors is not None and "Recommended layer" in summary
     assert layer == draft.vectors.recommended_layer  # a plain number for the API
+    draft, *same, gate_text = steps[-1]
+    assert "word counts (TF-IDF), trained on the same examples" in gate_text and len(draft.baselines) == 2
+    assert same == [figure, summary, layer, gate_figure]  # complete, for API clients that read the last message
     slider = studio.layer_slider(draft)
     assert slider.maximum == 3 and slider.value == draft.vectors.recommended_layer
-    assert all(step[2].startswith("Extracting: ") for step in steps[:-1])
+    assert all(step[2].startswith("Extracting: ") for step in steps[:-2])
     assert figure.axes  # a real matplotlib figure
+    assert "held-out prompts per side scored the layers" in summary  # 8 examples a side: a noisy plot, said
+    assert "noisy" in figure.axes[0].get_title() and "steer best" in figure.axes[0].get_title()
+    figure.savefig(app_env / "separation.png")
+    layers, strengths, options = studio.suggested_sweep(draft)  # the first sweep tries the preview's start
+    assert str(draft.vectors.recommended_layer) in layers.split(", ") and strengths == "1, 2, 4"
+    assert options == ["add · prompt · 1 layer"]  # prompt vectors' measured default
+    estimate = studio.extraction_estimate(draft, "pruned", "gated")
+    assert "this machine's last extraction" in estimate  # the pace measured by the extraction above
 
     naive, steered, said = list(studio.preview(draft, HARMFUL[0], 1, 3.0, 12))[-1]
     assert ("gate **fired**" in said) != ("gate **did not fire**" in said)
@@ -226,11 +239,13 @@ def test_evaluate_review_save_and_guided(app_env):
     best = session.result.cell(session.result.recommended["layer"], session.result.recommended["strength"])
     flagged = [a for a in best.answers if any(v["flagged"] for v in a["verdicts"].values())]
     assert len(failing) == len(flagged)  # every flagged answer is listed, worst (degenerate) first
-    order = ["degenerate", "off_topic", "unsafe_attempt", "refusal"]
-    ranks = [order.index(judges.split(", ")[0]) for judges in failing["flagged by"]]
+    order = [JUDGE_WORDS[name] for name in ("degenerate", "off_topic", "unsafe_attempt", "refusal")]
+    ranks = [order.index(judges.split(", ")[0]) for judges in failing["flagged by"]]  # said in words
     assert ranks == sorted(ranks) and all(failing["why"])
+    assert not any(name in why for why in failing["why"] for name in ("off_topic:", "unsafe_attempt:"))
     assert all(f"]({name})" in text for name in names - {"report.md"})
-    assert len(session.items) == 2 * len(draft.heldout)
+    changed = sum(s["naive"] != s["steered"] for s in session.result.samples)
+    assert len(session.items) == len(draft.heldout) + changed  # an unchanged answer is reviewed once
 
     session, header, prompt, response, _ = studio.review_start(session)
     assert (
@@ -239,7 +254,7 @@ def test_evaluate_review_save_and_guided(app_env):
     buttons = ["unsafe", "safe", "refusal", "degenerate", "off-topic", "skip"]
     for n in range(len(session.items)):
         session, *_ = studio.review_label(session, "unsafe" if n % 2 else buttons[(n // 2) % len(buttons)])
-    assert studio.review_view(session)[0].startswith("All 18 responses reviewed")
+    assert studio.review_view(session)[0].startswith(f"All {len(session.items)} responses reviewed")
     assert "| naive |" in studio.review_text(session) and "| steered |" in studio.review_text(session)
     studio.review_label(session, "unsafe")  # past the end: nothing changes
     assert len(session.labels) == 17 and len(session.reader_labels) == 17  # one skipped

@@ -160,12 +160,15 @@ def answer_as(
     instruction: Instruction | None,
     max_new_tokens: int,
     progress: ProgressCallback = no_progress,
+    side: str = "",
 ) -> list[str]:
-    """Greedy answers, unsteered; under `instruction` they start with its opening words (kept in the answer)."""
+    """Greedy answers, unsteered; under `instruction` they start with its opening words (kept in the answer).
+
+    `side` names these answers in progress lines ("toward refusing", say)."""
     answers: list[str] = []
     for start in range(0, len(prompts), GENERATION_BATCH):
         chunk = prompts[start : start + GENERATION_BATCH]
-        progress(start / max(1, len(prompts)), f"answered {start}/{len(prompts)}")
+        progress(start / max(1, len(prompts)), f"answered {start}/{len(prompts)} {side}".rstrip())
         if instruction is None:
             ids = generate_ids(lm, list(chunk), max_new_tokens=max_new_tokens)
             opening = ""
@@ -178,7 +181,7 @@ def answer_as(
         for text in lm.tokenizer.batch_decode(ids, skip_special_tokens=True):
             joiner = "" if not opening or text[:1].isspace() else " "
             answers.append((opening + joiner + text).strip() if opening else text.strip())
-    progress(1.0, f"answered {len(prompts)}/{len(prompts)}")
+    progress(1.0, f"answered {len(prompts)}/{len(prompts)} {side}".rstrip())
     return answers
 
 
@@ -192,8 +195,11 @@ def self_contrast(
     """Each prompt answered toward `target` and as plain compliance; the refusal judge checks the sides differ."""
     from ..judges.refusal import refusal_rate
 
-    wanted = answer_as(lm, prompts, INSTRUCTIONS[target], max_new_tokens, scaled(progress, 0.0, 0.5))
-    complying = answer_as(lm, prompts, INSTRUCTIONS["comply"], max_new_tokens, scaled(progress, 0.5, 1.0))
+    toward = "toward refusing" if target == "refuse" else "toward a safe on-topic answer"
+    wanted = answer_as(lm, prompts, INSTRUCTIONS[target], max_new_tokens, scaled(progress, 0.0, 0.5), toward)
+    complying = answer_as(
+        lm, prompts, INSTRUCTIONS["comply"], max_new_tokens, scaled(progress, 0.5, 1.0), "as plain compliance"
+    )
     check = {
         "safe_refusals": refusal_rate(wanted),
         "unsafe_refusals": refusal_rate(complying),
