@@ -57,6 +57,7 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     resume_choice = gr.Dropdown(
                         label="Resume a draft",
+                        elem_id="resume-draft",
                         choices=[],
                         info="your categories in progress are kept after every step, across reloads and restarts",
                     )
@@ -82,7 +83,7 @@ def build_app() -> gr.Blocks:
                         )
                         safe_text = gr.Textbox(label="…or paste safe prompts, one per line", lines=5)
                 read_button = gr.Button("Read prompts", variant="primary")
-                read_summary = gr.Markdown(label="Summary")
+                read_summary = gr.Markdown(label="Summary", elem_id="read-summary")
                 read_table = gr.Dataframe(
                     label="What will be used", headers=["side", "prompt"], interactive=False, max_height=320, wrap=True
                 )
@@ -202,12 +203,16 @@ def build_app() -> gr.Blocks:
             with gr.Tab("4 · Save & versions"):
                 with gr.Row():
                     policy = gr.Dropdown(
-                        label="Policy", choices=[], allow_custom_value=True, info="pick one or type a new name"
+                        label="Policy",
+                        choices=[],
+                        allow_custom_value=True,
+                        info="pick one or type a new name",
+                        elem_id="policy",
                     )
                     note = gr.Textbox(label="Change note", max_lines=2)
                 save_summary = gr.Markdown(studio.save_target(12, 2.0), elem_id="save-target")
                 save_button = gr.Button("Save as new version", variant="primary")
-                save_status = gr.Markdown(label="Save status")
+                save_status = gr.Markdown(label="Save status", elem_id="save-status")
                 versions = gr.Dataframe(
                     label="Version history (newest first)",
                     headers=["version", "author", "saved", "categories (layer, strength)", "note"],
@@ -217,7 +222,9 @@ def build_app() -> gr.Blocks:
                     elem_id="versions-table",
                 )
                 with gr.Row():
-                    open_category = gr.Dropdown(label="Saved category of this policy", choices=[])
+                    open_category = gr.Dropdown(
+                        label="Saved category of this policy", choices=[], elem_id="open-category"
+                    )
                     open_button = gr.Button("Open it for preview and evaluation")
                 open_status = gr.Markdown(elem_id="open-status")
                 with gr.Row():
@@ -228,7 +235,7 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     rollback_version = gr.Number(label="Roll back to version", precision=0, value=1)
                     rollback_button = gr.Button("Roll back (saves it again as newest)")
-                rollback_status = gr.Markdown(label="Rollback status")
+                rollback_status = gr.Markdown(label="Rollback status", elem_id="rollback-status")
 
             with gr.Tab("5 · Evaluate"):
                 evaluation = gr.State(None)
@@ -255,14 +262,14 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     eval_button = gr.Button("Run evaluation", variant="primary")
                     stop_button = gr.Button("Stop")
-                eval_summary = gr.Markdown(label="Evaluation summary")
+                eval_summary = gr.Markdown(label="Evaluation summary", elem_id="eval-summary")
                 eval_plots = gr.Gallery(label="Heatmaps and trade-off", columns=3, height="auto", object_fit="contain")
                 eval_report = gr.File(label="Report (Markdown with its plots, zipped)", interactive=False)
                 gr.Markdown(
                     "### Blind review\nLabel each answer; naive and steered answers are shuffled and unmarked. "
                     "Your labels use the reference set's labels, so they can retrain the response probe."
                 )
-                review_header = gr.Markdown()
+                review_header = gr.Markdown(elem_id="review-header")
                 review_prompt = gr.Textbox(label="Prompt", interactive=False, lines=2)
                 review_response = gr.Textbox(label="Response", interactive=False, lines=5)
                 with gr.Row():
@@ -298,10 +305,12 @@ def build_app() -> gr.Blocks:
                     export_version = gr.Textbox(label="Version", placeholder="latest", max_lines=1)
                     export_format = gr.Radio(EXPORT_FORMATS, value="bundle", label="Format")
                 export_button = gr.Button("Export selected policy", variant="primary")
-                export_file = gr.File(label="Download", interactive=False)
-                import_file = gr.File(label="Import a policy bundle (.zip)", type="filepath", file_types=[".zip"])
+                export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
+                import_file = gr.File(
+                    label="Import a policy bundle (.zip)", type="filepath", file_types=[".zip"], elem_id="import-file"
+                )
                 import_button = gr.Button("Import")
-                import_status = gr.Markdown(label="Import status")
+                import_status = gr.Markdown(label="Import status", elem_id="import-status")
 
         read_event = read_button.click(
             studio.user_errors(studio.read_category),
@@ -441,6 +450,7 @@ def build_app() -> gr.Blocks:
                 studio.save_target,
                 [layer, strength, steer_where, steer_how, steer_spread],
                 save_summary,
+                preprocess=False,  # a strength typed out of range is clamped by its own handler, not refused here
                 api_visibility="private",
             )
         compare_button.click(
@@ -477,7 +487,14 @@ def build_app() -> gr.Blocks:
             (import_event, import_status),
         ):
             event.failure(lambda: NOT_DONE, None, summary, api_visibility="private")
-        strength.input(studio.within_strength, strength, strength, api_visibility="private", show_progress="hidden")
+        strength.input(  # the raw typed value: Gradio's own range check would only raise
+            studio.within_strength,
+            strength,
+            strength,
+            preprocess=False,
+            api_visibility="private",
+            show_progress="hidden",
+        )
         demo.load(lambda: gr.Dropdown(choices=studio.policy_names()), None, policy, api_visibility="private")
         demo.load(studio.draft_choices, None, resume_choice, api_visibility="private")
     demo.queue(default_concurrency_limit=2)

@@ -186,7 +186,7 @@ def review_view(session: EvaluationSession | None) -> tuple[str, str, str]:
     if session is None or not session.items:
         return "Run an evaluation first.", "", ""
     if session.position >= len(session.items):
-        return f"All {len(session.items)} responses reviewed.", "", review_text(session)
+        return f"All {len(session.items)} responses reviewed: the table below sums them up.", "", ""
     item = session.items[session.position]
     return (
         f"Response {session.position + 1} of {len(session.items)} (which arm it came from is hidden)",

@@ -67,6 +67,31 @@ def serving(app: Any) -> Iterator[str]:
         thread.join(30)
 
 
+@contextmanager
+def launched_studio(folder: Path) -> Iterator[str]:
+    """The studio app on the real embedded model (NF4) and a fresh SQLite store in `folder`; yields its URL."""
+    import app
+    import studio
+
+    saved = {k: os.environ.get(k) for k in ("SAFESTEER_DB", "SAFESTEER_MODEL", "SAFESTEER_PRECISION")}
+    os.environ["SAFESTEER_DB"] = f"sqlite:///{folder / 'app.db'}"
+    os.environ.pop("SAFESTEER_MODEL", None)
+    os.environ["SAFESTEER_PRECISION"] = "nf4"
+    studio.reset_store()
+    port = free_port()
+    demo = app.launch(port=port, prevent_thread_lock=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+        studio.reset_store()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now, for servers the tests start."""
     with socket.socket() as s:
