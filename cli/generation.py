@@ -143,6 +143,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         raise SafeSteerError(f"set SAFESTEER_API_KEYS before serving on {args.host}: without keys anyone could call it")
     store = open_store(args)
+    engine = None
+    if args.engine == "vllm":  # vLLM runs the weights as they are; the gates read them at the same precision
+        from safesteer.models import model_location
+        from safesteer.vllm_engine import VllmBatcher
+
+        args.precision = args.precision or "fp32"
+        location = Path(model_location(args.model))
+
+        def engine(lm: Any, settings: Any) -> Any:  # create_app makes the engine when the server starts
+            return VllmBatcher(lm, location, max_queue=settings.max_queue)
+
     lm = load_for(args, args.model, generating=True)
     settings = ServeSettings(
         api_keys=keys,
@@ -153,5 +164,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audit=args.audit or args.audit_prompts,
         audit_prompts=args.audit_prompts,
     )
-    run(create_app(lm, store, settings, base_name=args.model_name), host=args.host, port=args.port)
+    run(create_app(lm, store, settings, base_name=args.model_name, engine=engine), host=args.host, port=args.port)
     return 0

@@ -235,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=positive_int, default=16, help="requests answered together at most")
     serve.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 429")
     serve.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take")
+    serve.add_argument(
+        "--engine",
+        choices=("safesteer", "vllm"),
+        default="safesteer",
+        help="what answers: SafeSteer's own batcher, or vLLM (needs vLLM installed: docs/serving.md)",
+    )
     serve.add_argument("--audit", action="store_true", help="record each answer's policy version and gates fired")
     serve.add_argument("--audit-prompts", action="store_true", help="...with the prompt text (implies --audit)")
     with_model(serve, None)

@@ -72,6 +72,7 @@ class Job:
     text: str = ""
     done: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
+    prompt_tokens: int = 0  # set by an engine that counts them as it admits the request
 
     def visible(self, text: str) -> tuple[str, bool]:
         """What of `text` may be shown now, and whether a stop string ended it.

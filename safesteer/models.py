@@ -143,6 +143,12 @@ def _resolve_source(model_id: str, cache_dir: Path | None, progress: ProgressCal
     return _Source(model_id, model_id, None)
 
 
+def model_location(model_id: str | None = None, cache_dir: Path | None = None) -> str:
+    """Where a model's weights are read from: a prepared folder for the embedded model or a GGUF file, the
+    folder given, or the hub id itself (another engine, such as vLLM, loads them from there)."""
+    return _resolve_source(model_id or EMBEDDED_MODEL, cache_dir, no_progress).location
+
+
 _BNB_PROBLEM: dict[str, str | None] = {}
 
 

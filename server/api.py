@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -165,17 +165,29 @@ def _check_key(request: Request, settings: ServeSettings) -> str:
     return f"api-key-{matches.index(True) + 1}"
 
 
-def create_app(lm: LoadedModel, store: Any, settings: ServeSettings | None = None, base_name: str = "") -> FastAPI:
-    """The server as a FastAPI app (run it with uvicorn); `store` is a `db.PolicyStore`."""
+def create_app(
+    lm: LoadedModel,
+    store: Any,
+    settings: ServeSettings | None = None,
+    base_name: str = "",
+    engine: Callable[[LoadedModel, ServeSettings], Any] | None = None,
+) -> FastAPI:
+    """The server as a FastAPI app (run it with uvicorn); `store` is a `db.PolicyStore`.
+
+    `engine` makes what answers the requests (`Batcher`'s interface) from the model and settings:
+    by default the project's own `Batcher`; `vllm_engine.VllmBatcher` serves the same API through vLLM.
+    """
     settings = settings or ServeSettings()
     resolver = PolicyResolver(store, lm, base_name or lm.identity.model_id)
-    batcher: Batcher | None = None
+    batcher: Any = None  # a `Batcher`, or what `engine` made
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal batcher
-        batcher = Batcher(
-            lm, max_batch=settings.max_batch, max_wait_s=settings.max_wait_s, max_queue=settings.max_queue
+        batcher = (
+            engine(lm, settings)
+            if engine is not None
+            else Batcher(lm, max_batch=settings.max_batch, max_wait_s=settings.max_wait_s, max_queue=settings.max_queue)
         )
         app.state.batcher = batcher
         yield

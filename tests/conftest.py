@@ -48,7 +48,7 @@ SAFE = [
 
 
 @contextmanager
-def serving(app: Any) -> Iterator[str]:
+def serving(app: Any, start_s: float = 30) -> Iterator[str]:
     """Run an ASGI app with uvicorn on a free loopback port in a thread; yield its URL; stop it after."""
     import uvicorn
 
@@ -56,7 +56,7 @@ def serving(app: Any) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + start_s
     while not server.started:
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
