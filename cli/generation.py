@@ -136,6 +136,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def vllm_options(given: list[str]) -> dict[str, Any]:
+    """`--vllm-option NAME=VALUE` pairs: VALUE as JSON when it parses (numbers, true, lists), else text."""
+    options: dict[str, Any] = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise SafeSteerError(f"--vllm-option takes NAME=VALUE, not {item!r}")
+        try:
+            options[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name.strip()] = value
+    return options
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server import ServeSettings, api_keys_from_env, create_app, run
 
@@ -145,14 +159,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = open_store(args)
     engine = None
     if args.engine == "vllm":  # vLLM runs the weights as they are; the gates read them at the same precision
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise SafeSteerError("--engine vllm needs vLLM installed (`make test-vllm` builds .venv-vllm with it)")
         from safesteer.models import model_location
         from safesteer.vllm_engine import VllmBatcher
 
         args.precision = args.precision or "fp32"
         location = Path(model_location(args.model))
 
+        options = vllm_options(args.vllm_option)
+
         def engine(lm: Any, settings: Any) -> Any:  # create_app makes the engine when the server starts
-            return VllmBatcher(lm, location, max_queue=settings.max_queue)
+            return VllmBatcher(lm, location, max_queue=settings.max_queue, engine_options=options)
 
     lm = load_for(args, args.model, generating=True)
     settings = ServeSettings(

@@ -241,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="safesteer",
         help="what answers: SafeSteer's own batcher, or vLLM (needs vLLM installed: docs/serving.md)",
     )
+    serve.add_argument(
+        "--vllm-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an option for vLLM's engine, repeatable (e.g. tensor_parallel_size=2); VALUE is JSON if it parses",
+    )
     serve.add_argument("--audit", action="store_true", help="record each answer's policy version and gates fired")
     serve.add_argument("--audit-prompts", action="store_true", help="...with the prompt text (implies --audit)")
     with_model(serve, None)

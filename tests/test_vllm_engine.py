@@ -13,16 +13,16 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm` builds its environment")
 
-from db import PolicyStore  # noqa: E402 (after the skip: nothing to import without vLLM)
-from safesteer import load_model  # noqa: E402
-from safesteer.batching import Job, answer_alone  # noqa: E402
-from safesteer.extraction import extract_vectors  # noqa: E402
-from safesteer.models import model_location  # noqa: E402
-from safesteer.operations import DEFAULT, SteeringOptions  # noqa: E402
-from safesteer.policy import PolicyCategory  # noqa: E402
-from safesteer.vectors import ExtractionSettings  # noqa: E402
-from safesteer.vllm_engine import VllmBatcher, decide  # noqa: E402
-from tests.conftest import HARMFUL, SAFE, serving  # noqa: E402
+from db import PolicyStore
+from safesteer import load_model
+from safesteer.batching import Job, answer_alone
+from safesteer.extraction import extract_vectors
+from safesteer.models import model_location
+from safesteer.operations import DEFAULT, SteeringOptions
+from safesteer.policy import PolicyCategory
+from safesteer.vectors import ExtractionSettings
+from safesteer.vllm_engine import VllmBatcher, decide
+from tests.conftest import HARMFUL, SAFE, serving
 
 pytestmark = pytest.mark.integration
 PROMPTS = [HARMFUL[0], HARMFUL[2], SAFE[0], SAFE[2]]

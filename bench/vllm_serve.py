@@ -1,0 +1,142 @@
+"""`safesteer serve` with SafeSteer's own engine and with vLLM: throughput and latency at 1, 8 and 32 clients.
+
+Run with `make bench-vllm` (in .venv-vllm, where vLLM is installed). Starts the server in-process
+on a free port, once per engine, with one gated policy made from the built-in examples, and sends
+a mix of harmful and everyday requests (32 new tokens each) from 1, 8 and 32 concurrent clients
+with the `openai` client. Then, on vLLM, the steering overhead: every request steered (the policy
+always on) against every request plain (`base`). Writes docs/vllm.json.
+
+Each engine runs what it runs best on a CPU: the own engine its int4 kernel, vLLM float32 weights
+(vLLM's CPU backend has no int4 path for this model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from db import PolicyStore
+from safesteer import datasets, extract_vectors, load_model
+from safesteer.models import model_location
+from safesteer.operations import SteeringOptions
+from safesteer.policy import PolicyCategory
+from safesteer.vectors import ExtractionSettings
+from safesteer.vllm_engine import VllmBatcher
+from server import ServeSettings, create_app
+from tests.conftest import serving
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+TOKENS = 32
+
+
+def _store(lm, folder: Path) -> PolicyStore:
+    """'Uses' (gated, as authors save it) and 'Always' (the same vectors steering every request)."""
+    store = PolicyStore(f"sqlite:///{folder / 'bench.db'}")
+    harmful = datasets.harmful_prompts("malicious-uses", limit=40, seed=1)
+    safe = datasets.benign_prompts(limit=40, seed=1)
+    settings = ExtractionSettings(method="mean-diff", gate_recipe="category")
+    vectors = extract_vectors(lm, harmful, safe, settings, category="uses")
+    options = SteeringOptions("all", "add")
+    store.save_version("Uses", [PolicyCategory("uses", harmful, safe, vectors, 12, 4.0, options=options)])
+    always = vectors.with_gate(vectors.gate.with_mode("always")) if vectors.gate is not None else vectors
+    store.save_version("Always", [PolicyCategory("uses", harmful, safe, always, 12, 4.0, options=options)])
+    return store
+
+
+def _prompts() -> list[str]:
+    """Harmful and held-out everyday requests, alternating: none of them made the policy."""
+    harmful = datasets.harmful_prompts("malicious-uses", limit=56, seed=1)[40:]
+    everyday = datasets.benign_prompts(limit=16, seed=7, part="heldout")
+    return [p for pair in zip(harmful, everyday, strict=False) for p in pair]
+
+
+def _load(url: str, clients: int, requests: int, models: list[str]) -> dict[str, float]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    prompts = _prompts()
+    latencies: list[float] = []
+    tokens = 0
+    lock = threading.Lock()
+
+    def ask(i: int) -> None:
+        nonlocal tokens
+        started = time.perf_counter()
+        reply = client.chat.completions.create(
+            model=models[i % len(models)],
+            messages=[{"role": "user", "content": prompts[i % len(prompts)]}],
+            max_tokens=TOKENS,
+            temperature=0,
+        )
+        with lock:
+            latencies.append(time.perf_counter() - started)
+            tokens += reply.usage.completion_tokens
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(ask, range(requests)))
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "clients": clients,
+        "requests": requests,
+        "tokens_per_s": round(tokens / wall, 1),
+        "p50_s": round(statistics.median(latencies), 2),
+        "p95_s": round(latencies[max(0, int(0.95 * len(latencies)) - 1)], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--out", type=Path, default=DOCS / "vllm.json")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    fp32 = load_model(None, "fp32")
+    int4 = load_model(None, "int4")
+    folder = Path(tempfile.mkdtemp(prefix="safesteer-vllm-bench-"))
+    store = _store(fp32, folder)
+    mix = ["Uses@1", "base"]
+    results: dict[str, object] = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "new_tokens": TOKENS,
+        "models": mix,
+    }
+
+    def vllm(lm, settings):
+        return VllmBatcher(lm, Path(model_location(None)), max_queue=256)
+
+    for name, lm, engine in (("safesteer (int4)", int4, None), ("vllm (float32)", fp32, vllm)):
+        settings = ServeSettings(max_queue=256, max_batch=32, timeout_s=900)
+        app = create_app(lm, store, settings, base_name="base", engine=engine)
+        with serving(app, start_s=600) as url:
+            _load(url, 1, 2, mix)  # warm-up
+            rows = [_load(url, c, max(8, 2 * c), mix) for c in counts]
+            if engine is not None:
+                plain = _load(url, 8, 32, ["base"])
+                steered = _load(url, 8, 32, ["Always@1"])
+                results["vllm_steering_overhead"] = {
+                    "base_tokens_per_s": plain["tokens_per_s"],
+                    "steered_tokens_per_s": steered["tokens_per_s"],
+                    "overhead": round(1 - steered["tokens_per_s"] / plain["tokens_per_s"], 3),
+                }
+        results[name] = rows
+        for row in rows:
+            print(name, row, flush=True)
+    print(json.dumps(results.get("vllm_steering_overhead"), indent=2))
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
