@@ -61,7 +61,9 @@ class Slice:
 
 _parsed: OrderedDict[str, tuple[LayerSteer, ...]] = OrderedDict()
 _PARSED_LIMIT = 256
-_step = threading.local()  # `plan`: the slices of the forward pass about to run
+_by_request: OrderedDict[tuple[str, int], tuple[LayerSteer, ...]] = OrderedDict()  # a request's steering stays
+_REQUEST_LIMIT = 4096
+_step = threading.local()  # `plan`: the slices of the forward pass about to run; `at`: them by (layer, site)
 
 
 def parse_payload(payload: dict[str, Any]) -> tuple[LayerSteer, ...]:
@@ -108,9 +110,32 @@ def step_plan(runner: Any, num_scheduled_tokens: Sequence[int]) -> list[Slice]:
             done = int(batch.num_computed_tokens_cpu[index])
             prompt_length = int(request.num_prompt_tokens)
             prompt = done < prompt_length
-            plan.append(Slice(start, count, prompt, prompt and done + count >= prompt_length, parse_payload(payload)))
+            steers = _request_steers(batch.req_ids[index], payload)
+            plan.append(Slice(start, count, prompt, prompt and done + count >= prompt_length, steers))
         start += count
     return plan
+
+
+def _request_steers(request_id: str, payload: dict[str, Any]) -> tuple[LayerSteer, ...]:
+    """Parsed once per request (its id and its payload object), not at every decoding step."""
+    key = (request_id, id(payload))
+    if key not in _by_request:
+        _by_request[key] = parse_payload(payload)
+        while len(_by_request) > _REQUEST_LIMIT:
+            _by_request.popitem(last=False)
+    return _by_request[key]
+
+
+def set_plan(plan: list[Slice]) -> None:
+    """The plan for the next forward pass, also grouped by (layer, site) so an unsteered layer costs a lookup."""
+    at: dict[tuple[int, str], list[tuple[Slice, list[LayerSteer]]]] = {}
+    for piece in plan:
+        grouped: dict[tuple[int, str], list[LayerSteer]] = {}
+        for steer in piece.steers:
+            grouped.setdefault((steer.layer, steer.site), []).append(steer)
+        for key, steers in grouped.items():
+            at.setdefault(key, []).append((piece, steers))
+    _step.plan, _step.at = plan, at
 
 
 def _shifted(hidden: torch.Tensor, steers: Sequence[LayerSteer], piece: Slice) -> torch.Tensor:
@@ -136,9 +161,11 @@ def _shifted(hidden: torch.Tensor, steers: Sequence[LayerSteer], piece: Slice) -
 
 
 def _layer_hook(layer: int, site: str):
+    key = (layer, site)
+
     def hook(module: torch.nn.Module, args: object, output: Any) -> Any:
-        plan: list[Slice] = getattr(_step, "plan", [])
-        if not plan:
+        pieces = getattr(_step, "at", {}).get(key)
+        if not pieces:
             return None
         residual_pair = isinstance(output, tuple) and len(output) == 2 and output[1] is not None
         if site == "residual" and residual_pair:
@@ -146,17 +173,10 @@ def _layer_hook(layer: int, site: str):
             full = hidden + residual
         else:
             full = output[0] if isinstance(output, tuple) else output
-        changed = None
-        for piece in plan:
-            steers = [s for s in piece.steers if s.layer == layer and s.site == site]
-            if not steers:
-                continue
-            if changed is None:
-                changed = full.clone()
+        changed = full.clone()
+        for piece, steers in pieces:
             rows = slice(piece.start, piece.start + piece.count)
             changed[rows] = _shifted(full[rows], steers, piece)
-        if changed is None:
-            return None
         if site == "residual" and residual_pair:
             return (hidden + (changed - full), residual)
         return (changed, *output[1:]) if isinstance(output, tuple) else changed
@@ -185,7 +205,7 @@ def install(model: torch.nn.Module) -> None:
         layer.self_attn.register_forward_hook(_layer_hook(index, "attention"))
 
     def forget(module: torch.nn.Module, args: object, output: object) -> None:
-        _step.plan = []  # a plan serves one forward pass: a warm-up or dummy pass after it sees none
+        set_plan([])  # a plan serves one forward pass: a warm-up or dummy pass after it sees none
 
     model.register_forward_hook(forget)
     model._safesteer_hooks = True  # type: ignore[assignment]
@@ -203,7 +223,7 @@ def register() -> None:
     def prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         install(self.get_model())
-        _step.plan = step_plan(self, num_scheduled_tokens)
+        set_plan(step_plan(self, num_scheduled_tokens))
         return result
 
     GPUModelRunner._prepare_inputs = prepare_inputs  # type: ignore[method-assign]

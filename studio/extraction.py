@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -113,21 +113,27 @@ def extract(
     )
     settings.validate()
     others = other_categories_prompts(studio_store(), policy, category.name) if settings.gate else []
-    ready = not settings.gate or gate_negatives_ready(preview_model(), category.safe, settings)
-    work = _work_seconds(settings, category, others, ready)
-    task = BackgroundTask(
-        lambda report: extract_vectors(
-            studio_model(),
+    loaded = preview_model_if_loaded()  # not loaded here: the work below loads it, with a progress line
+    ready = not settings.gate or (loaded is not None and gate_negatives_ready(loaded, category.safe, settings))
+    planned = _work_seconds(settings, category, others, ready)
+
+    def work(report: Callable[[float, str], None]) -> CategoryVectors:
+        report(0.0, "loading the model (once per start of the studio)")
+        lm = studio_model()
+        # the gate is read, and answer vectors are written, by the model that answers previews
+        gate_lm = preview_model() if settings.gate or settings.method == "answers" else None
+        return extract_vectors(
+            lm,
             category.harmful,
             category.safe,
             settings,
             category=category.name,
             progress=report,
             others=others,
-            # the gate is read, and answer vectors are written, by the model that answers previews
-            gate_lm=preview_model() if settings.gate or settings.method == "answers" else None,
+            gate_lm=gate_lm,
         )
-    )
+
+    task = BackgroundTask(work)
     for line in task.lines(progress):
         yield gr.skip(), gr.skip(), f"Extracting: {plain_text(line)}", gr.skip(), gr.skip(), gr.skip()
     vectors = task.result()
@@ -136,7 +142,7 @@ def extract(
     draft = replace(category, vectors=vectors)
     best = vectors.layer_stats[vectors.recommended_layer]
     elapsed = time.monotonic() - task.started
-    _record_pace(work, elapsed)
+    _record_pace(planned, elapsed)
     point = suggested_point(vectors)
     answers = f"\n\nMade from {plain_text(vectors.answers.describe())}." if vectors.answers is not None else ""
     n_heldout = heldout_per_side(vectors)

@@ -11,7 +11,7 @@ from safesteer import SafeSteerError
 from safesteer.operations import apply_steering, prepare_shift
 from safesteer.steering import SteeringSpec
 from safesteer.vllm_engine import steering_payload
-from safesteer.vllm_plugin import FIELD, _layer_hook, _step, parse_payload, step_plan
+from safesteer.vllm_plugin import FIELD, _layer_hook, parse_payload, set_plan, step_plan
 
 HIDDEN = 8
 
@@ -53,12 +53,12 @@ def test_the_plan_names_each_steered_requests_rows_and_whether_they_are_prompt_t
 @pytest.mark.parametrize("where", ["all", "prompt", "generated"])
 def test_the_hook_shifts_the_residual_stream_of_planned_rows_only_as_the_own_engine_does(where):
     spec = _spec(where=where)
-    _step.plan = step_plan(_runner({"a": steering_payload([spec])}), [3, 1, 2])
+    set_plan(step_plan(_runner({"a": steering_payload([spec])}), [3, 1, 2]))
     hidden, residual = torch.randn(6, HIDDEN), torch.randn(6, HIDDEN)
     try:
         new_hidden, new_residual = _layer_hook(2, "residual")(torch.nn.Identity(), (), (hidden, residual))
     finally:
-        _step.plan = []
+        set_plan([])
     assert new_residual is residual
     stream, before = new_hidden + residual, hidden + residual
     shift = prepare_shift(spec.vector, (4.0,), torch.float32, torch.device("cpu"), 3, "add", where)  # type: ignore[arg-type]

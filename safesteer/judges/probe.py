@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,8 +186,21 @@ def reference_probe(
         json.dumps([lm.identity.to_dict(), [r.to_dict() for r in train], PROBE_VERSION], sort_keys=True).encode()
     ).hexdigest()[:20]
     path = (cache_dir or default_cache_dir()) / "probes" / f"{digest}.safetensors"
-    if path.is_file():
-        return UnsafeProbe.from_tensors(load_file(path))
+    with _TRAINING_GUARD:
+        lock = _TRAINING.setdefault(str(path), threading.Lock())
+    with lock:  # an evaluation asking while the studio trains it in the background waits, and trains nothing
+        if path.is_file():
+            return UnsafeProbe.from_tensors(load_file(path))
+        return _train_reference_probe(lm, train, held_out, path)
+
+
+_TRAINING: dict[str, threading.Lock] = {}
+_TRAINING_GUARD = threading.Lock()
+
+
+def _train_reference_probe(
+    lm: LoadedModel, train: Sequence[LabelledAnswer], held_out: Sequence[LabelledAnswer], path: Path
+) -> UnsafeProbe:
     train_rows = [r for r in train if r.kind == "harmful"]
     probe = fit_probe(reading_features(lm, [r.as_answer() for r in train_rows]), [r.label for r in train_rows])
     test_rows = [r for r in held_out if r.kind == "harmful"]
