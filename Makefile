@@ -76,7 +76,7 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt requirements-nodeps.txt pyproject
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed
-	$(TEST_ENV) $(VLLM_PY) -m pytest -p no:cacheprovider tests/test_vllm_engine.py
+	$(TEST_ENV) VLLM_CONFIGURE_LOGGING=0 $(VLLM_PY) -m pytest -p no:cacheprovider tests/test_vllm_engine.py
 
 bench-vllm: $(VLLM_VENV)/.installed
 	HF_HUB_OFFLINE=1 SAFESTEER_WARMUP=0 $(VLLM_PY) bench/vllm_serve.py

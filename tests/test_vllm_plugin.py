@@ -1,5 +1,6 @@
 """The vLLM plugin's own logic, without vLLM: which rows a step steers, and that it steers them as the own engine."""
 
+import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
@@ -76,3 +77,12 @@ def test_vllm_options_read_json_values():
     }
     with pytest.raises(SafeSteerError, match="NAME=VALUE"):
         vllm_options(["oops"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_serving_on_vllm_without_vllm_says_what_to_install(capsys, tmp_path, monkeypatch):
+    from cli import main
+
+    monkeypatch.setenv("SAFESTEER_DB", f"sqlite:///{tmp_path / 'p.db'}")
+    assert main(["serve", "--engine", "vllm"]) == 2
+    assert "needs vLLM installed" in capsys.readouterr().err
