@@ -80,6 +80,7 @@ test-vllm: $(VLLM_VENV)/.installed
 
 bench-vllm: $(VLLM_VENV)/.installed
 	HF_HUB_OFFLINE=1 SAFESTEER_WARMUP=0 $(VLLM_PY) bench/vllm_serve.py
+	HF_HUB_OFFLINE=1 SAFESTEER_WARMUP=0 $(VLLM_PY) bench/vllm_serve.py --mixed
 
 test-fast: install
 	$(TEST_ENV) $(PY) -m pytest $(PARALLEL) -m "not integration"

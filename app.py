@@ -262,6 +262,7 @@ def build_app() -> gr.Blocks:
                 with gr.Row():
                     eval_button = gr.Button("Run evaluation", variant="primary")
                     stop_button = gr.Button("Stop")
+                eval_estimate = gr.Markdown(elem_id="eval-estimate")
                 eval_summary = gr.Markdown(label="Evaluation summary", elem_id="eval-summary")
                 eval_plots = gr.Gallery(label="Heatmaps and trade-off", columns=3, height="auto", object_fit="contain")
                 eval_report = gr.File(label="Report (Markdown with its plots, zipped)", interactive=False)
@@ -374,6 +375,14 @@ def build_app() -> gr.Blocks:
             api_visibility="private",
         )
         stop_button.click(None, None, None, cancels=[eval_event], api_visibility="private")
+        for grid in (draft, eval_layers, eval_strengths, eval_tokens, eval_options):
+            grid.change(
+                studio.user_errors(studio.evaluation_estimate),
+                [draft, eval_layers, eval_strengths, eval_tokens, eval_options],
+                eval_estimate,
+                api_visibility="private",
+                show_progress="hidden",
+            )
         review_outputs = [evaluation, review_header, review_prompt, review_response, review_summary]
         start_review.click(studio.user_errors(studio.review_start), evaluation, review_outputs, api_name="review_start")
         for button, verdict in (

@@ -97,10 +97,51 @@ def _load(url: str, clients: int, requests: int, models: list[str]) -> dict[str,
     }
 
 
+def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8) -> dict[str, float]:
+    """Short requests (4 tokens) among long ones (300): their latency busy, against the same request idle."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
+    prompts = _prompts()
+
+    def ask(prompt: str, tokens: int) -> float:
+        started = time.perf_counter()
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0
+        )
+        return time.perf_counter() - started
+
+    idle = statistics.median(ask(prompts[i], 4) for i in range(5))
+    short: list[float] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def loop(k: int) -> None:
+        i = 0
+        while time.perf_counter() < deadline:
+            if (i + k) % 4 == 0:  # one long request in four, the clients out of step
+                ask(prompts[(i + k) % len(prompts)], 300)
+            else:
+                took = ask(prompts[(i + k) % len(prompts)], 4)
+                with lock:
+                    short.append(took)
+            i += 1
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(loop, range(clients)))
+    short.sort()
+    p95 = short[max(0, int(0.95 * len(short)) - 1)]
+    return {
+        "idle_short_s": round(idle, 2),
+        "short_requests": len(short),
+        "p95_short_s": round(p95, 2),
+        "ratio": round(p95 / idle, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--out", type=Path, default=DOCS / "vllm.json")
+    parser.add_argument("--mixed", action="store_true", help="only the short-among-long latency test, both engines")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     fp32 = load_model(None, "fp32")
@@ -118,9 +159,13 @@ def main() -> None:
         return VllmBatcher(lm, Path(model_location(None)), max_queue=256)
 
     for name, lm, engine in (("safesteer (int4)", int4, None), ("vllm (float32)", fp32, vllm)):
-        settings = ServeSettings(max_queue=256, max_batch=32, timeout_s=900)
+        settings = ServeSettings(max_queue=256, max_batch=32, timeout_s=900, max_tokens_limit=512)
         app = create_app(lm, store, settings, base_name="base", engine=engine)
         with serving(app, start_s=600) as url:
+            if args.mixed:
+                results[name] = _mixed(url, "Uses@1")
+                print(name, results[name], flush=True)
+                continue
             _load(url, 1, 2, mix)  # warm-up
             rows = [_load(url, c, max(8, 2 * c), mix) for c in counts]
             if engine is not None:
@@ -135,7 +180,8 @@ def main() -> None:
         for row in rows:
             print(name, row, flush=True)
     print(json.dumps(results.get("vllm_steering_overhead"), indent=2))
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out = args.out.with_name(args.out.stem + "-mixed.json") if args.mixed else args.out
+    out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -152,8 +152,11 @@ def extract(
         if n_heldout < NOISY_BELOW
         else ""
     )
+    writer = preview_model_if_loaded() if settings.method == "answers" else None
+    precision = (writer.identity.precision if writer is not None else vectors.model.precision) + " weights"
     summary = (
-        f"Vectors ready for all {vectors.n_layers} layers in {elapsed:.0f} s. Recommended layer "
+        f"Vectors ready for all {vectors.n_layers} layers in {elapsed:.0f} s, made with the model's {precision}. "
+        f"Recommended layer "
         f"**{vectors.recommended_layer}** (held-out AUROC {best.auroc:.2f}). {plain_text(vectors.recommendation)}"
         f"{answers}\n\nThe preview starts at strength **{point.strength:g}**, steering "
         f"**{point.options.label()}**. Next: **3 · Preview**.{noisy}"

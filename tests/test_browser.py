@@ -149,6 +149,7 @@ def test_an_author_walks_all_six_steps(studio_url, tmp_path):
         expect(page.get_by_label("Strengths to try")).to_have_value("0.5, 1, 2")  # around the preview's start
         page.get_by_label("Layers to try").fill("10")
         page.get_by_label("Strengths to try").fill("1")
+        expect(page.locator("#eval-estimate")).to_contain_text("1 cell: about", timeout=30_000)  # said before
         page.get_by_role("button", name="Run evaluation").click()
         expect(page.locator("#eval-summary")).to_contain_text("Recommended: layer 10", timeout=300_000)
         page.get_by_role("button", name="Start / restart review").click()

@@ -84,6 +84,9 @@ def test_extract_preview_save_compare_rollback_export_import(app_env):
     assert "held-out prompts per side scored the layers" in summary  # 8 examples a side: a noisy plot, said
     assert "noisy" in figure.axes[0].get_title() and "steer best" in figure.axes[0].get_title()
     figure.savefig(app_env / "separation.png")
+    assert "made with the model's fp32 weights" in summary  # which precision ran is said
+    assert "cells: about **" in studio.evaluation_estimate(draft, "1, 2", "1, 3", 8, None)
+    assert studio.evaluation_estimate(draft, "one", "1", 8, None) == ""  # a typo: the Run button explains
     layers, strengths, options = studio.suggested_sweep(draft)  # the first sweep tries the preview's start
     assert str(draft.vectors.recommended_layer) in layers.split(", ") and strengths == "1, 2, 4"
     assert options == ["add · prompt · 1 layer"]  # prompt vectors' measured default
@@ -229,6 +232,7 @@ def test_evaluate_review_save_and_guided(app_env):
     draft, *_ = list(studio.extract(draft, "mean-diff", "residual", "last", 0.5))[-1]
     steps = list(studio.run_evaluation(draft, "1, 2", "1, 3", 6, ""))
     summary, gallery, report, session, failing = steps[-1]
+    assert "this machine's last evaluation" in studio.evaluation_estimate(draft, "1", "1", 6, None)
     assert "Recommended: layer" in summary and "response probe" in summary and "no guard or rubric" in summary
     assert "tradeoff" in {caption for _, caption in gallery} and report.endswith("report.zip")
     with zipfile.ZipFile(report) as archive:  # the report and every plot it links
