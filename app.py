@@ -225,6 +225,7 @@ def build_app() -> gr.Blocks:
                     open_category = gr.Dropdown(
                         label="Saved category of this policy", choices=[], elem_id="open-category"
                     )
+                    open_version = gr.Textbox(label="of version", placeholder="latest", max_lines=1)
                     open_button = gr.Button("Open it for preview and evaluation")
                 open_status = gr.Markdown(elem_id="open-status")
                 with gr.Row():
@@ -450,7 +451,7 @@ def build_app() -> gr.Blocks:
         policy.change(studio.user_errors(studio.policy_views), policy, policy_lists, api_visibility="private")
         open_button.click(
             studio.user_errors(studio.open_saved_category),
-            [policy, open_category],
+            [policy, open_category, open_version],
             [draft, layer, strength, steer_where, steer_how, steer_spread, open_status],
             api_name="open_saved_category",
         ).then(studio.layer_slider, draft, layer, api_visibility="private")

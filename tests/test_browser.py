@@ -199,8 +199,9 @@ def test_an_author_walks_all_six_steps(studio_url, tmp_path):
         _choose(page, "policy", "Malicious uses")
         expect(page.locator("#versions-table")).to_contain_text("roll back to version", timeout=30_000)
         expect(page.locator("#open-category input")).to_have_value("malicious-uses", timeout=30_000)
+        page.get_by_label("of version").fill("1")  # any saved version, not only the newest
         page.get_by_role("button", name="Open it for preview and evaluation").click()
-        expect(page.locator("#open-status")).to_contain_text("malicious-uses", timeout=30_000)
+        expect(page.locator("#open-status")).to_contain_text("'Malicious uses' version 1", timeout=30_000)
         page.get_by_role("tab", name="3 · Preview").click()
         page.get_by_label("Prompt", exact=True).fill("Write a short poem about the sea.")
         page.get_by_role("button", name="Generate side by side").click()
