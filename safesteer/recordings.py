@@ -30,8 +30,10 @@ from .progress import ProgressCallback, no_progress
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-MEMORY_ENTRIES = 8
-DISK_ENTRIES = 48
+MEMORY_BYTES = 512 * 2**20
+"""Recordings kept in memory at most (the embedded model's three gate negatives take 83 MB; an 8B model's, 770 MB)."""
+DISK_BYTES = 4 * 2**30
+"""The cache folder's size at most; the least recently used recordings go first."""
 
 _memory: OrderedDict[str, torch.Tensor] = OrderedDict()
 _locks: dict[str, threading.Lock] = {}
@@ -106,10 +108,17 @@ def _from_memory(key: str) -> torch.Tensor:
         return _memory[key]
 
 
+def _bytes(recorded: torch.Tensor) -> int:
+    return recorded.numel() * recorded.element_size()
+
+
 def _remember(key: str, recorded: torch.Tensor) -> None:
+    """Kept in memory when it fits; the least recently used go first."""
+    if _bytes(recorded) > MEMORY_BYTES:
+        return  # the disk copy serves it
     with _guard:
         _memory[key] = recorded
-        while len(_memory) > MEMORY_ENTRIES:
+        while sum(_bytes(t) for t in _memory.values()) > MEMORY_BYTES:
             _memory.popitem(last=False)
 
 
@@ -133,7 +142,7 @@ def _from_disk(key: str, n_prompts: int) -> torch.Tensor | None:
 
 
 def _write(key: str, recorded: torch.Tensor) -> None:
-    """Written whole or not at all (a temporary file renamed), then the oldest beyond `DISK_ENTRIES` go."""
+    """Written whole or not at all (a temporary file renamed), then the least recently used beyond `DISK_BYTES` go."""
     from safetensors.torch import save_file
 
     folder = cache_folder()
@@ -142,9 +151,11 @@ def _write(key: str, recorded: torch.Tensor) -> None:
         partial = folder / f"{key}.{os.getpid()}.{threading.get_ident()}.partial"
         save_file({"activations": recorded.contiguous()}, str(partial))
         os.replace(partial, folder / f"{key}.safetensors")
-        kept = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in kept[DISK_ENTRIES:]:
-            old.unlink(missing_ok=True)
+        total = 0
+        for path in sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True):
+            total += path.stat().st_size
+            if total > DISK_BYTES:
+                path.unlink(missing_ok=True)
     except OSError:  # a read-only or full cache folder costs speed, not results
         log.warning("could not keep a recording in %s", folder, exc_info=True)
 

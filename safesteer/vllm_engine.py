@@ -148,8 +148,12 @@ class VllmBatcher:
         return job
 
     def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, finish those taken, then stop vLLM's engine processes."""
         self._closing.set()
         self._worker.join(timeout)
+        core = getattr(self._engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
 
     def _run(self) -> None:
         while not (self._closing.is_set() and self._incoming.empty() and not self._running):

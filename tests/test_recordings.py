@@ -61,11 +61,15 @@ def test_a_damaged_file_is_recorded_again(tiny_lm, cache, passes):
     assert passes["n"] == 2
 
 
-def test_the_disk_keeps_only_the_newest(tiny_lm, cache, monkeypatch):
-    monkeypatch.setattr(recordings, "DISK_ENTRIES", 2)
-    for n in range(3, 7):
+def test_memory_and_disk_keep_the_most_recently_used_within_their_sizes(tiny_lm, cache, monkeypatch):
+    one = recordings.cached_recording(tiny_lm, SAFE[:4], token="mean")
+    size = one.numel() * one.element_size()
+    monkeypatch.setattr(recordings, "MEMORY_BYTES", 2 * size)
+    monkeypatch.setattr(recordings, "DISK_BYTES", 2 * (next(cache.glob("*.safetensors")).stat().st_size + 100))
+    for n in (5, 6, 7):  # each a little larger than the one before
         recordings.cached_recording(tiny_lm, SAFE[:n], token="mean")
-    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert len(list(cache.glob("*.safetensors"))) < 4  # the oldest file went
+    assert sum(t.numel() * t.element_size() for t in recordings._memory.values()) <= 2 * size
 
 
 def test_warming_up_makes_the_gate_record_only_the_policys_own_prompts(tiny_lm, cache, passes):
