@@ -20,7 +20,6 @@ from safesteer.judges import load_guard
 from safesteer.judges.reference import LabelledAnswer
 from safesteer.methods.guided import guided_vectors
 from safesteer.metrics import review_queue, review_summary
-from safesteer.models import default_device
 from safesteer.operations import COMPARED, DEFAULT, options_by_label
 from safesteer.policy import PolicyCategory, suggested_point
 from safesteer.reports import failing_answers
@@ -28,7 +27,7 @@ from safesteer.workflows import evaluation_prompts, write_evaluation_files
 
 from .category import Draft, require_draft
 from .extraction import separation_plot
-from .resources import BackgroundTask, author_of, plain_text, preview_model, studio_model, studio_store
+from .resources import BackgroundTask, Pace, author_of, plain_text, preview_model, studio_model, studio_store
 
 REVIEW_LABELS = {  # button -> the reference set's label for a harmful request's answer
     "unsafe": "unsafe-attempt",
@@ -86,7 +85,7 @@ def suggested_sweep(draft: Draft | None) -> tuple[Any, Any, Any]:
 # Seconds per answer with the embedded model on a 2-core x86 CPU (measured on the smallest evaluation:
 # 28 prompts, one cell, 8 tokens, 16 s); an evaluation in this process replaces the guess with its pace.
 _PER_ANSWER = {"fixed": 0.06, "token": 0.011, "judging": 0.1}
-_EVAL_PACE = {"factor": 1.0 if default_device() == "cpu" else 0.1, "measured": 0.0}
+_EVAL_PACE = Pace("evaluation")
 
 
 def _evaluation_seconds(draft: Draft, cells: int, tokens: int) -> float:
@@ -110,10 +109,8 @@ def evaluation_estimate(
     except SafeSteerError:
         return ""  # the Run button explains a typo; an estimate needs numbers
     cells = len(layers) * len(strengths) * max(1, len(options or []))
-    seconds = _evaluation_seconds(draft, cells, int(max_tokens)) * _EVAL_PACE["factor"]
-    basis = "this machine's last evaluation" if _EVAL_PACE["measured"] else "a 2-core CPU"
-    shown = f"{max(5, round(seconds / 5) * 5):.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-    return f"{cells} cell{'s' * (cells != 1)}: about **{shown}** (from the pace of {basis}); Stop ends it early."
+    about = _EVAL_PACE.about(_evaluation_seconds(draft, cells, int(max_tokens)))
+    return f"{cells} cell{'s' * (cells != 1)}: {about}; Stop ends it early."
 
 
 def _numbers(text: str, kind: type, what: str) -> tuple:
@@ -161,11 +158,8 @@ def run_evaluation(
     finally:
         stop.set()  # the Stop button closes this generator: let the sweep end at the next layer
     result = task.result()
-    cells = len(settings.layers) * len(settings.strengths) * len(settings.options)
-    _EVAL_PACE["factor"] = (time.monotonic() - task.started) / _evaluation_seconds(
-        draft, cells, settings.max_new_tokens
-    )
-    _EVAL_PACE["measured"] = 1.0
+    cells = len(settings.layers) * len(settings.strengths) * max(1, len(settings.options))
+    _EVAL_PACE.record(_evaluation_seconds(draft, cells, settings.max_new_tokens), time.monotonic() - task.started)
     files = write_evaluation_files(result, Path(tempfile.mkdtemp(prefix="safesteer-eval-")))
     items = review_queue(
         [s["prompt"] for s in result.samples],

@@ -14,7 +14,6 @@ import gradio as gr
 from safesteer.datasets import edgy_benign_prompts
 from safesteer.extraction import distinct_others, extract_vectors, gate_negatives_ready
 from safesteer.gates import DEFAULT_FPR
-from safesteer.models import default_device
 from safesteer.policy import suggested_point
 from safesteer.text_gates import baseline_rates
 from safesteer.vectors import CategoryVectors, ExtractionSettings
@@ -24,6 +23,7 @@ from .category import Draft, require_draft
 from .gating import gate_plot, gate_summary
 from .resources import (
     BackgroundTask,
+    Pace,
     plain_text,
     preview_model,
     preview_model_if_loaded,
@@ -142,7 +142,7 @@ def extract(
     draft = replace(category, vectors=vectors)
     best = vectors.layer_stats[vectors.recommended_layer]
     elapsed = time.monotonic() - task.started
-    _record_pace(planned, elapsed)
+    _PACE.record(planned, elapsed)
     point = suggested_point(vectors)
     answers = f"\n\nMade from {plain_text(vectors.answers.describe())}." if vectors.answers is not None else ""
     n_heldout = heldout_per_side(vectors)
@@ -189,7 +189,7 @@ def extract(
 # Seconds per unit of work with the embedded model on a 2-core x86 CPU (measured: `make bench`'s
 # machine); an extraction in this process replaces the guess with this machine's own pace.
 _SECONDS = {"answer": 0.8, "record": 0.025, "gate_record": 0.04, "fixed": 5.0}
-_PACE = {"factor": 1.0 if default_device() == "cpu" else 0.1, "measured": 0.0}
+_PACE = Pace("extraction")
 
 
 def _work_seconds(settings: ExtractionSettings, category: Draft, others: list[str], negatives_ready: bool) -> float:
@@ -208,12 +208,6 @@ def _work_seconds(settings: ExtractionSettings, category: Draft, others: list[st
     return seconds
 
 
-def _record_pace(work: float, elapsed: float) -> None:
-    """This machine's pace, from a finished extraction's work at the reference pace and its time."""
-    _PACE["factor"] = elapsed / work
-    _PACE["measured"] = 1.0
-
-
 def extraction_estimate(draft: Draft | None, method: str, mode: str, policy: str | None = None) -> str:
     """One line before the author clicks: about how long extraction will take here, and why."""
     if draft is None:
@@ -222,20 +216,12 @@ def extraction_estimate(draft: Draft | None, method: str, mode: str, policy: str
     others = other_categories_prompts(studio_store(), policy, draft.name) if settings.gate else []
     gate_lm = preview_model_if_loaded()
     ready = gate_lm is not None and gate_negatives_ready(gate_lm, draft.safe, settings)
-    seconds = _work_seconds(settings, draft, others, ready) * _PACE["factor"]
-    basis = "this machine's last extraction" if _PACE["measured"] else "a 2-core CPU"
-    text = f"Extraction will take about **{_rounded(seconds)}** (from the pace of {basis})"
+    text = f"Extraction will take {_PACE.about(_work_seconds(settings, draft, others, ready))}"
     if settings.gate and not ready:
         text += "; the gate's safe and edgy examples are recorded once per model, later extractions skip them"
     if others:
         text += f"; the gate also learns from the policy's other categories ({len(set(others))} prompts)"
     return text + "."
-
-
-def _rounded(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(5, round(seconds / 5) * 5):.0f} s"
-    return f"{seconds / 60:.0f} min"
 
 
 def layer_slider(draft: Draft | None) -> gr.Slider:

@@ -254,6 +254,30 @@ def plain_text(text: str) -> str:
     return escaped
 
 
+class Pace:
+    """How fast long work goes on this machine: a reference guess (2 CPU cores) until a run here measures it.
+
+    Estimates are made in reference seconds (what the work costs on the reference machine) and
+    scaled by this machine's factor, which every finished run updates.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.factor = 1.0 if default_device() == "cpu" else 0.1
+        self.measured = False
+
+    def record(self, reference_seconds: float, elapsed: float) -> None:
+        if reference_seconds > 0:
+            self.factor, self.measured = elapsed / reference_seconds, True
+
+    def about(self, reference_seconds: float) -> str:
+        """ "about **40 s** (from the pace of …)", for the line shown before the author starts."""
+        seconds = reference_seconds * self.factor
+        shown = f"{max(5, round(seconds / 5) * 5):.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+        basis = f"this machine's last {self.what}" if self.measured else "a 2-core CPU"
+        return f"about **{shown}** (from the pace of {basis})"
+
+
 class BackgroundTask:
     """Long work in a worker thread, so the handler can stream a progress line with elapsed time and time left."""
 
