@@ -86,6 +86,34 @@ class Job:
         held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         return text[: len(text) - held], False
 
+    def show(self, text: str) -> bool:
+        """Stream what of the answer so far may be shown (whole characters, no stop string, not even in
+        part); True when a stop string ended the answer."""
+        if text.endswith("\ufffd"):  # a character still cut in half
+            return False
+        shown, stopped = self.visible(text)
+        if shown.startswith(self.text) and len(shown) > len(self.text):
+            self.deltas.put(shown[len(self.text) :])
+            self.text = shown
+        return stopped
+
+    def finish(self, whole: str, prompt_tokens: int, fired: Sequence[str]) -> None:
+        """Settle with the whole answer `whole`: held-back text that did not become a stop string is shown too."""
+        text, stopped = self.visible(whole)
+        text = text if stopped else whole
+        if text != self.text:
+            self.deltas.put(text[len(self.text) :] if text.startswith(self.text) else text)
+        length = len(self.ids) >= self.max_new_tokens and not stopped
+        self.settle(
+            Completion(
+                text=text.strip(),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=len(self.ids),
+                finish_reason="length" if length else "stop",
+                fired=tuple(fired),
+            )
+        )
+
     def cancel(self) -> None:
         """Nobody waits for this answer any more: its rows stop at the next decoding step."""
         self.cancelled.set()
@@ -160,13 +188,7 @@ class _Dispatch:
                 job.done = True
                 continue
             job.ids.append(int(token))
-            text = self.lm.tokenizer.decode(job.ids, skip_special_tokens=True)
-            stopped = False
-            if not text.endswith("\ufffd"):  # whole characters only
-                text, stopped = job.visible(text)
-                if text.startswith(job.text) and len(text) > len(job.text):
-                    job.deltas.put(text[len(job.text) :])
-                    job.text = text
+            stopped = job.show(self.lm.tokenizer.decode(job.ids, skip_special_tokens=True))
             if stopped or len(job.ids) >= job.max_new_tokens:
                 job.done = True
         if all(job.done for job in self.jobs):
@@ -291,21 +313,7 @@ class Batcher:
                 if readings and readings[0].fired[row][position]:
                     fired[row].append(name)
         for row, job in enumerate(jobs):
-            whole = self.lm.tokenizer.decode(job.ids, skip_special_tokens=True)
-            text, stopped = job.visible(whole)
-            text = text if stopped else whole  # held-back text that did not become a stop string is shown
-            length = len(job.ids) >= job.max_new_tokens and not stopped
-            if text != job.text:
-                job.deltas.put(text[len(job.text) :] if text.startswith(job.text) else text)
-            job.settle(
-                Completion(
-                    text=text.strip(),
-                    prompt_tokens=int(prompt_tokens[row]),
-                    completion_tokens=len(job.ids),
-                    finish_reason="length" if length else "stop",
-                    fired=tuple(fired[row]),
-                )
-            )
+            job.finish(self.lm.tokenizer.decode(job.ids, skip_special_tokens=True), int(prompt_tokens[row]), fired[row])
 
 
 def answer_alone(lm: LoadedModel, job: Job) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .batching import Completion, Job, QueueFull
+from .batching import Job, QueueFull
 from .errors import SafeSteerError
 from .gates import Gate
 from .generation import _eos_ids
@@ -229,26 +229,12 @@ class VllmBatcher:
         ids = [t for t in output.outputs[0].token_ids if t not in self.eos]
         job.ids = list(ids)
         whole = self.lm.tokenizer.decode(ids, skip_special_tokens=True)
-        text, stopped = job.visible(whole)
+        stopped = job.show(whole)
         if stopped and not output.finished:
             self._engine.abort_request([output.request_id])
-        finished = output.finished or stopped
-        shown = text if (stopped or not finished) else whole
-        if shown != job.text and shown.startswith(job.text):
-            job.deltas.put(shown[len(job.text) :])
-            job.text = shown
-        if finished:
+        if output.finished or stopped:
             self._running.pop(output.request_id, None)
-            length = len(job.ids) >= job.max_new_tokens and not stopped
-            job.settle(
-                Completion(
-                    text=shown.strip(),
-                    prompt_tokens=job.prompt_tokens,
-                    completion_tokens=len(job.ids),
-                    finish_reason="length" if length else "stop",
-                    fired=fired,
-                )
-            )
+            job.finish(whole, job.prompt_tokens, fired)
 
 
 def _engine(checkpoint: Path, options: dict[str, Any]) -> Any:
