@@ -1,18 +1,19 @@
-"""Dynamic batching: concurrent requests, each with its own steering, answered in shared batches.
+"""Continuous batching: concurrent requests, each with its own steering, decoded in one running batch.
 
 A server receives requests one by one, each with its own policy version (or none). Generating them
 one after another wastes the model: a decode step of a small model costs about the same for one row
-as for eight. The `Batcher` collects the requests that arrive within a few milliseconds of each
-other, up to a batch size, and answers them with one `generate_ids` call. Each request's steering
-becomes its own rows' strengths (zero on every other row) and its gates are read per row, so a
-request gets exactly the tokens it would get alone: the engine's per-row isolation, reused.
+as for eight. The `Batcher` keeps one `decoding.RunningBatch`: a new request joins it at the next
+decoding step, after its own prompt pass (iteration-level scheduling), and leaves it as soon as it
+is done, so a short request is never held behind a long one. Each request's steering becomes its
+own rows' strengths and its gates are read from its own prompt; rows are never padded, so a request
+gets exactly the tokens it gets alone, whatever its neighbours (the tests compare them token for token).
 
 Requests stream: each step's new token goes to its request's queue as soon as the batch makes it.
 
 Nothing one request does can stop the others: a request cancelled by its caller (a timeout, a client
-that went away) stops receiving tokens at the next step, and the batch ends as soon as no request
-in it is still waiting; a finished request's future is never set twice; and the worker thread
-survives any error in a batch, and is restarted by `Batcher.ensure_running` if it dies anyway.
+that went away) leaves the batch at the next step; a finished request's future is never set twice;
+and the worker thread survives any error in a step, and is restarted by `Batcher.ensure_running` if
+it dies anyway.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from typing import Any
 
 import torch
 
+from . import decoding
+from .decoding import RunningBatch
 from .errors import SafeSteerError
 from .gates import GateReading
-from .generation import _eos_ids, generate_ids
+from .generation import _eos_ids, check_prompt_lengths, generate_ids
 from .models import LoadedModel, Prompt
 from .sampling import Sampling
 from .steering import SteeringSpec
@@ -73,6 +76,7 @@ class Job:
     done: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0  # set by an engine that counts them as it admits the request
+    fired: list[str] = field(default_factory=list)  # the categories whose gates fired, set at admission
 
     def visible(self, text: str) -> tuple[str, bool]:
         """What of `text` may be shown now, and whether a stop string ended it.
@@ -249,14 +253,16 @@ class Batcher:
         self._closing.set()
         self._worker.join(timeout)
 
-    def _gather(self) -> list[Job]:
-        try:
-            first = self._queue.get(timeout=0.1)
-        except queue.Empty:
-            return []
-        jobs = [first]
-        deadline = time.monotonic() + self.max_wait_s
-        while len(jobs) < self.max_batch:
+    def _gather(self, room: int, wait: bool) -> list[Job]:
+        """Up to `room` waiting jobs; when idle, wait a moment for the first and for those arriving with it."""
+        jobs: list[Job] = []
+        if wait:
+            try:
+                jobs.append(self._queue.get(timeout=0.1))
+            except queue.Empty:
+                return []
+        deadline = time.monotonic() + (self.max_wait_s if wait else 0.0)
+        while len(jobs) < room:
             left = deadline - time.monotonic()
             try:
                 jobs.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
@@ -265,9 +271,96 @@ class Batcher:
         return jobs
 
     def _run(self) -> None:
+        if not decoding.fits(self.lm):
+            self._run_closed()
+            return
+        running = RunningBatch(self.lm, eos_token_ids=_eos_ids(self.lm))
+        active: dict[int, Job] = {}
+        while not (self._closing.is_set() and self._queue.empty() and not active):
+            try:
+                if len(active) < self.max_batch:
+                    self._admit(running, active, wait=not active)
+                if active:
+                    self._step(running, active)
+            except BaseException as exc:  # a step's failure is its requests' failure, never the worker's
+                self.failed_batches += 1
+                log.error("a decoding step failed", exc_info=exc)
+                for job in active.values():
+                    job.settle(error=exc if isinstance(exc, Exception) else SafeSteerError("the worker stopped"))
+                active.clear()
+                running = RunningBatch(self.lm, eos_token_ids=_eos_ids(self.lm))
+                if not isinstance(exc, Exception):
+                    raise  # the thread ends; `ensure_running` starts another
+
+    def _admit(self, running: RunningBatch, active: dict[int, Job], *, wait: bool) -> None:
+        """Prompt passes for newly arrived jobs, grouped by prompt length; their rows join at the next step."""
+        by_length: dict[int, list[tuple[Job, torch.Tensor]]] = {}
+        for job in self._gather(self.max_batch - len(active), wait):
+            if job.cancelled.is_set():
+                job.settle()  # went away while waiting: never starts
+                continue
+            try:
+                ids = self.lm.encode([job.prompt])["input_ids"]
+                check_prompt_lengths([ids.shape[1]])
+            except Exception as exc:  # this request's own problem (a prompt too long, say)
+                job.settle(error=exc)
+                continue
+            by_length.setdefault(ids.shape[1], []).append((job, ids))
+        for length, members in by_length.items():
+            jobs = [job for job, _ in members]
+            specs, users = _merge(jobs)
+            try:
+                reading = running.admit(
+                    torch.cat([ids for _, ids in members]),
+                    specs,
+                    owners=[id(job) for job in jobs],
+                    max_new_tokens=[job.max_new_tokens for job in jobs],
+                    sampling=[job.sampling for job in jobs],
+                )
+            except Exception as exc:  # these requests' own problem (a gate that does not fit, say)
+                for job in jobs:
+                    job.settle(error=exc)
+                continue
+            gated = [k for k, spec in enumerate(specs) if spec.gated and not spec.is_noop()]
+            for position, k in enumerate(gated):
+                for row, name in users[k]:
+                    if reading is not None and reading.fired[row][position]:
+                        jobs[row].fired.append(name)
+            for job in jobs:
+                job.prompt_tokens = length
+                active[id(job)] = job
+        if by_length:
+            self.batches.append(len(active))
+
+    def _step(self, running: RunningBatch, active: dict[int, Job]) -> None:
+        """One decoding step: each running job gets its next token; finished and cancelled jobs leave."""
+        gone = {owner for owner, job in active.items() if job.cancelled.is_set()}
+        if gone:
+            running.drop(gone)
+            for owner in gone:
+                active.pop(owner).settle()
+        eos = running.eos
+        done: set[int] = set()
+        for owner, token, finished in running.step():
+            job = active[owner]
+            if token not in eos:
+                job.ids.append(token)
+                stopped = job.show(self.lm.tokenizer.decode(job.ids, skip_special_tokens=True))
+                finished = finished or stopped or len(job.ids) >= job.max_new_tokens
+            if finished:
+                done.add(owner)
+        still_running = done & set(running.owners)  # a stop string ended them before their budget
+        if still_running:
+            running.drop(still_running)
+        for owner in done:
+            job = active.pop(owner)
+            job.finish(self.lm.tokenizer.decode(job.ids, skip_special_tokens=True), job.prompt_tokens, job.fired)
+
+    def _run_closed(self) -> None:
+        """Batches closed once started, for models the running batch does not cover (transformers' generate)."""
         while not (self._closing.is_set() and self._queue.empty()):
             jobs = []
-            for job in self._gather():
+            for job in self._gather(self.max_batch, wait=True):
                 if job.cancelled.is_set():
                     job.settle()  # went away while waiting: never starts
                 else:
@@ -275,7 +368,7 @@ class Batcher:
             if not jobs:
                 continue
             try:
-                self._answer(jobs)
+                self._answer_closed(jobs)
             except BaseException as exc:  # a batch's failure is its requests' failure, never the worker's
                 self.failed_batches += 1
                 log.error("a batch failed", exc_info=exc)
@@ -284,7 +377,7 @@ class Batcher:
                 if not isinstance(exc, Exception):
                     raise  # the thread ends; `ensure_running` starts another
 
-    def _answer(self, jobs: list[Job]) -> None:
+    def _answer_closed(self, jobs: list[Job]) -> None:
         self.batches.append(len(jobs))
         try:
             specs, users = _merge(jobs)

@@ -16,7 +16,7 @@ both paths give the same tokens.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from .gates import GateReading
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
 from .operations import Shift, apply_steering
-from .sampling import TokenChooser
+from .sampling import Sampling, TokenChooser
 from .steering import SteeringSpec, SteeringState, steer
 
 _GREEDY_CHANGERS = (
@@ -96,12 +96,17 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 
 def _shifts(
-    state: SteeringState, rows: int, dtype: torch.dtype, device: torch.device
+    state: SteeringState, rows: int, dtype: torch.dtype, device: torch.device, keep: Sequence[int] | None = None
 ) -> dict[tuple[int, str], list[Shift]]:
-    """Per (layer, site), each decode step's operations on [rows, hidden] states, exactly as the hooks apply them."""
+    """Per (layer, site), each decode step's operations on [rows, hidden] states, exactly as the hooks apply them.
+
+    `keep` (indices among the `rows` the state decided for) prepares them for those rows only.
+    """
     shifts: dict[tuple[int, str], list[Shift]] = {}
     for index, spec in enumerate(state.specs):
         strengths = state.strengths(index, rows)
+        if keep is not None and len(strengths) > 1:
+            strengths = tuple(strengths[r] for r in keep)
         if all(s == 0.0 for s in strengths) or spec.where == "prompt":
             continue  # nothing to do at decode steps
         for part, layer in enumerate(spec.layers()):
@@ -127,30 +132,6 @@ def _sdpa_attend(
         packed = query.reshape(rows, kv_heads, heads // kv_heads, dim)
         out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=visible, scale=scaling)
     return out.reshape(rows, heads * dim)
-
-
-class _StaticCache:
-    """Keys and values for every layer in buffers sized for the whole generation.
-
-    `dtype` float32 suits `cpu_attention`, which computes in float32 anyway: the cache is then
-    not converted again at every step (bfloat16 values convert to float32 exactly).
-    """
-
-    def __init__(self, prefill: Any, n_layers: int, total: int, dtype: torch.dtype | None = None) -> None:
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.length = 0
-        for index in range(n_layers):
-            layer = prefill.layers[index]
-            keys, values = layer.keys, layer.values
-            batch, heads, length, dim = keys.shape
-            key_buffer = keys.new_empty(batch, heads, total, dim, dtype=dtype or keys.dtype)
-            value_buffer = values.new_empty(batch, heads, total, dim, dtype=dtype or values.dtype)
-            key_buffer[:, :, :length] = keys
-            value_buffer[:, :, :length] = values
-            self.keys.append(key_buffer)
-            self.values.append(value_buffer)
-            self.length = length
 
 
 Linear2d = Callable[[torch.Tensor], torch.Tensor]
@@ -207,6 +188,266 @@ class _LayerPlan:
         )
 
 
+@dataclass
+class _Cohort:
+    """Rows that joined together with unpadded prompts of one length: their caches line up.
+
+    A cohort attends as one block with no mask, and every other operation of a decode step computes
+    each row on its own (the 4-bit and int8 kernels, norms, element-wise arithmetic), so a row's
+    numbers never depend on the other cohorts in the batch, nor on padding, of which there is none.
+    """
+
+    owners: list[Any]
+    keys: list[torch.Tensor]  # per layer [rows, kv_heads, capacity, head_dim]
+    values: list[torch.Tensor]
+    length: int  # cache positions filled
+    state: SteeringState
+    decided: int  # how many rows the state's gates decided for
+    kept: list[int]  # which of those rows are still here
+    left: list[int]  # tokens each row may still make
+    choosers: list[TokenChooser | None]  # None: greedy
+    logits: torch.Tensor  # [rows, vocab]: each row's scores for its next token
+    shifts: dict[tuple[int, str], list[Shift]] = field(default_factory=dict)
+
+    def keep_rows(self, keep: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+        """Only rows `keep` (positions in this cohort) go on; their caches and steering follow them."""
+        if len(keep) == len(self.owners):
+            return
+        index = torch.tensor(list(keep), dtype=torch.long, device=device)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.logits = self.logits.index_select(0, index)
+        self.owners = [self.owners[r] for r in keep]
+        self.left = [self.left[r] for r in keep]
+        self.choosers = [self.choosers[r] for r in keep]
+        self.kept = [self.kept[r] for r in keep]
+        self.shifts = _shifts(self.state, self.decided, dtype, device, keep=self.kept)
+
+
+class RunningBatch:
+    """Rows decoded together; rows join between steps, after their own prompt pass, and leave when done.
+
+    This is iteration-level scheduling: a server adds a new request at the next decoding step rather
+    than after the batch in flight, and a request whose client went away leaves at the next step.
+    Each group of rows admitted together is a `_Cohort`; cohorts share every step's products.
+    """
+
+    def __init__(self, lm: LoadedModel, *, eos_token_ids: Sequence[int], suppress_eos: bool = False) -> None:
+        model = lm.model
+        self.lm = lm
+        self.base = model.model
+        layers = lm.architecture.layers
+        uses_cpu_attention = model.config._attn_implementation == cpu_attention.NAME
+        self.attend = cpu_attention.single_query_attention if uses_cpu_attention else _sdpa_attend
+        # cpu_attention computes in float32 anyway: a float32 cache is not converted again at every step
+        self.cache_dtype = torch.float32 if uses_cpu_attention else None
+        self.plans = [_LayerPlan.of(layer) for layer in layers]
+        self.final_norm, self.head = _norm(self.base.norm), _linear(model.lm_head)
+        self.dtype = self.base.embed_tokens.weight.dtype
+        self.device = self.base.embed_tokens.weight.device
+        self.eos = set(int(i) for i in eos_token_ids)
+        self.eos_ids = torch.tensor(sorted(self.eos), dtype=torch.long, device=self.device)
+        self.suppress_eos = suppress_eos
+        attention: Any = layers[0].self_attn
+        self.head_dim, self.scaling = attention.head_dim, attention.scaling
+        self.heads = model.config.num_attention_heads
+        self.cohorts: list[_Cohort] = []
+
+    def __len__(self) -> int:
+        return sum(len(cohort.owners) for cohort in self.cohorts)
+
+    @property
+    def owners(self) -> list[Any]:
+        return [owner for cohort in self.cohorts for owner in cohort.owners]
+
+    @torch.inference_mode()
+    def admit(
+        self,
+        input_ids: torch.Tensor,
+        specs: Sequence[SteeringSpec],
+        *,
+        owners: Sequence[Any],
+        max_new_tokens: Sequence[int],
+        sampling: Sequence[Sampling | None] | None = None,
+        gated: Sequence[int] | None = None,
+    ) -> GateReading | None:
+        """Run the prompt pass of unpadded prompts of one length [rows, length] and add their rows.
+
+        `specs` carry one strength or one per row; gated specs read their gates here (`gated`:
+        which specs' gates to read, see `steer`). Returns the gates' reading of these rows.
+        """
+        from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
+
+        model = self.lm.model
+        rows, length = input_ids.shape
+        readings: list[GateReading] = []
+        cache = DynamicCache(config=model.config)
+        positions = torch.arange(length, device=input_ids.device).expand(rows, length)
+        with steer(self.lm, specs, readings, gated=gated) as state:  # the model's own pass, gates and hooks
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs(model, cache),
+            ).logits[:, -1]
+        capacity = length + max(max_new_tokens)
+        keys, values = [], []
+        for index in range(len(self.plans)):
+            layer = cache.layers[index]
+            for source, target in ((layer.keys, keys), (layer.values, values)):
+                buffer = source.new_empty(rows, source.shape[1], capacity, source.shape[3], dtype=self.cache_dtype)
+                buffer[:, :, :length] = source
+                target.append(buffer)
+        given = list(sampling) if sampling is not None else [None] * rows
+        cohort = _Cohort(
+            owners=list(owners),
+            keys=keys,
+            values=values,
+            length=length,
+            state=state,
+            decided=rows,
+            kept=list(range(rows)),
+            left=list(max_new_tokens),
+            choosers=[None if s is None or s.greedy else TokenChooser([s]) for s in given],
+            logits=logits,
+        )
+        cohort.shifts = _shifts(state, rows, self.dtype, self.device)
+        self.cohorts.append(cohort)
+        return readings[0] if readings else None
+
+    def drop(self, owners: set[Any]) -> None:
+        """Rows of these owners leave now (their requests were cancelled)."""
+        for cohort in self.cohorts:
+            cohort.keep_rows([r for r, o in enumerate(cohort.owners) if o not in owners], self.dtype, self.device)
+        self.cohorts = [cohort for cohort in self.cohorts if cohort.owners]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Any, int, bool]]:
+        """Choose every row's next token, then run one decode step for the rows that go on.
+
+        Returns (owner, token, finished) per row; a finished row (end of text, or its token budget
+        spent) has left the batch.
+        """
+        emitted: list[tuple[Any, int, bool]] = []
+        going: list[tuple[_Cohort, torch.Tensor]] = []
+        for cohort in self.cohorts:
+            logits = cohort.logits
+            if self.suppress_eos and self.eos_ids.numel():
+                logits[:, self.eos_ids] = float("-inf")
+            tokens = logits.argmax(dim=-1)
+            for row, chooser in enumerate(cohort.choosers):
+                if chooser is not None:
+                    tokens[row] = chooser.choose(logits[row : row + 1])[0]
+            keep = []
+            for row, (owner, token) in enumerate(zip(cohort.owners, tokens.tolist(), strict=True)):
+                cohort.left[row] -= 1
+                finished = token in self.eos or cohort.left[row] <= 0
+                emitted.append((owner, int(token), finished))
+                if not finished:
+                    keep.append(row)
+            if keep:
+                if len(keep) < len(cohort.owners):
+                    tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
+                    cohort.keep_rows(keep, self.dtype, self.device)
+                going.append((cohort, tokens))
+        self.cohorts = [cohort for cohort, _ in going]
+        if going:
+            self._forward(going)
+        return emitted
+
+    def _steered(
+        self, states: torch.Tensor, spans: Sequence[tuple[_Cohort, int, int]], key: tuple[int, str]
+    ) -> torch.Tensor:
+        """`states` [rows, hidden] with each cohort's own steering at (layer, site) applied to its rows."""
+        if not any(key in cohort.shifts for cohort, _, _ in spans):
+            return states
+        if len(spans) == 1:
+            return apply_steering(states, spans[0][0].shifts[key], prompt_pass=False)
+        return torch.cat(
+            [apply_steering(states[a:b], cohort.shifts.get(key, ()), prompt_pass=False) for cohort, a, b in spans]
+        )
+
+    def _attend_cohorts(
+        self, spans: Sequence[tuple[_Cohort, int, int]], index: int, query_key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """Each cohort's attention over its own cache, one call per cohort (no padding, no mask)."""
+        heads = self.heads
+        if self.attend is not cpu_attention.single_query_attention:
+            contexts = []
+            for cohort, a, b in spans:
+                keys, values, slot = cohort.keys[index], cohort.values[index], cohort.length
+                keys[:, :, slot] = query_key[a:b, heads:, 0]
+                values[:, :, slot] = value[a:b]
+                contexts.append(
+                    self.attend(
+                        query_key[a:b, :heads], keys[:, :, : slot + 1], values[:, :, : slot + 1], None, self.scaling
+                    )
+                )
+            return torch.cat(contexts)
+        # `single_query_attention`'s arithmetic, with the per-row conversions done once for all cohorts
+        rows, _, _, dim = query_key.shape
+        kv_heads = query_key.shape[1] - heads
+        queries = query_key[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim).float()
+        new_keys, new_values = query_key[:, heads:, 0].float(), value.float()
+        outs = []
+        for cohort, a, b in spans:
+            keys, values, slot = cohort.keys[index], cohort.values[index], cohort.length
+            keys[:, :, slot] = new_keys[a:b]
+            values[:, :, slot] = new_values[a:b]
+            scores = torch.matmul(queries[a:b], keys[:, :, : slot + 1].transpose(-1, -2)) * self.scaling
+            outs.append(torch.matmul(scores.softmax(dim=-1), values[:, :, : slot + 1]))
+        return torch.cat(outs).to(query_key.dtype).reshape(rows, heads * dim)
+
+    def _forward(self, going: Sequence[tuple[_Cohort, torch.Tensor]]) -> None:
+        """One decoding step: each row's new token through every layer; sets each cohort's next logits."""
+        base, heads, head_dim = self.base, self.heads, self.head_dim
+        spans: list[tuple[_Cohort, int, int]] = []
+        start = 0
+        for cohort, _ in going:
+            spans.append((cohort, start, start + len(cohort.owners)))
+            start += len(cohort.owners)
+        rows = start
+        token = going[0][1] if len(going) == 1 else torch.cat([tokens for _, tokens in going])
+        position = torch.cat(
+            [torch.full((b - a, 1), cohort.length, dtype=torch.long, device=self.device) for cohort, a, b in spans]
+        )
+        hidden = base.embed_tokens(token)
+        cos, sin = base.rotary_emb(hidden, position)
+        cos, sin = cos.view(rows, 1, 1, head_dim), _signed_sin(sin.view(rows, 1, 1, head_dim))
+        for index, plan in enumerate(self.plans):
+            normed = plan.attention_norm(hidden)
+            query_key = torch.cat(
+                [plan.q(normed).view(rows, heads, 1, head_dim), plan.k(normed).view(rows, -1, 1, head_dim)], dim=1
+            )
+            query_key = query_key * cos + query_key.roll(head_dim // 2, dims=-1) * sin
+            value = plan.v(normed).view(rows, -1, head_dim)
+            if len(spans) == 1:
+                cohort = spans[0][0]
+                keys, values, slot = cohort.keys[index], cohort.values[index], cohort.length
+                keys[:, :, slot] = query_key[:, heads:, 0]
+                values[:, :, slot] = value
+                context = self.attend(
+                    query_key[:, :heads], keys[:, :, : slot + 1], values[:, :, : slot + 1], None, self.scaling
+                )
+            else:
+                context = self._attend_cohorts(spans, index, query_key, value)
+            hidden = hidden + self._steered(plan.o(context), spans, (index, "attention"))
+            hidden = hidden + plan.mlp(plan.mlp_norm(hidden))
+            hidden = self._steered(hidden, spans, (index, "residual"))
+        logits = self.head(self.final_norm(hidden))
+        for cohort, a, b in spans:
+            cohort.length += 1
+            cohort.logits = logits[a:b]
+
+
+def _rows(spec: SteeringSpec, members: Sequence[int]) -> SteeringSpec:
+    """`spec` for the batch rows `members` only (one strength for all rows stays as it is)."""
+    strengths = spec.strengths()
+    return spec if len(strengths) == 1 else replace(spec, strength=tuple(strengths[r] for r in members))
+
+
 @torch.inference_mode()
 def greedy_decode(
     lm: LoadedModel,
@@ -219,87 +460,52 @@ def greedy_decode(
     suppress_eos: bool = False,
     streamer: Any = None,
     gate_readings: list[GateReading] | None = None,
-    chooser: TokenChooser | None = None,
+    sampling: Sequence[Sampling | None] | None = None,
 ) -> torch.Tensor:
     """New token ids [rows, <= max_new_tokens] for a left-padded batch, steered by `specs`.
 
-    Tokens are greedy unless a `chooser` samples some rows (`sampling`).
-    Rows that finish (emit end-of-text) are padded with `pad_token_id` like transformers does;
-    decoding stops when every row has finished. `suppress_eos` forbids end-of-text (fixed length).
+    Tokens are greedy unless `sampling` (one per row) samples some rows, each from its own stream.
+    Rows of one prompt length share a prompt pass; padding is stripped, so every row gets exactly
+    the tokens it gets alone. Rows that finish (emit end-of-text) are padded with `pad_token_id`
+    like transformers does; `suppress_eos` forbids end-of-text (fixed length).
     """
-    from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
-
-    model = lm.model
-    base = model.model
-    layers = lm.architecture.layers
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    rows, prompt_length = input_ids.shape
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    rows = input_ids.shape[0]
     if streamer is not None:
         streamer.put(input_ids.cpu())
-
-    cache = DynamicCache(config=model.config)
-    with steer(lm, specs, gate_readings) as state:  # the prompt goes through the model's own pass, gates and hooks
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_kwargs(model, cache),
-        ).logits[:, -1]
-    uses_cpu_attention = model.config._attn_implementation == cpu_attention.NAME
-    attend = cpu_attention.single_query_attention if uses_cpu_attention else _sdpa_attend
-    kv = _StaticCache(cache, len(layers), prompt_length + max_new_tokens, torch.float32 if uses_cpu_attention else None)
-    dtype = base.embed_tokens.weight.dtype
-    device = input_ids.device
-    shifts = _shifts(state, rows, dtype, device)
-    plans = [_LayerPlan.of(layer) for layer in layers]
-    final_norm, head = _norm(base.norm), _linear(model.lm_head)
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    key_mask = torch.zeros(rows, 1, 1, prompt_length + max_new_tokens, dtype=torch.bool, device=device)
-    key_mask[:, 0, 0, :prompt_length] = mask.bool()
-    padded = not bool(mask.bool().all())
-    position = positions[:, -1:]
-    attention: Any = layers[0].self_attn
-    head_dim, scaling = attention.head_dim, attention.scaling
-    heads = model.config.num_attention_heads
-    produced: list[torch.Tensor] = []
-
-    for step in range(max_new_tokens):
-        if suppress_eos and eos.numel():
-            logits[:, eos] = float("-inf")
-        token = logits.argmax(dim=-1) if chooser is None else chooser.choose(logits)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        produced.append(token)
+    groups: dict[int, list[int]] = {}
+    for row, length in enumerate(mask.sum(dim=1).tolist()):
+        groups.setdefault(int(length), []).append(row)
+    running = RunningBatch(lm, eos_token_ids=eos_token_ids, suppress_eos=suppress_eos)
+    gated = [i for i, spec in enumerate(specs) if spec.gated and not spec.is_noop()]
+    scores: list[list[float]] = [[] for _ in range(rows)]
+    fired: list[list[bool]] = [[] for _ in range(rows)]
+    for length, members in groups.items():
+        reading = running.admit(
+            input_ids[members][:, input_ids.shape[1] - length :],  # left padding: the prompt is at the end
+            [_rows(spec, members) for spec in specs],
+            owners=members,
+            max_new_tokens=[max_new_tokens] * len(members),
+            sampling=None if sampling is None else [sampling[r] for r in members],
+            gated=gated,
+        )
+        for j, row in enumerate(members):
+            if reading is not None:
+                scores[row], fired[row] = reading.scores[j], reading.fired[j]
+    if gated and gate_readings is not None:
+        gate_readings.append(GateReading(scores=scores, fired=fired))
+    produced: list[list[int]] = [[] for _ in range(rows)]
+    while len(running):
+        step = torch.full((rows,), pad_token_id, dtype=torch.long)
+        for row, token, _ in running.step():
+            produced[row].append(token)
+            step[row] = token
         if streamer is not None:
-            streamer.put(token.cpu())
-        finished |= torch.isin(token, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        slot = kv.length
-        kv.length += 1
-        key_mask[:, 0, 0, slot] = True
-        position = position + 1
-        hidden = base.embed_tokens(token)
-        cos, sin = base.rotary_emb(hidden, position)
-        cos, sin = cos.view(rows, 1, 1, head_dim), _signed_sin(sin.view(rows, 1, 1, head_dim))
-        visible = key_mask[..., : kv.length] if padded else None
-        for index, plan in enumerate(plans):
-            normed = plan.attention_norm(hidden)
-            query_key = torch.cat(
-                [plan.q(normed).view(rows, heads, 1, head_dim), plan.k(normed).view(rows, -1, 1, head_dim)], dim=1
-            )
-            query_key = query_key * cos + query_key.roll(head_dim // 2, dims=-1) * sin
-            keys, values = kv.keys[index], kv.values[index]
-            keys[:, :, slot] = query_key[:, heads:, 0]
-            values[:, :, slot] = plan.v(normed).view(rows, -1, head_dim)
-            context = attend(query_key[:, :heads], keys[:, :, : kv.length], values[:, :, : kv.length], visible, scaling)
-            hidden = hidden + apply_steering(plan.o(context), shifts.get((index, "attention"), ()), prompt_pass=False)
-            hidden = hidden + plan.mlp(plan.mlp_norm(hidden))
-            hidden = apply_steering(hidden, shifts.get((index, "residual"), ()), prompt_pass=False)
-        logits = head(final_norm(hidden))
+            streamer.put(step)
     if streamer is not None:
         streamer.end()
-    return torch.stack(produced, dim=1)
+    width = max(len(tokens) for tokens in produced)
+    out = torch.full((rows, width), pad_token_id, dtype=torch.long, device=input_ids.device)
+    for row, tokens in enumerate(produced):
+        out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return out

@@ -37,6 +37,17 @@ def _eos_ids(lm: LoadedModel) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
+def check_prompt_lengths(lengths: Sequence[int]) -> None:
+    """Refuse prompts over the token limit, naming which one (a long prompt's cache would take memory for nothing)."""
+    limit = max_prompt_tokens()
+    for row, length in enumerate(lengths, start=1):
+        if length > limit:
+            which = f"prompt {row} has" if len(lengths) > 1 else "the prompt has"
+            raise SafeSteerError(
+                f"{which} {length} tokens (chat template included); the limit is {limit} (SAFESTEER_MAX_PROMPT_TOKENS)"
+            )
+
+
 def generate_ids(
     lm: LoadedModel,
     prompts: Sequence[Prompt],
@@ -69,13 +80,7 @@ def generate_ids(
         if n not in (1, len(prompts)):
             raise SafeSteerError(f"{n} strengths given for {len(prompts)} prompts")
     batch = lm.encode(list(prompts), prefill)
-    limit = max_prompt_tokens()
-    for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist(), start=1):
-        if length > limit:
-            which = f"prompt {row} has" if len(prompts) > 1 else "the prompt has"
-            raise SafeSteerError(
-                f"{which} {length} tokens (chat template included); the limit is {limit} (SAFESTEER_MAX_PROMPT_TOKENS)"
-            )
+    check_prompt_lengths(batch["attention_mask"].sum(dim=1).tolist())
     if sampling is not None and len(sampling) != len(prompts):
         raise SafeSteerError(f"{len(sampling)} sampling settings given for {len(prompts)} prompts")
     chooser = TokenChooser(sampling) if sampling is not None else None
@@ -94,7 +99,7 @@ def generate_ids(
             suppress_eos=fixed_length,
             streamer=streamer,
             gate_readings=gate_readings,
-            chooser=chooser,
+            sampling=None if chooser is None else sampling,
         )
     options: dict[str, Any] = {"cache_implementation": "static"} if decoder == "static" else {}
     if chooser is not None:  # it rules out all but its own choice; greedy decoding then takes that token

@@ -228,9 +228,20 @@ def read_gates(lm: LoadedModel, prompts: Sequence[str], gates: Sequence[Gate], b
 class SteeringState:
     """One `steer` block: which rows each gated spec steers, as decided at the latest prompt pass."""
 
-    def __init__(self, specs: Sequence[SteeringSpec], readings: list[GateReading] | None = None) -> None:
+    def __init__(
+        self,
+        specs: Sequence[SteeringSpec],
+        readings: list[GateReading] | None = None,
+        gated: Sequence[int] | None = None,
+    ) -> None:
         self.specs = tuple(specs)
-        self.gated = [i for i, spec in enumerate(self.specs) if spec.gated and not spec.is_noop()]
+        # Which specs' gates are read: by default those that steer some row. A caller that splits one
+        # batch into parts passes the whole batch's list, so every part's reading has the same columns.
+        self.gated = (
+            list(gated)
+            if gated is not None
+            else [i for i, spec in enumerate(self.specs) if spec.gated and not spec.is_noop()]
+        )
         self.fired: list[list[bool]] | None = None  # [rows][k] for the k-th gated spec
         self.readings: list[GateReading] = readings if readings is not None else []  # appended as passes run
         self.generation = 0  # bumped at every decision, so cached shifts are rebuilt
@@ -306,12 +317,17 @@ def _gate_hook(block: int, lm: LoadedModel, state: SteeringState):
 
 @contextmanager
 def steer(
-    lm: LoadedModel, specs: Sequence[SteeringSpec], gate_readings: list[GateReading] | None = None
+    lm: LoadedModel,
+    specs: Sequence[SteeringSpec],
+    gate_readings: list[GateReading] | None = None,
+    *,
+    gated: Sequence[int] | None = None,
 ) -> Iterator[SteeringState]:
     """Apply the specs to `lm` inside the block, for the calling thread only; always clean up.
 
     The block yields its `SteeringState`; the gates' reading of every prompt pass inside it is
     appended to `gate_readings` (when given) as soon as it is made, so a stream can show it early.
+    `gated` names the specs whose gates are read (default: the gated specs that steer some row).
     """
     hidden = lm.identity.hidden_size
     for spec in specs:
@@ -327,7 +343,7 @@ def steer(
                     f"a gate of hidden size {spec.gate.hidden_size} does not fit this model ({hidden})"
                 )
             lm.architecture.module(spec.gate.layer, spec.gate.site)
-    state = SteeringState(specs, gate_readings)
+    state = SteeringState(specs, gate_readings, gated)
     token = object()
     block = id(token)
     with ExitStack() as stack:

@@ -1,4 +1,4 @@
-"""Dynamic batching: requests with different steering answered together, each exactly as alone."""
+"""Continuous batching: requests with different steering decoded together, each exactly as alone."""
 
 import threading
 from dataclasses import replace
@@ -6,7 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from safesteer import load_model
 from safesteer.batching import Batcher, Job, QueueFull, answer_alone
+from safesteer.int4 import int4_problem
 from safesteer.steering import SteeringSpec
 from tests.conftest import HARMFUL, SAFE
 from tests.test_gates import _gate_for
@@ -116,10 +118,10 @@ def test_a_cancelled_request_stops_generating_at_the_next_step(tiny_lm, batcher)
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_worker_is_restarted(tiny_lm, batcher, monkeypatch):
-    def explode(jobs):
+    def explode(running, active):
         raise SystemExit  # beyond what `_run` catches: the thread ends
 
-    monkeypatch.setattr(batcher, "_answer", explode)
+    monkeypatch.setattr(batcher, "_step", explode)
     lost = batcher.submit(Job(SAFE[0], max_new_tokens=4))
     batcher._worker.join(10)
     assert not batcher.alive
@@ -155,3 +157,32 @@ def test_a_sampled_row_depends_on_its_seed_not_on_its_neighbours(tiny_lm, batche
     results = [job.result.result(timeout=60).text for job in jobs]
     assert results[0] == alone
     assert results[2] == answer_alone(tiny_lm, Job(HARMFUL[4], max_new_tokens=12))
+
+
+def test_a_short_request_joins_the_running_batch_instead_of_waiting(tiny_lm, batcher):
+    """Iteration-level scheduling: a 4-token request sent while a 300-token one runs is answered first."""
+    long = batcher.submit(Job(HARMFUL[0], max_new_tokens=300))
+    next(long.stream(timeout=60))  # the long one is decoding
+    short = batcher.submit(Job(SAFE[0], [_spec(tiny_lm, 4)], ["x"], max_new_tokens=4))
+    answer = short.result.result(timeout=60)
+    assert not long.result.done()  # still going: the short one did not wait for it
+    assert answer.text == answer_alone(tiny_lm, short)
+    assert long.result.result(timeout=120).text == answer_alone(tiny_lm, long)  # joining changed nothing for it
+
+
+@pytest.mark.skipif(int4_problem() is not None, reason="int4 kernel unavailable")
+def test_int4_answers_do_not_depend_on_neighbours_or_prompt_lengths(tiny_folder):
+    """The product's default CPU precision: prompts of other lengths and other policies beside a row change nothing."""
+    lm = load_model(str(tiny_folder), "int4", device="cpu")
+    prompts = [SAFE[0], HARMFUL[3], SAFE[5] + " Please answer in detail.", HARMFUL[0], SAFE[2] + " Why?"]
+    assert len({len(lm.encode([p])["input_ids"][0]) for p in prompts}) > 2
+    jobs = [Job(p, [_spec(lm, k)] if k % 2 else [], ["x"] if k % 2 else [], 16) for k, p in enumerate(prompts)]
+    batcher = Batcher(lm, max_batch=8, max_wait_s=0.2)
+    try:
+        for job in jobs:
+            batcher.submit(job)
+        results = [job.result.result(timeout=60).text for job in jobs]
+    finally:
+        batcher.close()
+    assert max(batcher.batches) == len(jobs)
+    assert results == [answer_alone(lm, job) for job in jobs]

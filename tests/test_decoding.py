@@ -1,6 +1,12 @@
-"""The lean decode loop gives exactly the tokens transformers' generate gives, faster."""
+"""The lean decode loop gives exactly the tokens transformers' generate gives each prompt alone, faster.
+
+The reference is each row generated alone: transformers pads a batch of prompts of different lengths,
+and padding changes the float sums (in bfloat16 enough to flip a word), so a padded transformers batch
+is itself not the answer a row should get. The lean loop never pads: its rows equal their lone answers.
+"""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -46,6 +52,16 @@ def lm(request, tiny_folder, tiny_lm):
     return load_model(str(tiny_folder), "int4", device="cpu")
 
 
+def _alone(lm, prompts, specs=(), **options):
+    """Each row generated on its own (its own strengths), by transformers' generate unless a decoder is given."""
+    options.setdefault("decoder", "transformers")
+    texts = []
+    for row, prompt in enumerate(prompts):
+        own = [replace(s, strength=s.strengths()[row]) if len(s.strengths()) > 1 else s for s in specs]
+        texts += generate(lm, [prompt], own, **options)
+    return texts
+
+
 @pytest.mark.parametrize(
     "case",
     [
@@ -60,7 +76,7 @@ def test_lean_loop_gives_the_same_tokens_as_transformers(lm, case):
     assert supports(lm)
     prompts, specs = _cases(lm)[case]
     lean = generate(lm, prompts, specs, max_new_tokens=24)
-    reference = generate(lm, prompts, specs, max_new_tokens=24, decoder="transformers")
+    reference = _alone(lm, prompts, specs, max_new_tokens=24)
     assert lean == reference
     assert any(text for text in lean)
 
@@ -69,8 +85,21 @@ def test_fixed_length_and_end_of_text_match_transformers(lm):
     prompts = SAFE[:3]
     for fixed in (False, True):
         lean = generate(lm, prompts, max_new_tokens=40, fixed_length=fixed)
-        reference = generate(lm, prompts, max_new_tokens=40, fixed_length=fixed, decoder="transformers")
+        reference = _alone(lm, prompts, max_new_tokens=40, fixed_length=fixed)
         assert lean == reference
+
+
+def test_a_row_gets_the_tokens_it_gets_alone_whatever_its_neighbours(lm):
+    """Batch invariance: prompts of other lengths, other steering and other batch sizes change nothing."""
+    residual = SteeringSpec(_vector(lm, 1), 1, 4.0)
+    prompts = [SAFE[0], HARMFUL[3], SAFE[5] + " Please answer in detail.", HARMFUL[0], SAFE[2]]
+    assert len({len(lm.encode([p])["input_ids"][0]) for p in prompts}) > 2  # the batch would need padding
+    strengths = (0.0, 4.0, 0.0, 2.0, 0.0)
+    batched = generate(lm, prompts, [replace(residual, strength=strengths)], max_new_tokens=20)
+    alone = _alone(lm, prompts, [replace(residual, strength=strengths)], max_new_tokens=20, decoder="lean")
+    assert batched == alone
+    doubled = generate(lm, prompts * 2, [replace(residual, strength=strengths * 2)], max_new_tokens=20)
+    assert doubled == batched * 2
 
 
 def test_stream_ends_with_the_generated_text(lm):
@@ -97,7 +126,7 @@ def test_rows_that_end_early_are_padded_like_transformers(lm):
     stopping.model.generation_config = copy.deepcopy(lm.model.generation_config)
     stopping.model.generation_config.eos_token_id = [ids[2]]
     lean = generate(stopping, prompts, max_new_tokens=30)
-    reference = generate(stopping, prompts, max_new_tokens=30, decoder="transformers")
+    reference = _alone(stopping, prompts, max_new_tokens=30)
     assert lean == reference
     assert len(lean[1]) < len(generate(lm, prompts[1:2], max_new_tokens=30)[0])
 
