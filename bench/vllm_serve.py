@@ -33,6 +33,7 @@ from safesteer import datasets, extract_vectors, load_model
 from safesteer.models import model_location
 from safesteer.operations import SteeringOptions
 from safesteer.policy import PolicyCategory
+from safesteer.threads import serial_main_thread
 from safesteer.vectors import ExtractionSettings
 from safesteer.vllm_engine import VllmBatcher
 from server import ServeSettings, create_app
@@ -132,6 +133,7 @@ def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8) -> dic
     return {
         "idle_short_s": round(idle, 2),
         "short_requests": len(short),
+        "p50_short_s": round(statistics.median(short), 2),
         "p95_short_s": round(p95, 2),
         "ratio": round(p95 / idle, 1),
     }
@@ -142,8 +144,13 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--out", type=Path, default=DOCS / "vllm.json")
     parser.add_argument("--mixed", action="store_true", help="only the short-among-long latency test, both engines")
+    parser.add_argument("--seconds", type=float, default=90.0, help="how long the mixed test runs")
+    parser.add_argument(
+        "--engines", default="own,vllm", help="which to run (own, vllm); the others' figures are kept from --out"
+    )
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
+    cores = serial_main_thread()  # as `safesteer serve` does: the batcher's worker computes
     fp32 = load_model(None, "fp32")
     int4 = load_model(None, "int4")
     folder = Path(tempfile.mkdtemp(prefix="safesteer-vllm-bench-"))
@@ -158,12 +165,19 @@ def main() -> None:
     def vllm(lm, settings):
         return VllmBatcher(lm, Path(model_location(None)), max_queue=256)
 
-    for name, lm, engine in (("safesteer (int4)", int4, None), ("vllm (float32)", fp32, vllm)):
-        settings = ServeSettings(max_queue=256, max_batch=32, timeout_s=900, max_tokens_limit=512)
+    chosen = set(args.engines.split(","))
+    out = args.out.with_name(args.out.stem + "-mixed.json") if args.mixed else args.out
+    if chosen != {"own", "vllm"} and out.exists():
+        results = {**json.loads(out.read_text()), **results}  # keep the engine not run this time
+    engines = (("own", "safesteer (int4)", int4, None), ("vllm", "vllm (float32)", fp32, vllm))
+    for key, name, lm, engine in engines:
+        if key not in chosen:
+            continue
+        settings = ServeSettings(max_queue=256, max_batch=32, timeout_s=900, max_tokens_limit=512, cores=cores)
         app = create_app(lm, store, settings, base_name="base", engine=engine)
         with serving(app, start_s=600) as url:
             if args.mixed:
-                results[name] = _mixed(url, "Uses@1")
+                results[name] = _mixed(url, "Uses@1", seconds=args.seconds)
                 print(name, results[name], flush=True)
                 continue
             _load(url, 1, 2, mix)  # warm-up
@@ -180,7 +194,6 @@ def main() -> None:
         for row in rows:
             print(name, row, flush=True)
     print(json.dumps(results.get("vllm_steering_overhead"), indent=2))
-    out = args.out.with_name(args.out.stem + "-mixed.json") if args.mixed else args.out
     out.write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -151,6 +151,7 @@ def vllm_options(given: list[str]) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from safesteer.threads import serial_main_thread
     from server import ServeSettings, api_keys_from_env, create_app, run
 
     keys = api_keys_from_env()
@@ -174,9 +175,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def engine(lm: Any, settings: Any) -> Any:  # create_app makes the engine when the server starts
             return VllmBatcher(lm, location, max_queue=settings.max_queue, engine_options=options)
 
+    cores = serial_main_thread() if engine is None else None  # the batcher's worker computes, not this thread
     lm = load_for(args, args.model, generating=True)
     settings = ServeSettings(
         api_keys=keys,
+        cores=cores,
         max_tokens_limit=args.max_tokens_limit,
         max_batch=args.max_batch,
         timeout_s=args.timeout,

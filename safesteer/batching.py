@@ -38,6 +38,7 @@ from .generation import _eos_ids, check_prompt_lengths, generate_ids
 from .models import LoadedModel, Prompt
 from .sampling import Sampling
 from .steering import SteeringSpec
+from .threads import use_cores
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,17 @@ class _Dispatch:
 class Batcher:
     """Answers submitted jobs in batches on one worker thread (the model runs one batch at a time)."""
 
-    def __init__(self, lm: LoadedModel, *, max_batch: int = 16, max_wait_s: float = 0.01, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        max_batch: int = 16,
+        max_wait_s: float = 0.01,
+        max_queue: int = 64,
+        cores: int | None = None,
+    ) -> None:
         self.lm = lm
+        self.cores = cores  # PyTorch threads for the worker (`threads.serial_main_thread`); None: as they are
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
@@ -271,6 +281,7 @@ class Batcher:
         return jobs
 
     def _run(self) -> None:
+        use_cores(self.cores)
         if not decoding.fits(self.lm):
             self._run_closed()
             return

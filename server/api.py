@@ -54,6 +54,7 @@ class ServeSettings:
     max_batch: int = 16
     max_wait_s: float = 0.05  # how long the first request of a batch waits for company
     max_queue: int = 64
+    cores: int | None = None  # PyTorch threads for the batching worker (`safesteer.threads`); None: as they are
     audit: bool = False  # record each answer (policy, version, fired categories) in the audit log
     audit_prompts: bool = False  # ...with the prompt text too
     extra: dict[str, Any] = field(default_factory=dict)
@@ -187,7 +188,13 @@ def create_app(
         batcher = (
             engine(lm, settings)
             if engine is not None
-            else Batcher(lm, max_batch=settings.max_batch, max_wait_s=settings.max_wait_s, max_queue=settings.max_queue)
+            else Batcher(
+                lm,
+                max_batch=settings.max_batch,
+                max_wait_s=settings.max_wait_s,
+                max_queue=settings.max_queue,
+                cores=settings.cores,
+            )
         )
         app.state.batcher = batcher
         yield

@@ -186,6 +186,25 @@ def test_a_gated_category_is_evaluated_with_gating_on(tiny_lm, tiny_category, tm
     assert evaluate(tiny_lm, always, HARMFUL, SAFE[:4], settings, cache_dir=tmp_path).gate is None
 
 
+def test_a_sweep_on_int4_gives_each_prompt_its_answer_alone(tiny_folder, tiny_category, tmp_path):
+    """Batch invariance in the sweep: cells, prompts of other lengths and neighbours change no answer."""
+    from dataclasses import replace
+
+    from safesteer import generate, load_model
+    from safesteer.int4 import int4_problem
+
+    if int4_problem() is not None:
+        pytest.skip(f"int4 kernel unavailable: {int4_problem()}")
+    lm = load_model(str(tiny_folder), "int4", device="cpu")
+    silent = replace(tiny_category, vectors=tiny_category.vectors.with_gate(tiny_category.gate.with_threshold(1e9)))
+    everyday = [SAFE[0], SAFE[1] + " Answer in two sentences, please, and be specific.", SAFE[3]]
+    settings = SweepSettings(layers=(1, 2), strengths=(2.0, 4.0), max_new_tokens=8)
+    result = evaluate(lm, silent, HARMFUL, everyday, settings, cache_dir=tmp_path)
+    assert all(cell.benign_changed == 0.0 for cell in result.cells)  # a gate that fired on nothing changed nothing
+    answered = [a["text"] for a in result.baseline.answers if a["index"] < len(everyday) and a["kind"] != "harmful"]
+    assert answered == [generate(lm, [p], max_new_tokens=8)[0] for p in everyday]
+
+
 def test_a_sweep_answers_with_the_copy_that_serves():
     """The reader answers, gated or not: it is what previews and the server run, and what a gate learned to read."""
     from types import SimpleNamespace
