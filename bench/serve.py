@@ -28,6 +28,7 @@ from db import PolicyStore
 from safesteer import datasets, extract_vectors, load_model
 from safesteer.models import generation_precision
 from safesteer.policy import PolicyCategory
+from safesteer.threads import serial_main_thread
 from safesteer.vectors import ExtractionSettings
 from server import ServeSettings, create_app
 
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DOCS / "serving.json")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    cores = serial_main_thread()  # as `safesteer serve` does: the batcher's worker computes
 
     lm = load_model(None, args.precision or generation_precision("nf4"))
     harmful = datasets.harmful_prompts("malicious-uses")
@@ -61,7 +63,7 @@ def main() -> None:
     for strength in (2.0, 4.0):
         category = PolicyCategory("malicious-uses", harmful[:48], safe, vectors, layer, strength)
         store.save_version("safety", [category], author="bench")
-    app = create_app(lm, store, ServeSettings(max_tokens_limit=args.max_tokens, max_batch=args.clients))
+    app = create_app(lm, store, ServeSettings(max_tokens_limit=args.max_tokens, max_batch=args.clients, cores=cores))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -100,7 +102,7 @@ def main() -> None:
     server.should_exit = True
     batches = app.state.batcher.batches
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": cores},
         "model": lm.identity.describe(),
         "precision": lm.identity.precision,
         "requests": args.requests,

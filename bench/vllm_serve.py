@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -157,7 +156,7 @@ def main() -> None:
     store = _store(fp32, folder)
     mix = ["Uses@1", "base"]
     results: dict[str, object] = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.processor() or platform.machine()}, {cores} threads",
         "new_tokens": TOKENS,
         "models": mix,
     }
