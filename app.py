@@ -18,6 +18,7 @@ from safesteer.activations import TOKENS
 from safesteer.architectures import SITES
 from safesteer.operations import DEFAULT, HOW, WHERE
 from safesteer.prompts import MAX_FILE_BYTES
+from studio.resources import DEFAULT_AREA
 
 INTRO = """# SafeSteer Studio
 Add a safety rule to a language model without retraining it: give examples of a harm category,
@@ -63,7 +64,7 @@ def build_app() -> gr.Blocks:
                     )
                     resume_button = gr.Button("Resume")
                 with gr.Row():
-                    name = gr.Textbox(label="Category name", value="malicious-uses", max_lines=1)
+                    name = gr.Textbox(label="Category name", value=DEFAULT_AREA, max_lines=1)
                     description = gr.Textbox(label="Description (optional)", max_lines=2)
                 sources = studio.example_sources()
                 source = gr.Radio(sources, value=sources[0], label="Harmful examples")

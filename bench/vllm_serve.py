@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,7 +41,7 @@ from safesteer.threads import serial_main_thread
 from safesteer.vectors import ExtractionSettings
 from safesteer.vllm_engine import VllmBatcher
 from server import ServeSettings, create_app
-from tests.conftest import serving
+from tests.conftest import free_port, serving
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TOKENS = 32
@@ -54,6 +59,32 @@ def _store(lm, folder: Path) -> PolicyStore:
     always = vectors.with_gate(vectors.gate.with_mode("always")) if vectors.gate is not None else vectors
     store.save_version("Always", [PolicyCategory("uses", harmful, safe, always, 12, 4.0, options=options)])
     return store
+
+
+@contextmanager
+def served_process(folder: Path) -> Iterator[str]:
+    """`safesteer serve` (own engine, int4) in a process of its own over the bench's store, as a deployer runs it."""
+    port = free_port()
+    command = [sys.executable, "-m", "cli", "--db", f"sqlite:///{folder / 'bench.db'}", "serve", "--port", str(port)]
+    command += ["--precision", "int4", "--max-batch", "32", "--max-queue", "256", "--timeout", "900"]
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen(command, cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("safesteer serve did not start")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 def _prompts() -> list[str]:
@@ -145,6 +176,9 @@ def main() -> None:
     parser.add_argument("--mixed", action="store_true", help="only the short-among-long latency test, both engines")
     parser.add_argument("--seconds", type=float, default=90.0, help="how long the mixed test runs")
     parser.add_argument(
+        "--process", action="store_true", help="run the own engine as `safesteer serve` in its own process"
+    )
+    parser.add_argument(
         "--engines", default="own,vllm", help="which to run (own, vllm); the others' figures are kept from --out"
     )
     args = parser.parse_args()
@@ -174,9 +208,11 @@ def main() -> None:
             continue
         settings = ServeSettings(max_queue=256, max_batch=32, timeout_s=900, max_tokens_limit=512, cores=cores)
         app = create_app(lm, store, settings, base_name="base", engine=engine)
-        with serving(app, start_s=600) as url:
+        place = served_process(folder) if args.process and engine is None else serving(app, start_s=600)
+        with place as url:
             if args.mixed:
-                results[name] = _mixed(url, "Uses@1", seconds=args.seconds)
+                results[name] = {**_mixed(url, "Uses@1", seconds=args.seconds), "seconds": args.seconds}
+                results[name]["own_process"] = bool(args.process and engine is None)
                 print(name, results[name], flush=True)
                 continue
             _load(url, 1, 2, mix)  # warm-up

@@ -26,6 +26,7 @@ from torch import nn
 from . import cpu_attention
 from .architectures import ARCHITECTURES, family
 from .compat import cache_kwargs
+from .errors import SafeSteerError
 from .gates import GateReading
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
@@ -224,6 +225,19 @@ class _Cohort:
         self.shifts = _shifts(self.state, self.decided, dtype, device, keep=self.kept)
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The keys and values of a token prefix every row of a batch starts with, from one unsteered pass."""
+
+    ids: torch.Tensor  # [length]
+    keys: list[torch.Tensor]  # per layer [1, kv_heads, length, head_dim]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
 class RunningBatch:
     """Rows decoded together; rows join between steps, after their own prompt pass, and leave when done.
 
@@ -256,6 +270,38 @@ class RunningBatch:
     def __len__(self) -> int:
         return sum(len(cohort.owners) for cohort in self.cohorts)
 
+    @torch.inference_mode()
+    def shared_prefix(self, rows: Sequence[torch.Tensor], shortest: int = 8) -> SharedPrefix | None:
+        """The longest prefix all these unpadded prompts share (each keeps a token of its own), read once.
+
+        Unsteered rows only: steering would change the prefix's keys and values. None when the prefix
+        is shorter than `shortest` tokens (not worth a pass of its own).
+        """
+        from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
+
+        first = rows[0]
+        length = min(int(row.shape[0]) for row in rows) - 1
+        for row in rows[1:]:
+            same = (row[:length] == first[:length]).long()
+            length = int(same.cumprod(0).sum())
+        if length < shortest:
+            return None
+        model = self.lm.model
+        ids = first[:length].unsqueeze(0)
+        cache = DynamicCache(config=model.config)
+        model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            position_ids=torch.arange(length, device=ids.device).unsqueeze(0),
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(model, cache),
+        )
+        layers = range(len(self.plans))
+        return SharedPrefix(
+            first[:length], [cache.layers[i].keys for i in layers], [cache.layers[i].values for i in layers]
+        )
+
     @property
     def owners(self) -> list[Any]:
         return [owner for cohort in self.cohorts for owner in cohort.owners]
@@ -270,23 +316,33 @@ class RunningBatch:
         max_new_tokens: Sequence[int],
         sampling: Sequence[Sampling | None] | None = None,
         gated: Sequence[int] | None = None,
+        prefix: SharedPrefix | None = None,
     ) -> GateReading | None:
         """Run the prompt pass of unpadded prompts of one length [rows, length] and add their rows.
 
         `specs` carry one strength or one per row; gated specs read their gates here (`gated`:
         which specs' gates to read, see `steer`). Returns the gates' reading of these rows.
+        With `prefix` (unsteered rows only), `input_ids` are what follows it, and the pass reads only those.
         """
         from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
 
         model = self.lm.model
-        rows, length = input_ids.shape
+        rows, given = input_ids.shape
         readings: list[GateReading] = []
         cache = DynamicCache(config=model.config)
-        positions = torch.arange(length, device=input_ids.device).expand(rows, length)
+        start = 0
+        if prefix is not None:
+            if any(not spec.is_noop() for spec in specs):
+                raise SafeSteerError("a shared prefix is read unsteered: it cannot serve steered rows")
+            start = prefix.length
+            for index, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
+                cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+        length = start + given
+        positions = torch.arange(start, length, device=input_ids.device).expand(rows, given)
         with steer(self.lm, specs, readings, gated=gated) as state:  # the model's own pass, gates and hooks
             logits = model(
                 input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
+                attention_mask=torch.ones(rows, length, dtype=input_ids.dtype, device=input_ids.device),
                 position_ids=positions,
                 use_cache=True,
                 logits_to_keep=1,
@@ -461,6 +517,7 @@ def greedy_decode(
     streamer: Any = None,
     gate_readings: list[GateReading] | None = None,
     sampling: Sequence[Sampling | None] | None = None,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
     """New token ids [rows, <= max_new_tokens] for a left-padded batch, steered by `specs`.
 
@@ -468,6 +525,10 @@ def greedy_decode(
     Rows of one prompt length share a prompt pass; padding is stripped, so every row gets exactly
     the tokens it gets alone. Rows that finish (emit end-of-text) are padded with `pad_token_id`
     like transformers does; `suppress_eos` forbids end-of-text (fixed length).
+
+    `share_prefix` (unsteered batches whose prompts start alike, such as one long instruction) reads
+    the common prefix once. Its float sums then differ from a whole prompt pass at the last bits, so a
+    row's tokens are those it gets alone with the same prefix, not those of a prompt pass of its own.
     """
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     rows = input_ids.shape[0]
@@ -478,16 +539,22 @@ def greedy_decode(
         groups.setdefault(int(length), []).append(row)
     running = RunningBatch(lm, eos_token_ids=eos_token_ids, suppress_eos=suppress_eos)
     gated = [i for i, spec in enumerate(specs) if spec.gated and not spec.is_noop()]
+    width = input_ids.shape[1]
+    prefix = None
+    if share_prefix and all(spec.is_noop() for spec in specs):
+        prefix = running.shared_prefix([input_ids[row, width - n :] for n in groups for row in groups[n]])
+    skip = 0 if prefix is None else prefix.length
     scores: list[list[float]] = [[] for _ in range(rows)]
     fired: list[list[bool]] = [[] for _ in range(rows)]
     for length, members in groups.items():
         reading = running.admit(
-            input_ids[members][:, input_ids.shape[1] - length :],  # left padding: the prompt is at the end
+            input_ids[members][:, width - length + skip :],  # left padding: the prompt is at the end
             [_rows(spec, members) for spec in specs],
             owners=members,
             max_new_tokens=[max_new_tokens] * len(members),
             sampling=None if sampling is None else [sampling[r] for r in members],
             gated=gated,
+            prefix=prefix,
         )
         for j, row in enumerate(members):
             if reading is not None:
@@ -504,8 +571,8 @@ def greedy_decode(
             streamer.put(step)
     if streamer is not None:
         streamer.end()
-    width = max(len(tokens) for tokens in produced)
-    out = torch.full((rows, width), pad_token_id, dtype=torch.long, device=input_ids.device)
+    longest = max(len(tokens) for tokens in produced)
+    out = torch.full((rows, longest), pad_token_id, dtype=torch.long, device=input_ids.device)
     for row, tokens in enumerate(produced):
         out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
     return out

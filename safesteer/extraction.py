@@ -112,12 +112,13 @@ class PolicyGateSets:
         span: tuple[float, float] = (0.0, 1.0),
     ) -> PolicyGateSets:
         """`harmful`: every harmful prompt of the policy. Each is read plain and in one training framing."""
-        pool = policy_pool(harmful, ())
         names = ("pool", "safe", "framed_pool", "framed_safe", "edgy")
-        sets = [pool, framed(pool, settings.seed), *negative_sets(safe, settings)]
-        recorded = _record_sets(
-            gate_lm, sets, settings, progress, span, token="mean", shared=(False, False, True, True, True)
-        )
+        sets = [*pool_sets(harmful, (), settings), *negative_sets(safe, settings)]
+        pool = sets[0]
+        # every set goes through the recording cache: the negatives are shared by every category, and a
+        # policy's pool by its categories and by each new extraction of the same prompts (a built-in
+        # category's is recorded at start-up: `warm_policy_pool`)
+        recorded = _record_sets(gate_lm, sets, settings, progress, span, token="mean", shared=(True,) * 5)
         by_name = dict(zip(("pool", "framed_pool", "safe", "framed_safe", "edgy"), recorded, strict=True))
         return cls(pool, canonical_safe(safe), {name: by_name[name] for name in names}, gate_lm.identity.precision)
 
@@ -152,6 +153,28 @@ def warm_gate_negatives(gate_lm: LoadedModel, safe: Sequence[str], settings: Ext
     """Record a policy gate's negatives ahead of an extraction (at start-up), into the recording cache."""
     for prompts in negative_sets(safe, settings):
         cached_recording(gate_lm, prompts, site=settings.site, token="mean", batch_size=settings.batch_size)
+
+
+def pool_sets(harmful: Sequence[str], others: Sequence[str], settings: ExtractionSettings) -> list[list[str]]:
+    """What a policy gate learns to catch: every harmful prompt of the policy, plain and in a training framing."""
+    pool = policy_pool(harmful, others)
+    return [pool, framed(pool, settings.seed)]
+
+
+def warm_policy_pool(gate_lm: LoadedModel, harmful: Sequence[str], settings: ExtractionSettings) -> None:
+    """Record a one-category policy's pool ahead of its extraction (a built-in category, at start-up)."""
+    for prompts in pool_sets(harmful, (), settings):
+        cached_recording(gate_lm, prompts, site=settings.site, token="mean", batch_size=settings.batch_size)
+
+
+def pool_ready(
+    gate_lm: LoadedModel, harmful: Sequence[str], others: Sequence[str], settings: ExtractionSettings
+) -> bool:
+    """Whether an extraction will find its policy gate's pool already recorded."""
+    return all(
+        is_cached(gate_lm, prompts, site=settings.site, token="mean", batch_size=settings.batch_size)
+        for prompts in pool_sets(harmful, others, settings)
+    )
 
 
 def gate_negatives_ready(gate_lm: LoadedModel, safe: Sequence[str], settings: ExtractionSettings) -> bool:

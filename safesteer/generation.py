@@ -60,6 +60,7 @@ def generate_ids(
     gate_readings: list[GateReading] | None = None,
     sampling: Sequence[Sampling | None] | None = None,
     prefill: Sequence[str] | None = None,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
     """New token ids [rows, <= max_new_tokens] of chat completions, steered by `specs`; greedy by default.
 
@@ -70,6 +71,8 @@ def generate_ids(
     Specs with gates steer only the rows their gate fires on; `gate_readings` receives what the
     gates said about each row. `sampling` (one per row, None for greedy) samples those rows instead,
     each from its own seeded stream. `prefill` (one per row) starts each answer with given text.
+    `share_prefix`: the lean loop reads the prompts' common start once (unsteered batches; see
+    `decoding.greedy_decode`); transformers' generate reads every prompt whole.
     """
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         raise SafeSteerError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
@@ -100,6 +103,7 @@ def generate_ids(
             streamer=streamer,
             gate_readings=gate_readings,
             sampling=None if chooser is None else sampling,
+            share_prefix=share_prefix,
         )
     options: dict[str, Any] = {"cache_implementation": "static"} if decoder == "static" else {}
     if chooser is not None:  # it rules out all but its own choice; greedy decoding then takes that token

@@ -17,7 +17,7 @@ from safesteer.prompts import MAX_FILE_BYTES, PromptReport, clean_prompts, parse
 from safesteer.text_gates import BaselineRates
 from safesteer.vectors import MIN_PROMPTS_PER_SIDE, CategoryVectors
 
-from .resources import HELDOUT_SHARE, MAX_HELDOUT, OWN_PROMPTS, builtin_area, plain_text
+from .resources import OWN_PROMPTS, builtin_area, heldout_count, plain_text
 
 
 @dataclass
@@ -73,7 +73,7 @@ def read_category(
     if not safe:
         safe = datasets.benign_prompts()
         notes.append(f"safe prompts: SafeSteer's {len(safe)} everyday requests (none were given)")
-    n_heldout = min(MAX_HELDOUT, max(2, round(len(harmful) * HELDOUT_SHARE)))
+    n_heldout = heldout_count(len(harmful))
     dropped = f" (dropped: {'; '.join(notes)})" if notes else ""
     if len(harmful) - n_heldout < MIN_PROMPTS_PER_SIDE:
         raise SafeSteerError(

@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from safesteer.datasets import edgy_benign_prompts
-from safesteer.extraction import distinct_others, extract_vectors, gate_negatives_ready
+from safesteer.extraction import distinct_others, extract_vectors, gate_negatives_ready, pool_ready
 from safesteer.gates import DEFAULT_FPR
 from safesteer.policy import suggested_point
 from safesteer.text_gates import baseline_rates
@@ -115,7 +115,8 @@ def extract(
     others = other_categories_prompts(studio_store(), policy, category.name) if settings.gate else []
     loaded = preview_model_if_loaded()  # not loaded here: the work below loads it, with a progress line
     ready = not settings.gate or (loaded is not None and gate_negatives_ready(loaded, category.safe, settings))
-    planned = _work_seconds(settings, category, others, ready)
+    pooled = settings.gate and loaded is not None and pool_ready(loaded, category.harmful, others, settings)
+    planned = _work_seconds(settings, category, others, ready, pooled)
 
     def work(report: Callable[[float, str], None]) -> CategoryVectors:
         report(0.0, "loading the model (once per start of the studio)")
@@ -192,7 +193,9 @@ _SECONDS = {"answer": 0.8, "record": 0.025, "gate_record": 0.04, "fixed": 5.0}
 _PACE = Pace("extraction")
 
 
-def _work_seconds(settings: ExtractionSettings, category: Draft, others: list[str], negatives_ready: bool) -> float:
+def _work_seconds(
+    settings: ExtractionSettings, category: Draft, others: list[str], negatives_ready: bool, pool_ready: bool = False
+) -> float:
     """What an extraction costs at the reference pace: answers, recordings, the gate's recordings, training."""
     seconds = _SECONDS["fixed"]
     if settings.method == "answers":
@@ -200,8 +203,9 @@ def _work_seconds(settings: ExtractionSettings, category: Draft, others: list[st
     else:
         seconds += (len(category.harmful) + len(category.safe)) * _SECONDS["record"]
     if settings.gate:
-        pool = len(set(category.harmful) | set(others))
-        seconds += 2 * pool * _SECONDS["gate_record"]
+        if not pool_ready:
+            pool = len(set(category.harmful) | set(others))
+            seconds += 2 * pool * _SECONDS["gate_record"]
         if not negatives_ready:
             negatives = 2 * len(set(category.safe)) + len(edgy_benign_prompts(part="training"))
             seconds += negatives * _SECONDS["gate_record"]
@@ -216,7 +220,8 @@ def extraction_estimate(draft: Draft | None, method: str, mode: str, policy: str
     others = other_categories_prompts(studio_store(), policy, draft.name) if settings.gate else []
     gate_lm = preview_model_if_loaded()
     ready = gate_lm is not None and gate_negatives_ready(gate_lm, draft.safe, settings)
-    text = f"Extraction will take {_PACE.about(_work_seconds(settings, draft, others, ready))}"
+    pooled = settings.gate and gate_lm is not None and pool_ready(gate_lm, draft.harmful, others, settings)
+    text = f"Extraction will take {_PACE.about(_work_seconds(settings, draft, others, ready, pooled))}"
     if settings.gate and not ready:
         text += "; the gate's safe and edgy examples are recorded once per model, later extractions skip them"
     if others:

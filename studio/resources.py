@@ -54,6 +54,17 @@ def builtin_area(source: str) -> str | None:
     return None
 
 
+def heldout_count(harmful: int) -> int:
+    """How many of a category's harmful prompts are held out for previews and evaluation."""
+    return min(MAX_HELDOUT, max(2, round(harmful * HELDOUT_SHARE)))
+
+
+def builtin_split(area: str) -> tuple[list[str], list[str]]:
+    """A built-in category's harmful prompts as step 1 reads them: (to learn from, held out)."""
+    harmful = datasets.harmful_prompts(area)
+    return datasets.split_heldout(harmful, heldout_count(len(harmful)))
+
+
 def example_sources() -> list[str]:
     """Where harmful examples can come from here: always the author's own, built-ins when installed."""
     return [OWN_PROMPTS] + [builtin_source(area) for area in datasets.available_areas()]
@@ -74,6 +85,7 @@ def default_model_id() -> str | None:
     return None
 
 
+DEFAULT_AREA = "malicious-uses"  # the built-in category step 1 names by default
 HELDOUT_SHARE = 0.15
 MAX_HELDOUT = 20
 MAX_BATCH_PROMPTS = 16
@@ -120,13 +132,20 @@ def warm_up() -> threading.Thread | None:
         return None
 
     def work() -> None:
-        from safesteer.extraction import warm_gate_negatives
+        from safesteer.extraction import warm_gate_negatives, warm_policy_pool
         from safesteer.vectors import ExtractionSettings
 
         try:
             studio_model()
             warm_gate_negatives(preview_model(), datasets.benign_prompts(), ExtractionSettings())
             ready_probe()
+            # Then each built-in category's gate pool (about 20 s each), the default name's first, so a
+            # first extraction of it only answers and reads. Not while an author's own work runs.
+            areas = sorted(datasets.available_areas(), key=lambda area: area != DEFAULT_AREA)
+            for area in areas:
+                if BackgroundTask.running():
+                    break
+                warm_policy_pool(preview_model(), builtin_split(area)[0], ExtractionSettings())
         except Exception:  # each step reports its own problem when an author asks for it
             log.warning("could not prepare the studio in advance", exc_info=True)
 
@@ -281,17 +300,30 @@ class Pace:
 class BackgroundTask:
     """Long work in a worker thread, so the handler can stream a progress line with elapsed time and time left."""
 
+    _active = 0  # tasks running now: start-up work stands aside for them
+    _count_lock = threading.Lock()
+
     def __init__(self, work: Callable[[Callable[[float, str], None]], Any]) -> None:
         self.fraction, self.step, self.started = 0.0, "starting", time.monotonic()
         self._outcome: dict[str, Any] = {}
         self._worker = threading.Thread(target=self._run, args=(work,), daemon=True)
+        with BackgroundTask._count_lock:
+            BackgroundTask._active += 1
         self._worker.start()
+
+    @classmethod
+    def running(cls) -> bool:
+        """Whether an author's long work (an extraction, an evaluation) is running now."""
+        return cls._active > 0
 
     def _run(self, work: Callable[[Callable[[float, str], None]], Any]) -> None:
         try:
             self._outcome["result"] = work(self._report)
         except Exception as exc:  # handed to the handler's thread by result()
             self._outcome["error"] = exc
+        finally:
+            with BackgroundTask._count_lock:
+                BackgroundTask._active -= 1
 
     def _report(self, fraction: float, step: str) -> None:
         self.fraction, self.step = fraction, step

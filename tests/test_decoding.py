@@ -13,7 +13,7 @@ import torch
 
 from safesteer import SteeringSpec, cpu_attention, generate, load_model
 from safesteer.decoding import supports
-from safesteer.generation import generate_ids, generate_stream
+from safesteer.generation import _eos_ids, generate_ids, generate_stream
 from safesteer.int4 import int4_problem
 from safesteer.models import wrap_model
 from tests.conftest import HARMFUL, SAFE
@@ -100,6 +100,34 @@ def test_a_row_gets_the_tokens_it_gets_alone_whatever_its_neighbours(lm):
     assert batched == alone
     doubled = generate(lm, prompts * 2, [replace(residual, strength=strengths * 2)], max_new_tokens=20)
     assert doubled == batched * 2
+
+
+def test_a_shared_prefix_is_read_once_and_rows_still_do_not_depend_on_each_other(lm):
+    """Prompts under one long instruction: the common start is read once, each row answers as it does alone."""
+    from safesteer.decoding import RunningBatch
+
+    system = {"role": "system", "content": "Answer briefly and politely, in one or two sentences, and stay on topic."}
+    prompts = [[system, {"role": "user", "content": p}] for p in (SAFE[0], HARMFUL[3], SAFE[5] + " Why?", SAFE[2])]
+    rows = [lm.encode([p])["input_ids"][0] for p in prompts]
+    prefix = RunningBatch(lm, eos_token_ids=[]).shared_prefix(rows)
+    assert prefix is not None and prefix.length > 20  # the template's start and the instruction
+    assert all(torch.equal(row[: prefix.length], prefix.ids) for row in rows)
+    shared = generate_ids(lm, prompts, max_new_tokens=16, decoder="lean", share_prefix=True)
+
+    def alone(row):  # the same prefix, this row only
+        running = RunningBatch(lm, eos_token_ids=_eos_ids(lm))
+        running.admit(row[prefix.length :].unsqueeze(0), [], owners=[0], max_new_tokens=[16], prefix=prefix)
+        tokens = []
+        while len(running):
+            tokens += [token for _, token, _ in running.step()]
+        return tokens
+
+    for row, ids in zip(rows, shared.tolist(), strict=True):
+        own = alone(row)
+        assert ids[: len(own)] == own and all(t == lm.tokenizer.pad_token_id for t in ids[len(own) :])
+    steered = SteeringSpec(_vector(lm, 1), 1, 4.0)  # steering changes the prefix's states: read whole instead
+    with_steering = generate_ids(lm, prompts, [steered], max_new_tokens=8, share_prefix=True)
+    assert torch.equal(with_steering, generate_ids(lm, prompts, [steered], max_new_tokens=8))
 
 
 def test_stream_ends_with_the_generated_text(lm):

@@ -5,7 +5,13 @@ import torch
 
 from safesteer import recordings
 from safesteer.activations import record_activations
-from safesteer.extraction import PolicyGateSets, gate_negatives_ready, warm_gate_negatives
+from safesteer.extraction import (
+    PolicyGateSets,
+    gate_negatives_ready,
+    pool_ready,
+    warm_gate_negatives,
+    warm_policy_pool,
+)
 from safesteer.vectors import ExtractionSettings
 from tests.conftest import HARMFUL, SAFE
 
@@ -78,7 +84,7 @@ def test_warming_up_makes_the_gate_record_only_the_policys_own_prompts(tiny_lm, 
     warm_gate_negatives(tiny_lm, SAFE, settings)
     assert gate_negatives_ready(tiny_lm, SAFE, settings) and passes["n"] == 3
     warmed = PolicyGateSets.record(tiny_lm, HARMFUL, SAFE, settings)
-    assert passes["n"] == 3  # the negatives came from the cache; the pool is recorded directly
+    assert passes["n"] == 5  # the negatives came from the cache; the pool, plain and framed, was recorded
     recordings.forget_memory()
     for path in cache.glob("*.safetensors"):
         path.unlink()
@@ -87,3 +93,21 @@ def test_warming_up_makes_the_gate_record_only_the_policys_own_prompts(tiny_lm, 
         assert torch.equal(warmed.activations[name], values), name
     gate_warm, gate_cold = warmed.gate_for(HARMFUL, settings), cold.gate_for(HARMFUL, settings)
     assert gate_warm.layer == gate_cold.layer and gate_warm.threshold == gate_cold.threshold
+
+
+def test_a_warmed_pool_makes_the_extraction_record_nothing_for_its_gate(tiny_lm, cache, passes):
+    """A built-in category's pool, recorded at start-up, is the very recording its extraction makes."""
+    settings = ExtractionSettings()
+    warm_gate_negatives(tiny_lm, SAFE, settings)
+    assert not pool_ready(tiny_lm, HARMFUL, (), settings)
+    warm_policy_pool(tiny_lm, HARMFUL, settings)
+    assert pool_ready(tiny_lm, HARMFUL, (), settings) and passes["n"] == 5
+    assert not pool_ready(tiny_lm, HARMFUL, SAFE[:1], settings)  # another policy's pool is another recording
+    warmed = PolicyGateSets.record(tiny_lm, HARMFUL, SAFE, settings)
+    assert passes["n"] == 5  # nothing recorded: every set came from the cache
+    recordings.forget_memory()
+    for path in cache.glob("*.safetensors"):
+        path.unlink()
+    cold = PolicyGateSets.record(tiny_lm, HARMFUL, SAFE, settings)
+    for name, values in cold.activations.items():
+        assert torch.equal(warmed.activations[name], values), name

@@ -48,6 +48,10 @@ def test_built_in_data_and_default_safe_set(app_env):
     )
     assert len(draft.harmful) + len(draft.heldout) >= 240 and len(draft.safe) >= 200
     assert "Do-Not-Answer" in summary and "everyday requests" in summary
+    # what start-up records for this category's gate is exactly what its extraction will ask for
+    from studio.resources import builtin_split
+
+    assert builtin_split("information-hazards") == (draft.harmful, draft.heldout)
 
 
 def test_reading_problems_are_clear(app_env):

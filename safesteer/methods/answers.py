@@ -169,15 +169,18 @@ def answer_as(
     for start in range(0, len(prompts), GENERATION_BATCH):
         chunk = prompts[start : start + GENERATION_BATCH]
         progress(start / max(1, len(prompts)), f"answered {start}/{len(prompts)} {side}".rstrip())
+        # the prompts share the chat template's start (and the instruction): read once per batch
         if instruction is None:
-            ids = generate_ids(lm, list(chunk), max_new_tokens=max_new_tokens)
+            ids = generate_ids(lm, list(chunk), max_new_tokens=max_new_tokens, share_prefix=True)
             opening = ""
         else:
             messages = [
                 [{"role": "system", "content": instruction.system}, {"role": "user", "content": p}] for p in chunk
             ]
             opening = instruction.opening
-            ids = generate_ids(lm, messages, max_new_tokens=max_new_tokens, prefill=[opening] * len(chunk))
+            ids = generate_ids(
+                lm, messages, max_new_tokens=max_new_tokens, prefill=[opening] * len(chunk), share_prefix=True
+            )
         for text in lm.tokenizer.batch_decode(ids, skip_special_tokens=True):
             joiner = "" if not opening or text[:1].isspace() else " "
             answers.append((opening + joiner + text).strip() if opening else text.strip())
