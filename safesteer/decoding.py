@@ -297,10 +297,8 @@ class RunningBatch:
             logits_to_keep=1,
             **cache_kwargs(model, cache),
         )
-        layers = range(len(self.plans))
-        return SharedPrefix(
-            first[:length], [cache.layers[i].keys for i in layers], [cache.layers[i].values for i in layers]
-        )
+        layers: list[Any] = [cache.layers[i] for i in range(len(self.plans))]
+        return SharedPrefix(first[:length], [layer.keys for layer in layers], [layer.values for layer in layers])
 
     @property
     def owners(self) -> list[Any]:
@@ -327,7 +325,7 @@ class RunningBatch:
         from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
 
         model = self.lm.model
-        rows, given = input_ids.shape
+        rows, fed = input_ids.shape
         readings: list[GateReading] = []
         cache = DynamicCache(config=model.config)
         start = 0
@@ -335,10 +333,10 @@ class RunningBatch:
             if any(not spec.is_noop() for spec in specs):
                 raise SafeSteerError("a shared prefix is read unsteered: it cannot serve steered rows")
             start = prefix.length
-            for index, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
-                cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
-        length = start + given
-        positions = torch.arange(start, length, device=input_ids.device).expand(rows, given)
+            for index, (shared_keys, shared_values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
+                cache.update(shared_keys.expand(rows, -1, -1, -1), shared_values.expand(rows, -1, -1, -1), index)
+        length = start + fed
+        positions = torch.arange(start, length, device=input_ids.device).expand(rows, fed)
         with steer(self.lm, specs, readings, gated=gated) as state:  # the model's own pass, gates and hooks
             logits = model(
                 input_ids=input_ids,
@@ -349,9 +347,10 @@ class RunningBatch:
                 **cache_kwargs(model, cache),
             ).logits[:, -1]
         capacity = length + max(max_new_tokens)
-        keys, values = [], []
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
         for index in range(len(self.plans)):
-            layer = cache.layers[index]
+            layer: Any = cache.layers[index]
             for source, target in ((layer.keys, keys), (layer.values, values)):
                 buffer = source.new_empty(rows, source.shape[1], capacity, source.shape[3], dtype=self.cache_dtype)
                 buffer[:, :, :length] = source

@@ -78,6 +78,17 @@ def test_memory_and_disk_keep_the_most_recently_used_within_their_sizes(tiny_lm,
     assert sum(t.numel() * t.element_size() for t in recordings._memory.values()) <= 2 * size
 
 
+def _recorded_cold(lm, cache, warmed: PolicyGateSets, settings: ExtractionSettings) -> PolicyGateSets:
+    """The same sets recorded again with an empty cache; every recording must equal the cached one."""
+    recordings.forget_memory()
+    for path in cache.glob("*.safetensors"):
+        path.unlink()
+    cold = PolicyGateSets.record(lm, HARMFUL, SAFE, settings)
+    for name, values in cold.activations.items():
+        assert torch.equal(warmed.activations[name], values), name
+    return cold
+
+
 def test_warming_up_makes_the_gate_record_only_the_policys_own_prompts(tiny_lm, cache, passes):
     settings = ExtractionSettings()
     assert not gate_negatives_ready(tiny_lm, SAFE, settings)
@@ -85,12 +96,7 @@ def test_warming_up_makes_the_gate_record_only_the_policys_own_prompts(tiny_lm, 
     assert gate_negatives_ready(tiny_lm, SAFE, settings) and passes["n"] == 3
     warmed = PolicyGateSets.record(tiny_lm, HARMFUL, SAFE, settings)
     assert passes["n"] == 5  # the negatives came from the cache; the pool, plain and framed, was recorded
-    recordings.forget_memory()
-    for path in cache.glob("*.safetensors"):
-        path.unlink()
-    cold = PolicyGateSets.record(tiny_lm, HARMFUL, SAFE, settings)
-    for name, values in cold.activations.items():
-        assert torch.equal(warmed.activations[name], values), name
+    cold = _recorded_cold(tiny_lm, cache, warmed, settings)
     gate_warm, gate_cold = warmed.gate_for(HARMFUL, settings), cold.gate_for(HARMFUL, settings)
     assert gate_warm.layer == gate_cold.layer and gate_warm.threshold == gate_cold.threshold
 
@@ -105,9 +111,4 @@ def test_a_warmed_pool_makes_the_extraction_record_nothing_for_its_gate(tiny_lm,
     assert not pool_ready(tiny_lm, HARMFUL, SAFE[:1], settings)  # another policy's pool is another recording
     warmed = PolicyGateSets.record(tiny_lm, HARMFUL, SAFE, settings)
     assert passes["n"] == 5  # nothing recorded: every set came from the cache
-    recordings.forget_memory()
-    for path in cache.glob("*.safetensors"):
-        path.unlink()
-    cold = PolicyGateSets.record(tiny_lm, HARMFUL, SAFE, settings)
-    for name, values in cold.activations.items():
-        assert torch.equal(warmed.activations[name], values), name
+    _recorded_cold(tiny_lm, cache, warmed, settings)
