@@ -282,7 +282,7 @@ class Batcher:
 
     def _run(self) -> None:
         use_cores(self.cores)
-        if not decoding.fits(self.lm):
+        if not decoding.supports(self.lm):  # a GPU, or a layer structure the lean loop does not reproduce
             self._run_closed()
             return
         running = RunningBatch(self.lm, eos_token_ids=_eos_ids(self.lm))

@@ -367,3 +367,18 @@ def test_the_gate_panel_explains_a_missed_false_positive_target():
     assert "within sampling noise" in noise
     beyond = target_text(0.05, 0.20, wilson_interval(40, 200))
     assert "beyond sampling noise" in beyond and "move the threshold up" in beyond
+
+
+def test_start_up_work_knows_when_an_author_is_working():
+    """The start-up recordings stand aside while an extraction or evaluation runs (they share the cores)."""
+    import threading
+
+    from studio.resources import BackgroundTask
+
+    release = threading.Event()
+    assert not BackgroundTask.running()
+    task = BackgroundTask(lambda report: release.wait(10))
+    assert BackgroundTask.running()
+    release.set()
+    assert task.result() is True
+    assert not BackgroundTask.running()
