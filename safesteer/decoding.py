@@ -116,22 +116,15 @@ def _shifts(
 
 
 def _sdpa_attend(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None, scaling: float
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: None, scaling: float
 ) -> torch.Tensor:
     """One query token's attention, [rows, heads * dim], computed the way transformers' sdpa path does.
 
-    Without padding there is no mask and grouped-query attention runs natively; with a mask,
-    the query heads that share a key/value head are packed as that head's query positions.
+    Rows are never padded here (`_Cohort`), so there is no mask; `mask` keeps `single_query_attention`'s
+    signature. Grouped-query attention runs natively.
     """
     rows, heads, _, dim = query.shape
-    kv_heads = keys.shape[1]
-    if visible is None or kv_heads == heads:
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=visible, scale=scaling, enable_gqa=kv_heads != heads
-        )
-    else:
-        packed = query.reshape(rows, kv_heads, heads // kv_heads, dim)
-        out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=visible, scale=scaling)
+    out = F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=keys.shape[1] != heads)
     return out.reshape(rows, heads * dim)
 
 
