@@ -420,33 +420,18 @@ class RunningBatch:
     def _attend_cohorts(
         self, spans: Sequence[tuple[_Cohort, int, int]], index: int, query_key: torch.Tensor, value: torch.Tensor
     ) -> torch.Tensor:
-        """Each cohort's attention over its own cache, one call per cohort (no padding, no mask)."""
-        heads = self.heads
-        if self.attend is not cpu_attention.single_query_attention:
-            contexts = []
-            for cohort, a, b in spans:
-                keys, values, slot = cohort.keys[index], cohort.values[index], cohort.length
-                keys[:, :, slot] = query_key[a:b, heads:, 0]
-                values[:, :, slot] = value[a:b]
-                contexts.append(
-                    self.attend(
-                        query_key[a:b, :heads], keys[:, :, : slot + 1], values[:, :, : slot + 1], None, self.scaling
-                    )
-                )
-            return torch.cat(contexts)
-        # `single_query_attention`'s arithmetic, with the per-row conversions done once for all cohorts
-        rows, _, _, dim = query_key.shape
-        kv_heads = query_key.shape[1] - heads
-        queries = query_key[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim).float()
-        new_keys, new_values = query_key[:, heads:, 0].float(), value.float()
-        outs = []
+        """Each cohort's new keys and values written to its cache, then its attention over that cache alone."""
+        heads, contexts = self.heads, []
         for cohort, a, b in spans:
             keys, values, slot = cohort.keys[index], cohort.values[index], cohort.length
-            keys[:, :, slot] = new_keys[a:b]
-            values[:, :, slot] = new_values[a:b]
-            scores = torch.matmul(queries[a:b], keys[:, :, : slot + 1].transpose(-1, -2)) * self.scaling
-            outs.append(torch.matmul(scores.softmax(dim=-1), values[:, :, : slot + 1]))
-        return torch.cat(outs).to(query_key.dtype).reshape(rows, heads * dim)
+            keys[:, :, slot] = query_key[a:b, heads:, 0]
+            values[:, :, slot] = value[a:b]
+            contexts.append(
+                self.attend(
+                    query_key[a:b, :heads], keys[:, :, : slot + 1], values[:, :, : slot + 1], None, self.scaling
+                )
+            )
+        return contexts[0] if len(contexts) == 1 else torch.cat(contexts)
 
     def _forward(self, going: Sequence[tuple[_Cohort, torch.Tensor]]) -> None:
         """One decoding step: each row's new token through every layer; sets each cohort's next logits."""
@@ -471,16 +456,7 @@ class RunningBatch:
             )
             query_key = query_key * cos + query_key.roll(head_dim // 2, dims=-1) * sin
             value = plan.v(normed).view(rows, -1, head_dim)
-            if len(spans) == 1:
-                cohort = spans[0][0]
-                keys, values, slot = cohort.keys[index], cohort.values[index], cohort.length
-                keys[:, :, slot] = query_key[:, heads:, 0]
-                values[:, :, slot] = value
-                context = self.attend(
-                    query_key[:, :heads], keys[:, :, : slot + 1], values[:, :, : slot + 1], None, self.scaling
-                )
-            else:
-                context = self._attend_cohorts(spans, index, query_key, value)
+            context = self._attend_cohorts(spans, index, query_key, value)
             hidden = hidden + self._steered(plan.o(context), spans, (index, "attention"))
             hidden = hidden + plan.mlp(plan.mlp_norm(hidden))
             hidden = self._steered(hidden, spans, (index, "residual"))
