@@ -167,6 +167,19 @@ def _merge(jobs: Sequence[Job]) -> tuple[list[SteeringSpec], list[list[tuple[int
     return specs, [users for _, _, users in merged.values()]
 
 
+def _fired_names(
+    specs: Sequence[SteeringSpec], users: Sequence[Sequence[tuple[int, str]]], reading: GateReading | None, rows: int
+) -> list[list[str]]:
+    """Per row, the categories whose gates fired on it (`_merge`'s specs and users, the batch's reading)."""
+    fired: list[list[str]] = [[] for _ in range(rows)]
+    gated = [k for k, spec in enumerate(specs) if spec.gated and not spec.is_noop()]
+    for position, k in enumerate(gated):
+        for row, name in users[k]:
+            if reading is not None and reading.fired[row][position]:
+                fired[row].append(name)
+    return fired
+
+
 class _NobodyWaits(Exception):
     """Raised from the streamer to end a batch early: every request in it is finished or cancelled."""
 
@@ -332,11 +345,8 @@ class Batcher:
                 for job in jobs:
                     job.settle(error=exc)
                 continue
-            gated = [k for k, spec in enumerate(specs) if spec.gated and not spec.is_noop()]
-            for position, k in enumerate(gated):
-                for row, name in users[k]:
-                    if reading is not None and reading.fired[row][position]:
-                        jobs[row].fired.append(name)
+            for job, names in zip(jobs, _fired_names(specs, users, reading, len(jobs)), strict=True):
+                job.fired.extend(names)
             for job in jobs:
                 job.prompt_tokens = length
                 active[id(job)] = job
@@ -410,12 +420,7 @@ class Batcher:
             for job in jobs:
                 job.settle(error=exc)
             return
-        fired: list[list[str]] = [[] for _ in jobs]
-        gated = [k for k, spec in enumerate(specs) if spec.gated and not spec.is_noop()]
-        for position, k in enumerate(gated):
-            for row, name in users[k]:
-                if readings and readings[0].fired[row][position]:
-                    fired[row].append(name)
+        fired = _fired_names(specs, users, readings[0] if readings else None, len(jobs))
         for row, job in enumerate(jobs):
             job.finish(self.lm.tokenizer.decode(job.ids, skip_special_tokens=True), int(prompt_tokens[row]), fired[row])
 
