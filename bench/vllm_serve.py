@@ -142,6 +142,7 @@ def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8) -> dic
 
     idle = statistics.median(ask(prompts[i], 4) for i in range(5))
     short: list[float] = []
+    long: list[float] = []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
 
@@ -149,7 +150,9 @@ def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8) -> dic
         i = 0
         while time.perf_counter() < deadline:
             if (i + k) % 4 == 0:  # one long request in four, the clients out of step
-                ask(prompts[(i + k) % len(prompts)], 300)
+                took = ask(prompts[(i + k) % len(prompts)], 300)
+                with lock:
+                    long.append(took)
             else:
                 took = ask(prompts[(i + k) % len(prompts)], 4)
                 with lock:
@@ -166,6 +169,8 @@ def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8) -> dic
         "p50_short_s": round(statistics.median(short), 2),
         "p95_short_s": round(p95, 2),
         "ratio": round(p95 / idle, 1),
+        "long_requests": len(long),  # what serving the short ones first costs the long ones
+        "p50_long_s": round(statistics.median(long), 2) if long else None,
     }
 
 
@@ -177,6 +182,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=90.0, help="how long the mixed test runs")
     parser.add_argument(
         "--process", action="store_true", help="run the own engine as `safesteer serve` in its own process"
+    )
+    parser.add_argument(
+        "--no-fast-lane", action="store_true", help="own engine: every step decodes every row (`batching.FastLane` off)"
     )
     parser.add_argument(
         "--engines", default="own,vllm", help="which to run (own, vllm); the others' figures are kept from --out"
@@ -206,14 +214,22 @@ def main() -> None:
     for key, name, lm, engine in engines:
         if key not in chosen:
             continue
-        settings = ServeSettings(max_queue=256, max_batch=32, timeout_s=900, max_tokens_limit=512, cores=cores)
+        lane = not args.no_fast_lane
+        settings = ServeSettings(
+            max_queue=256, max_batch=32, timeout_s=900, max_tokens_limit=512, cores=cores, fast_lane=lane
+        )
         app = create_app(lm, store, settings, base_name="base", engine=engine)
         place = served_process(folder) if args.process and engine is None else serving(app, start_s=600)
         with place as url:
             if args.mixed:
-                results[name] = {**_mixed(url, "Uses@1", seconds=args.seconds), "seconds": args.seconds}
-                results[name]["own_process"] = bool(args.process and engine is None)
-                print(name, results[name], flush=True)
+                variant = name
+                if engine is None:  # the own engine's variants are kept side by side
+                    variant += ", own process" if args.process else ""
+                    variant += ", no fast lane" if args.no_fast_lane else ""
+                results[variant] = {**_mixed(url, "Uses@1", seconds=args.seconds), "seconds": args.seconds}
+                results[variant]["own_process"] = bool(args.process and engine is None)
+                results[variant]["fast_lane"] = engine is None and not args.no_fast_lane
+                print(variant, results[variant], flush=True)
                 continue
             _load(url, 1, 2, mix)  # warm-up
             rows = [_load(url, c, max(8, 2 * c), mix) for c in counts]

@@ -216,6 +216,40 @@ class _Dispatch:
         pass
 
 
+@dataclass
+class FastLane:
+    """Rows about to finish take steps on their own, within a share of the time, so short requests stay short.
+
+    Among long requests, a short one would pay the whole batch's step for each of its few tokens
+    (about 55 ms for 8 rows of the embedded int4 model on 2 cores, against 15 ms for its row alone).
+    Stepping the rows that finish within `within` tokens on their own serves them first (shortest
+    remaining work first). The other rows wait meanwhile, within a budget: every full step earns the
+    lane `share` times its own time, up to `burst` full steps' worth, and lane steps spend it. So
+    a short request usually finishes in one burst, while a stream of them never takes more than
+    share / (1 + share) of the decoding time (a third by default): long rows are slowed, never
+    starved. A row's tokens do not change either way.
+    """
+
+    within: int = 16
+    share: float = 0.5
+    burst: float = 4.0
+    credit: float = 0.0  # seconds of lane steps the full steps have earned and the lane not spent
+
+    def choose(self, running: RunningBatch) -> int | None:
+        """`within` for a lane step now, or None for a step of every row."""
+        finishing = len(running.finishing(self.within))
+        if finishing in (0, len(running)) or self.credit <= 0:
+            return None
+        return self.within
+
+    def record(self, within: int | None, seconds: float) -> None:
+        """Account for a step just taken: a full one (`within` None) earns, a lane one spends."""
+        if within is None:
+            self.credit = min(self.credit + self.share * seconds, self.burst * seconds)
+        else:
+            self.credit -= seconds
+
+
 class Batcher:
     """Answers submitted jobs in batches on one worker thread (the model runs one batch at a time)."""
 
@@ -227,8 +261,10 @@ class Batcher:
         max_wait_s: float = 0.01,
         max_queue: int = 64,
         cores: int | None = None,
+        fast_lane: bool = True,
     ) -> None:
         self.lm = lm
+        self.fast_lane = fast_lane  # `FastLane`: requests about to finish step on their own
         self.cores = cores  # PyTorch threads for the worker (`threads.serial_main_thread`); None: as they are
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -300,12 +336,17 @@ class Batcher:
             return
         running = RunningBatch(self.lm, eos_token_ids=_eos_ids(self.lm))
         active: dict[int, Job] = {}
+        lane = FastLane() if self.fast_lane else None
         while not (self._closing.is_set() and self._queue.empty() and not active):
             try:
                 if len(active) < self.max_batch:
                     self._admit(running, active, wait=not active)
                 if active:
-                    self._step(running, active)
+                    within = None if lane is None else lane.choose(running)
+                    started = time.perf_counter()
+                    self._step(running, active, within)
+                    if lane is not None:
+                        lane.record(within, time.perf_counter() - started)
             except BaseException as exc:  # a step's failure is its requests' failure, never the worker's
                 self.failed_batches += 1
                 log.error("a decoding step failed", exc_info=exc)
@@ -353,8 +394,11 @@ class Batcher:
         if by_length:
             self.batches.append(len(active))
 
-    def _step(self, running: RunningBatch, active: dict[int, Job]) -> None:
-        """One decoding step: each running job gets its next token; finished and cancelled jobs leave."""
+    def _step(self, running: RunningBatch, active: dict[int, Job], within: int | None = None) -> None:
+        """One decoding step: each running job gets its next token; finished and cancelled jobs leave.
+
+        `within`: only the jobs about to finish take this step (`FastLane`).
+        """
         gone = {owner for owner, job in active.items() if job.cancelled.is_set()}
         if gone:
             running.drop(gone)
@@ -362,7 +406,7 @@ class Batcher:
                 active.pop(owner).settle()
         eos = running.eos
         done: set[int] = set()
-        for owner, token, finished in running.step():
+        for owner, token, finished in running.step(within):
             job = active[owner]
             if token not in eos:
                 job.ids.append(token)

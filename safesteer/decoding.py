@@ -203,6 +203,12 @@ class _Cohort:
     logits: torch.Tensor  # [rows, vocab]: each row's scores for its next token
     shifts: dict[tuple[int, str], list[Shift]] = field(default_factory=dict)
 
+    def split(self, members: Sequence[int], dtype: torch.dtype, device: torch.device) -> _Cohort:
+        """A cohort of rows `members` alone (caches and steering copied), this one left unchanged."""
+        part = replace(self, keys=list(self.keys), values=list(self.values), shifts={})
+        part.keep_rows(members, dtype, device)
+        return part
+
     def keep_rows(self, keep: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
         """Only rows `keep` (positions in this cohort) go on; their caches and steering follow them."""
         if len(keep) == len(self.owners):
@@ -362,7 +368,11 @@ class RunningBatch:
             logits=logits,
         )
         cohort.shifts = _shifts(state, rows, self.dtype, self.device)
-        self.cohorts.append(cohort)
+        # One cohort per token budget: its rows then near their end together, and `step(within=)` can
+        # step a cohort about to finish on its own.
+        for budget in dict.fromkeys(max_new_tokens):
+            members = [r for r, b in enumerate(max_new_tokens) if b == budget]
+            self.cohorts.append(cohort if len(members) == rows else cohort.split(members, self.dtype, self.device))
         return readings[0] if readings else None
 
     def drop(self, owners: set[Any]) -> None:
@@ -371,16 +381,26 @@ class RunningBatch:
             cohort.keep_rows([r for r, o in enumerate(cohort.owners) if o not in owners], self.dtype, self.device)
         self.cohorts = [cohort for cohort in self.cohorts if cohort.owners]
 
+    def finishing(self, within: int) -> list[Any]:
+        """Owners of rows with at most `within` tokens left: they finish within that many steps."""
+        return [owner for cohort in self.cohorts if max(cohort.left) <= within for owner in cohort.owners]
+
     @torch.inference_mode()
-    def step(self) -> list[tuple[Any, int, bool]]:
+    def step(self, within: int | None = None) -> list[tuple[Any, int, bool]]:
         """Choose every row's next token, then run one decode step for the rows that go on.
 
         Returns (owner, token, finished) per row; a finished row (end of text, or its token budget
-        spent) has left the batch.
+        spent) has left the batch. `within` steps only the rows with at most that many tokens left
+        (a request about to finish is not held to the pace of a long batch); the others wait
+        unchanged. A row's tokens are the same whichever rows share its steps.
         """
         emitted: list[tuple[Any, int, bool]] = []
         going: list[tuple[_Cohort, torch.Tensor]] = []
+        waiting: list[_Cohort] = []
         for cohort in self.cohorts:
+            if within is not None and max(cohort.left) > within:
+                waiting.append(cohort)
+                continue
             logits = cohort.logits
             if self.suppress_eos and self.eos_ids.numel():
                 logits[:, self.eos_ids] = float("-inf")
@@ -400,7 +420,7 @@ class RunningBatch:
                     tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
                     cohort.keep_rows(keep, self.dtype, self.device)
                 going.append((cohort, tokens))
-        self.cohorts = [cohort for cohort, _ in going]
+        self.cohorts = waiting + [cohort for cohort, _ in going]
         if going:
             self._forward(going)
         return emitted

@@ -55,6 +55,7 @@ class ServeSettings:
     max_wait_s: float = 0.05  # how long the first request of a batch waits for company
     max_queue: int = 64
     cores: int | None = None  # PyTorch threads for the batching worker (`safesteer.threads`); None: as they are
+    fast_lane: bool = True  # requests about to finish step on their own (`batching.FastLane`)
     audit: bool = False  # record each answer (policy, version, fired categories) in the audit log
     audit_prompts: bool = False  # ...with the prompt text too
     extra: dict[str, Any] = field(default_factory=dict)
@@ -194,6 +195,7 @@ def create_app(
                 max_wait_s=settings.max_wait_s,
                 max_queue=settings.max_queue,
                 cores=settings.cores,
+                fast_lane=settings.fast_lane,
             )
         )
         app.state.batcher = batcher

@@ -118,7 +118,7 @@ def test_a_cancelled_request_stops_generating_at_the_next_step(tiny_lm, batcher)
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_worker_is_restarted(tiny_lm, batcher, monkeypatch):
-    def explode(running, active):
+    def explode(*step_args):
         raise SystemExit  # beyond what `_run` catches: the thread ends
 
     monkeypatch.setattr(batcher, "_step", explode)
@@ -186,3 +186,44 @@ def test_int4_answers_do_not_depend_on_neighbours_or_prompt_lengths(tiny_folder)
         batcher.close()
     assert max(batcher.batches) == len(jobs)
     assert results == [answer_alone(lm, job) for job in jobs]
+
+
+class _Rows:
+    """A stand-in running batch: `finishing` rows about to end among `rows`."""
+
+    def __init__(self, rows: int, finishing: int) -> None:
+        self.rows, self.near = rows, finishing
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def finishing(self, within: int) -> list[int]:
+        return list(range(self.near))
+
+
+def test_the_fast_lane_serves_rows_about_to_finish_within_its_share_of_time():
+    """Lane steps spend what full steps earn (`share` of their time, at most `burst` steps' worth): no starvation."""
+    from safesteer.batching import FastLane
+
+    lane = FastLane(within=16, share=0.5, burst=4.0)
+    mixed = _Rows(rows=8, finishing=1)
+    assert lane.choose(mixed) is None  # nothing earned yet: a full step first
+    lane.record(None, 0.060)
+    assert lane.choose(mixed) == 16
+    assert lane.choose(_Rows(rows=8, finishing=0)) is None  # nobody about to finish
+    assert lane.choose(_Rows(rows=3, finishing=3)) is None  # everyone is: that is a full step
+    lane.record(16, 0.020)
+    assert lane.choose(mixed) == 16  # 10 ms of credit left
+    lane.record(16, 0.020)
+    assert lane.choose(mixed) is None  # spent: the long rows' turn
+    for _ in range(100):  # a long quiet stretch earns at most `burst` full steps' worth
+        lane.record(None, 0.060)
+    assert lane.credit == pytest.approx(0.240)
+    # a stream of short requests: lane steps never take more than share / (1 + share) of the time
+    lane, lane_time, full_time = FastLane(within=16, share=0.5), 0.0, 0.0
+    for _ in range(1000):
+        within = lane.choose(mixed)
+        seconds = 0.060 if within is None else 0.015
+        lane.record(within, seconds)
+        lane_time, full_time = (lane_time + seconds, full_time) if within else (lane_time, full_time + seconds)
+    assert 0.30 < lane_time / (lane_time + full_time) <= 0.5 / 1.5 + 0.01

@@ -130,6 +130,42 @@ def test_a_shared_prefix_is_read_once_and_rows_still_do_not_depend_on_each_other
     assert torch.equal(with_steering, generate_ids(lm, prompts, [steered], max_new_tokens=8))
 
 
+def test_a_lane_step_moves_only_rows_about_to_finish_and_changes_no_tokens(lm):
+    """`step(within=)`: rows near their budget's end step alone; the others wait; every row keeps its own tokens."""
+    from safesteer.decoding import RunningBatch
+
+    steered = SteeringSpec(_vector(lm, 1), 1, 4.0)
+    first, second = lm.encode([SAFE[0]])["input_ids"], lm.encode([HARMFUL[3] + " Why?"])["input_ids"]
+    running = RunningBatch(lm, eos_token_ids=[])
+    # one prompt pass for two rows of one length but different budgets: they become two cohorts
+    running.admit(
+        first.expand(2, -1), [replace(steered, strength=(4.0, 0.0))], owners=["short", "long"], max_new_tokens=[4, 20]
+    )
+    running.admit(second, [], owners=["other"], max_new_tokens=[20])
+    assert running.finishing(4) == ["short"]
+    tokens: dict[str, list[int]] = {"short": [], "long": [], "other": []}
+    while running.finishing(4):
+        for owner, token, _ in running.step(within=4):
+            assert owner == "short"
+            tokens[owner].append(token)
+    assert len(tokens["short"]) == 4 and len(running) == 2  # the others have not moved yet
+    while len(running):
+        for owner, token, _ in running.step():
+            tokens[owner].append(token)
+
+    def alone(ids, specs, budget):
+        single = RunningBatch(lm, eos_token_ids=[])
+        single.admit(ids, specs, owners=[0], max_new_tokens=[budget])
+        out = []
+        while len(single):
+            out += [token for _, token, _ in single.step()]
+        return out
+
+    assert tokens["short"] == alone(first, [steered], 4)
+    assert tokens["long"] == alone(first, [], 20)
+    assert tokens["other"] == alone(second, [], 20)
+
+
 def test_stream_ends_with_the_generated_text(lm):
     spec = SteeringSpec(_vector(lm, 1), 1, (0.0, 4.0))
     steps = list(generate_stream(lm, [HARMFUL[1]] * 2, [spec], max_new_tokens=10))
