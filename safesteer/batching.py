@@ -339,10 +339,14 @@ class Batcher:
         lane = FastLane() if self.fast_lane else None
         while not (self._closing.is_set() and self._queue.empty() and not active):
             try:
-                if len(active) < self.max_batch:
+                # Rows about to finish go first, before new requests' prompt passes: theirs is the
+                # least work left (a prompt pass costs as much as several of their steps).
+                within = lane.choose(running) if lane is not None and active else None
+                if within is None and len(active) < self.max_batch:
                     self._admit(running, active, wait=not active)
                 if active:
-                    within = None if lane is None else lane.choose(running)
+                    if within is None and lane is not None:
+                        within = lane.choose(running)  # a request just admitted may be about to finish
                     started = time.perf_counter()
                     self._step(running, active, within)
                     if lane is not None:
