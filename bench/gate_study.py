@@ -31,6 +31,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 CACHE = Path(__file__).resolve().parent / "results" / "gate_study_activations.pt"
 AREAS = list(datasets.DONOTANSWER_AREAS)
 FPR = 0.05
+FRONTIER = (0.01, 0.02, 0.05, 0.10, 0.20)
 PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -123,9 +124,19 @@ class Reader:
     def scores(self, names: list[str]) -> list[float]:
         return self._score(self.features(names).float())[:, self.layer].tolist()
 
-    def rate(self, names: list[str]) -> float:
+    def rate(self, names: list[str], threshold: float | None = None) -> float:
         values = self.scores(names)
-        return round(sum(v >= self.threshold for v in values) / len(values), 4)
+        cut = self.threshold if threshold is None else threshold
+        return round(sum(v >= cut for v in values) / len(values), 4)
+
+    def frontier(self, sets: list[str]) -> dict[str, dict[str, float]]:
+        """Rates on `sets` with the threshold calibrated to each of FRONTIER's shares of calibration safe prompts.
+
+        Readers are compared at equal false positives along the whole curve, not at one point where
+        each lands a little differently.
+        """
+        safe = self.scores(["safe_cal"])
+        return {f"{fpr:.0%}": {s: self.rate([s], threshold_for(safe, fpr)) for s in sets} for fpr in FRONTIER}
 
 
 def main() -> None:
@@ -195,6 +206,7 @@ def main() -> None:
         if args.report_test:
             row |= {s: reader.rate([s]) for s in ("strongreject_test", "wrapped_test", "everyday_test", "edgy_test")}
             row |= {s: reader.rate([s]) for s in ("past_tense", "future_tense")}
+            row["frontier"] = reader.frontier(["strongreject_test", "everyday_test", "edgy_test", "wrapped_test"])
         row["fit_s"] = round(time.perf_counter() - started, 1)
         results[name] = row
         print(name, json.dumps(row), flush=True)
