@@ -211,7 +211,74 @@ def main() -> None:
         results[name] = row
         print(name, json.dumps(row), flush=True)
     sizes = {k: len(v) for k, v in sets.items()}
-    args.out.write_text(json.dumps({"fpr": FPR, "sizes": sizes, "readers": results}, indent=2))
+    routing = compare_routers(sets, activations("mean"), results["hardened activations mean"]["layer"])
+    print("routing", json.dumps(routing), flush=True)
+    args.out.write_text(json.dumps({"fpr": FPR, "sizes": sizes, "readers": results, "routing": routing}, indent=2))
+
+
+def compare_routers(sets: dict[str, list[str]], features, layer: int) -> dict[str, dict[str, object]]:
+    """Which category an admitted request goes to: nearest centroid (today) against trained routers.
+
+    Both read the policy gate's features (mean over the prompt, at its layer) standardised by the
+    gate's training prompts, learn from the five areas' training prompts (plain and framed) and are
+    measured on the areas' held-out test prompts, which neither saw. The router's penalty is the
+    gate's (1e-3); nothing is chosen on the test prompts.
+    """
+    area_of: dict[str, int] = {}
+    for k, area in enumerate(AREAS):
+        for prompt in datasets.harmful_prompts(area):
+            area_of.setdefault(prompt, k)
+    labels = lambda name: torch.tensor([area_of[p] for p in sets[name]])  # noqa: E731
+    at_layer = lambda names: features(names)[:, layer].float()  # noqa: E731
+    train_names = ["harmful_train", "framed_harmful_train"]
+    x_train = at_layer(train_names)
+    y_train = torch.cat([labels("harmful_train"), labels("harmful_train")])  # framed rows follow the plain ones
+    everything = at_layer([*train_names, "safe_train", "framed_safe_train", "edgy_train"])
+    center, scale = everything.mean(0), everything.std(0).clamp(min=1e-6)
+    z_train, z_test = (x_train - center) / scale, (at_layer(["harmful_test"]) - center) / scale
+    y_test = labels("harmful_test")
+    centroids = torch.stack([z_train[y_train == k].mean(0) for k in range(len(AREAS))])
+    nearest = ((z_test[:, None, :] - centroids[None]) ** 2).mean(-1).argmin(1)
+    weights = torch.zeros(z_train.shape[1], len(AREAS), requires_grad=True)
+    bias = torch.zeros(len(AREAS), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights, bias], max_iter=300, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(z_train @ weights + bias, y_train) + 1e-3 * (weights**2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    with torch.no_grad():
+        router = (z_test @ weights + bias).argmax(1)
+    # one router per category, as each category's gate could train it: its prompts against the rest
+    plain_and_framed = features(train_names).float()
+    test_all_layers = features(["harmful_test"]).float()
+    one_vs_rest = []
+    for k in range(len(AREAS)):
+        center_k, scale_k, w_k, b_k = fit_two_sides(
+            plain_and_framed[y_train == k], plain_and_framed[y_train != k], 1e-3
+        )
+        one_vs_rest.append(
+            torch.einsum("nld,ld->nl", (test_all_layers - center_k) / scale_k, w_k)[:, layer] + b_k[layer]
+        )
+    per_category = torch.stack(one_vs_rest, dim=1).argmax(1)
+
+    def rates(predicted: torch.Tensor) -> dict[str, object]:
+        others = {
+            area: round(float(((predicted == k) & (y_test != k)).sum() / (y_test != k).sum()), 4)
+            for k, area in enumerate(AREAS)
+        }
+        return {"accuracy": round(float((predicted == y_test).float().mean()), 4), "others_routed_to": others}
+
+    return {
+        "layer": layer,
+        "test_prompts": len(y_test),
+        "nearest centroid": rates(nearest),
+        "softmax router": rates(router),
+        "one-vs-rest routers": rates(per_category),
+    }
 
 
 if __name__ == "__main__":
