@@ -203,6 +203,10 @@ class _Cohort:
     logits: torch.Tensor  # [rows, vocab]: each row's scores for its next token
     shifts: dict[tuple[int, str], list[Shift]] = field(default_factory=dict)
 
+    def near_end(self, within: int) -> bool:
+        """Whether every row finishes within `within` more tokens (a cohort's rows share a budget)."""
+        return max(self.left) <= within
+
     def split(self, members: Sequence[int], dtype: torch.dtype, device: torch.device) -> _Cohort:
         """A cohort of rows `members` alone (caches and steering copied), this one left unchanged."""
         part = replace(self, keys=list(self.keys), values=list(self.values), shifts={})
@@ -383,7 +387,7 @@ class RunningBatch:
 
     def finishing(self, within: int) -> list[Any]:
         """Owners of rows with at most `within` tokens left: they finish within that many steps."""
-        return [owner for cohort in self.cohorts if max(cohort.left) <= within for owner in cohort.owners]
+        return [owner for cohort in self.cohorts if cohort.near_end(within) for owner in cohort.owners]
 
     @torch.inference_mode()
     def step(self, within: int | None = None) -> list[tuple[Any, int, bool]]:
@@ -398,7 +402,7 @@ class RunningBatch:
         going: list[tuple[_Cohort, torch.Tensor]] = []
         waiting: list[_Cohort] = []
         for cohort in self.cohorts:
-            if within is not None and max(cohort.left) > within:
+            if within is not None and not cohort.near_end(within):
                 waiting.append(cohort)
                 continue
             logits = cohort.logits
