@@ -18,9 +18,11 @@ the rows whose gate fires (docs/gates.md).
 The *policy* recipe (`train_policy_gate`, the default for new categories) reads differently, as
 `bench/gate_study.py` chose: the gate admits any request of the policy's categories (positives
 are all of them, pooled; negatives the safe prompts, the same prompts in training framings, and
-edgy-but-benign training prompts), read as the mean over the prompt's tokens; a centroid of the
-category's own prompts then routes each admitted request to the one category it is closest to, so
-a request is steered by one category's vector, not by all of them at once.
+edgy-but-benign training prompts), read as the mean over the prompt's tokens. Each category's gate
+also carries a router, a one-vs-rest probe of its own prompts against the policy's other ones, and
+an admitted request goes to the category whose router scores it highest, so a request is steered
+by one category's vector, not by all of them at once. (Gates written before routers route by the
+centroid of the category's prompts instead.)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ GATE_RECIPES: tuple[GateRecipe, ...] = ("policy", "category")
 DEFAULT_FPR = 0.05
 FORMAT_VERSION = 1
 ROUTED_FORMAT_VERSION = 2  # written for gates with a centroid: older readers refuse them rather than skip routing
+ROUTER_FORMAT_VERSION = 3  # written for gates with a router: older readers refuse them rather than route otherwise
 POLICY_PENALTY = 1e-3  # the policy recipe's L2 penalty, as chosen on calibration prompts in bench/gate_study.py
 HARD_NEGATIVE_CALIBRATION = 0.25  # share of the edgy training prompts kept for choosing the layer
 NEAR_TIE = 0.005  # calibration AUROCs this close count as equal; the earlier layer wins
@@ -98,6 +101,8 @@ class Gate:
     layer_auroc: list[float] = field(default_factory=list)  # calibration AUROC per layer: why this layer
     precision: str = ""  # the weights it was trained on; read it with the same (docs/gates.md)
     centroid: torch.Tensor | None = None  # [hidden]: the category's own prompts' mean; routes admitted requests
+    route: torch.Tensor | None = None  # [hidden], on standardised features: this category against the policy's others
+    route_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.site not in SITES or self.token not in TOKENS:
@@ -106,15 +111,17 @@ class Gate:
         check_fpr(self.target_fpr)
         if self.layer < 0 or isinstance(self.layer, bool):
             raise SafeSteerError(f"gate layer {self.layer!r} must be a whole number of at least 0")
-        parts = [self.center, self.scale, self.weights, *([self.centroid] if self.centroid is not None else [])]
+        if self.route is not None and self.centroid is None:
+            raise SafeSteerError("a gate with a router must also have a centroid")
+        parts = [self.center, self.scale, self.weights, *(t for t in (self.centroid, self.route) if t is not None)]
         shapes = {tuple(t.shape) for t in parts}
         if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-            raise SafeSteerError("a gate's center, scale, weights and centroid must be vectors of one length")
+            raise SafeSteerError("a gate's center, scale, weights, centroid and router must be vectors of one length")
         for t in parts:
             if not torch.isfinite(t).all():
                 raise SafeSteerError("a gate has non-finite parameters")
-        if not (math.isfinite(self.bias) and math.isfinite(self.threshold)):
-            raise SafeSteerError("a gate's bias and threshold must be finite numbers")
+        if not all(math.isfinite(v) for v in (self.bias, self.threshold, self.route_bias)):
+            raise SafeSteerError("a gate's bias, threshold and router bias must be finite numbers")
         if not bool((self.scale > 0).all()):
             raise SafeSteerError("a gate's scale must be positive")
 
@@ -147,6 +154,17 @@ class Gate:
         z = (features.float() - self.center.to(device)) / self.scale.to(device)
         c = (self.centroid.to(device) - self.center.to(device)) / self.scale.to(device)
         return -((z - c) ** 2).mean(dim=-1)
+
+    def route_logit(self, features: torch.Tensor) -> torch.Tensor:
+        """How strongly this category's router claims `[rows, hidden]` features, float32 `[rows]`.
+
+        One-vs-rest logits of a policy's categories compare: the highest steers (`steering.decide_rows`).
+        """
+        if self.route is None:
+            raise SafeSteerError("this gate has no router")
+        device = features.device
+        z = (features.float() - self.center.to(device)) / self.scale.to(device)
+        return z @ self.route.to(device) + self.route_bias
 
     def rates(self, threshold: float | None = None) -> GateRates:
         """Held-out firing rates at `threshold` (default: the gate's own)."""
@@ -196,9 +214,16 @@ class Gate:
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self.rates()).items()},
         }
 
+    @property
+    def format_version(self) -> int:
+        """The oldest gate format that holds everything this gate decides with."""
+        if self.route is not None:
+            return ROUTER_FORMAT_VERSION
+        return ROUTED_FORMAT_VERSION if self.routed else FORMAT_VERSION
+
     def metadata(self) -> dict[str, Any]:
         return {
-            "format_version": ROUTED_FORMAT_VERSION if self.routed else FORMAT_VERSION,
+            "format_version": self.format_version,
             "layer": self.layer,
             "site": self.site,
             "token": self.token,
@@ -210,12 +235,15 @@ class Gate:
             "scores": self.scores,
             "layer_auroc": self.layer_auroc,
             "precision": self.precision,
+            **({"route_bias": self.route_bias} if self.route is not None else {}),
         }
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"center": self.center, "scale": self.scale, "weights": self.weights}
         if self.centroid is not None:
             tensors["centroid"] = self.centroid
+        if self.route is not None:
+            tensors["route"] = self.route
         return {k: v.contiguous().float() for k, v in tensors.items()}
 
     def to_bytes(self) -> bytes:
@@ -234,7 +262,7 @@ class Gate:
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], source: str = "data") -> Gate:
-        if int(metadata.get("format_version", 0)) > ROUTED_FORMAT_VERSION:
+        if int(metadata.get("format_version", 0)) > ROUTER_FORMAT_VERSION:
             raise SafeSteerError(f"{source}: this gate was written by a newer SafeSteer; upgrade to read it")
         try:
             scores = {str(k): [float(v) for v in values] for k, values in dict(metadata.get("scores", {})).items()}
@@ -255,6 +283,8 @@ class Gate:
                 layer_auroc=[float(v) for v in metadata.get("layer_auroc", [])],
                 precision=str(metadata.get("precision", "")),
                 centroid=tensors["centroid"].float() if "centroid" in tensors else None,
+                route=tensors["route"].float() if "route" in tensors else None,
+                route_bias=float(metadata.get("route_bias", 0.0)),
             )
         except SafeSteerError:
             raise
@@ -460,11 +490,11 @@ def train_policy_gate(
     mode: GateMode = "gated",
     precision: str = "",
 ) -> Gate:
-    """A policy gate from activations `[n, L, d]`: admits any of the policy's categories, routes by centroid.
+    """A policy gate from activations `[n, L, d]`: admits any of the policy's categories, routes by its router.
 
     `pool` holds every harmful prompt of the policy (`PolicyGateSets` orders it canonically) and
     `own` marks this category's rows, so every category of a policy trains the same admission and
-    only its centroid differs. `framed_*` are the same prompts, row for row, in the training
+    only its centroid and router differ. `framed_*` are the same prompts, row for row, in the training
     framings; `hard_negatives` are edgy-but-benign prompts. The pool and the safe prompts are split
     as `train_gate` splits (a framed prompt falls on the side of its plain one); the layer is chosen
     by calibration AUROC of all positives against all negatives, and the threshold fires on at most
@@ -502,18 +532,23 @@ def train_policy_gate(
     def at_layer(acts: torch.Tensor) -> list[float]:
         return scores(acts)[:, layer].tolist()
 
-    centroid = pool[rows_of(0, True)][:, layer].float().mean(0)
+    own_train, others_train, others_test = rows_of(0, True), rows_of(0, False), rows_of(2, False)
+    centroid = pool[own_train][:, layer].float().mean(0)
     held_out = {"harmful": at_layer(pool[rows_of(2, True)]), "safe": at_layer(safe[safe_split[2]])}
-    others_train, others_test = rows_of(0, False), rows_of(2, False)
-    if len(others_train) >= 3 and others_test:  # would routing send another category's prompt here?
-        others_centroid = pool[others_train][:, layer].float().mean(0)
-        features = pool[others_test][:, layer].float()
+    route: tuple[torch.Tensor, float] | None = None
+    if len(others_train) >= 3:
 
-        def distance(to: torch.Tensor) -> torch.Tensor:
-            return (((features - to) / scale[layer]) ** 2).mean(-1)
+        def standardised(acts: torch.Tensor) -> torch.Tensor:
+            return (acts[:, layer].float() - center[layer]) / scale[layer]
 
-        held_out["other"] = at_layer(pool[others_test])
-        held_out["other_routed"] = (distance(centroid) < distance(others_centroid)).float().tolist()
+        route = fit_router(
+            standardised(torch.cat([pool[own_train], framed_pool[own_train]])),
+            standardised(torch.cat([pool[others_train], framed_pool[others_train]])),
+        )
+        if others_test:  # would this category's router claim another category's held-out prompt?
+            held_out["other"] = at_layer(pool[others_test])
+            claims = standardised(pool[others_test]) @ route[0] + route[1]
+            held_out["other_routed"] = (claims > 0).float().tolist()
     calibration_scores = {"calibration_safe": at_layer(safe[safe_split[1]])}
     test_auroc = float(auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(held_out["safe"])[:, None])[0])
     return _gate_at(
@@ -529,4 +564,18 @@ def train_policy_gate(
         layer_auroc=[round(float(a), 4) for a in layer_auroc],
         precision=precision,
         centroid=centroid.clone(),
+        route=None if route is None else route[0].clone(),
+        route_bias=0.0 if route is None else route[1],
     )
+
+
+def fit_router(own: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A one-vs-rest router on standardised features `[n, d]`: (weights `[d]`, bias) on those same features.
+
+    Why a router, not the centroid: Do-Not-Answer's areas overlap, and the nearest centroid sent up
+    to 12% of other areas' held-out prompts to one category where trained routers sent at most 5%
+    (`routing` in docs/gate-study.json). Each side weighs half, so a logit of 0 is the balanced boundary.
+    """
+    center, scale, w, b = fit_two_sides(own[:, None, :], others[:, None, :], POLICY_PENALTY)
+    weights = w[0] / scale[0]  # folded, so the router reads the gate's own standardised features
+    return weights, float(b[0] - weights @ center[0])

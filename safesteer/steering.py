@@ -193,9 +193,10 @@ def decide_rows(
     """Each gate's scores `[rows, k]` and whether it steers each row, routing included.
 
     A gate fires where its score reaches its threshold. Policy gates (`Gate.routed`) that fire on
-    the same row compete: only the one whose category lies closest to the prompt steers it, so a
-    request is steered by one category of a policy, not all. `active` (`[rows, k]`, default all)
-    says which gates may steer which rows at all (in a shared batch, a request's own policy only).
+    the same row compete: only the one whose router claims the prompt most strongly steers it (by
+    the closest centroid where a competing gate predates routers), so a request is steered by one
+    category of a policy, not all. `active` (`[rows, k]`, default all) says which gates may steer
+    which rows at all (in a shared batch, a request's own policy only).
     """
     scores = torch.stack([gate.score(f).cpu() for gate, f in zip(gates, features, strict=True)], dim=1)
     fired = torch.stack([gate.fires(scores[:, k]) for k, gate in enumerate(gates)], dim=1)
@@ -203,10 +204,21 @@ def decide_rows(
     if len(routed) < 2:
         return scores, fired
     allowed = fired[:, routed] if active is None else fired[:, routed] & active[:, routed]
-    closeness = torch.stack([gates[k].closeness(features[k]).cpu() for k in routed], dim=1)
-    closest = closeness.masked_fill(~allowed, float("-inf")).argmax(dim=1)
+    preference = torch.stack([gates[k].closeness(features[k]).cpu() for k in routed], dim=1)
+    has_router = torch.tensor([gates[k].route is not None for k in routed])
+    if has_router.any():
+        logits = torch.stack(
+            [
+                gates[k].route_logit(features[k]).cpu() if gates[k].route is not None else preference[:, j]
+                for j, k in enumerate(routed)
+            ],
+            dim=1,
+        )
+        by_router = ~(allowed & ~has_router).any(dim=1)  # rows whose every competitor has a router
+        preference = torch.where(by_router[:, None], logits, preference)
+    chosen = preference.masked_fill(~allowed, float("-inf")).argmax(dim=1)
     keep = torch.zeros_like(allowed)
-    keep[torch.arange(keep.shape[0]), closest] = allowed.any(dim=1)
+    keep[torch.arange(keep.shape[0]), chosen] = allowed.any(dim=1)
     fired = fired.clone()
     fired[:, routed] = keep
     return scores, fired

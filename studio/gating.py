@@ -198,7 +198,7 @@ def verdict_lines(
         elif verdict.score >= verdict.threshold:
             lines.append(
                 f"- **{name}**: the policy's gate recognised the prompt (score {verdict.score:.2f} ≥ "
-                f"{verdict.threshold:.2f}), but another category lies closer to it: steered by that one, not this"
+                f"{verdict.threshold:.2f}), but it fits another category better: steered by that one, not this"
             )
         else:
             lines.append(

@@ -225,7 +225,7 @@ def test_a_policy_gate_admits_any_category_and_routes_each_prompt_to_one(tiny_lm
     second = [p + e for p in HARMFUL[4:] for e in endings]
     gate_a, gate_b = _routed_gate(tiny_lm, first, second), _routed_gate(tiny_lm, second, first)
     assert torch.equal(gate_a.weights, gate_b.weights) and gate_a.threshold == gate_b.threshold  # one admission
-    assert not torch.equal(gate_a.centroid, gate_b.centroid)
+    assert not torch.equal(gate_a.centroid, gate_b.centroid) and not torch.equal(gate_a.route, gate_b.route)
     assert gate_a.routed and gate_a.token == "mean" and "other_routed" in gate_a.scores
     gates = [gate_a, gate_b]
     batch = tiny_lm.encode(HARMFUL + SAFE)
@@ -234,23 +234,62 @@ def test_a_policy_gate_admits_any_category_and_routes_each_prompt_to_one(tiny_lm
     admitted = scores >= torch.tensor([g.threshold for g in gates])
     assert fired.sum(dim=1).le(1).all()  # never both
     assert torch.equal(fired.any(dim=1), admitted.any(dim=1))  # whatever is admitted, one category steers
-    closer_a = gate_a.closeness(features[0]) > gate_b.closeness(features[1])
+    claims_a = gate_a.route_logit(features[0]) > gate_b.route_logit(features[1])
     both = admitted.all(dim=1)
-    assert torch.equal(fired[both, 0], closer_a[both])
+    assert torch.equal(fired[both, 0], claims_a[both])
+    # each router claims its own category's prompts, which it learnt from
+    own = tiny_lm.encode(first + second)
+    own_features = read_gate_features(tiny_lm, own["input_ids"], own["attention_mask"], gates)
+    claims = gate_a.route_logit(own_features[0]) > gate_b.route_logit(own_features[1])
+    assert claims[: len(first)].float().mean() > 0.8 and claims[len(first) :].float().mean() < 0.2
     # a gate that may not steer a row (strength 0 there) leaves the row to the other
     only_b = torch.tensor([[False, True]] * len(HARMFUL + SAFE))
     _, fired_b = decide_rows(gates, features, only_b)
     assert torch.equal(fired_b[:, 1], admitted[:, 1]) and not fired_b[:, 0].any()
 
 
+def test_a_gate_from_before_routers_competes_by_centroid(tiny_lm):
+    from safesteer.steering import decide_rows
+
+    endings = ("", " Now.", " Quickly please.", " Step by step.")
+    first = [p + e for p in HARMFUL[:4] for e in endings]
+    second = [p + e for p in HARMFUL[4:] for e in endings]
+    gate_a, gate_b = _routed_gate(tiny_lm, first, second), _routed_gate(tiny_lm, second, first)
+    older_b = replace(gate_b, route=None)  # as read from a format 2 gate: a centroid, no router
+    threshold = min(gate_a.threshold, gate_b.threshold) - 1e6  # admit every row, so the routing shows
+    gates = [gate_a.with_threshold(threshold), older_b.with_threshold(threshold)]
+    batch = tiny_lm.encode(HARMFUL + SAFE)
+    features = read_gate_features(tiny_lm, batch["input_ids"], batch["attention_mask"], gates)
+    _, fired = decide_rows(gates, features)
+    closer_a = gate_a.closeness(features[0]) > gate_b.closeness(features[1])
+    assert torch.equal(fired[:, 0], closer_a) and torch.equal(fired[:, 1], ~closer_a)
+    # the same two with routers decide by their routers
+    _, by_router = decide_rows([gate_a.with_threshold(threshold), gate_b.with_threshold(threshold)], features)
+    claims_a = gate_a.route_logit(features[0]) > gate_b.route_logit(features[1])
+    assert torch.equal(by_router[:, 0], claims_a)
+
+
 def test_a_routed_gate_survives_the_round_trip_and_older_readers_refuse_it(tiny_lm):
     import json
 
-    gate = _routed_gate(tiny_lm, [*HARMFUL[:4], *(f"{p} Now." for p in HARMFUL[:4])], HARMFUL[4:])
+    from safesteer.gates import ROUTER_FORMAT_VERSION
+
+    endings = ("", " Now.", " Quickly please.")
+    own, others = ([p + e for p in prompts for e in endings] for prompts in (HARMFUL[:4], HARMFUL[4:]))
+    gate = _routed_gate(tiny_lm, own, others)
     back = Gate.from_bytes(gate.to_bytes())
     assert torch.equal(back.centroid, gate.centroid) and back.routed and back.scores == gate.scores
+    assert torch.equal(back.route, gate.route) and back.route_bias == gate.route_bias
+    older = Gate.from_bytes(replace(gate, route=None).to_bytes())
+    assert older.routed and older.route is None
     assert (
-        gate.metadata()["format_version"] == 2
+        gate.metadata()["format_version"] == ROUTER_FORMAT_VERSION == 3
+        and older.metadata()["format_version"] == 2
         and _gate_for(tiny_lm, HARMFUL[0], SAFE[0], layer=1).metadata()["format_version"] == 1
     )
     assert json.loads(json.dumps(gate.summary()))["recipe"] == "policy"
+    newer = {**gate.metadata(), "format_version": ROUTER_FORMAT_VERSION + 1}
+    with pytest.raises(SafeSteerError, match="newer SafeSteer"):
+        Gate.from_parts(gate.to_tensors(), newer)
+    with pytest.raises(SafeSteerError, match="router must also have a centroid"):
+        replace(gate, centroid=None)

@@ -41,7 +41,7 @@ def test_baselines_are_measured_on_the_gates_own_held_out_prompts(tiny_lm):
         assert 0.0 <= r.catch_rate <= 1.0 and 0.0 <= r.false_positive_rate <= 1.0
 
 
-def test_the_preview_says_when_another_category_lay_closer():
+def test_the_preview_says_when_another_category_fit_better():
     from safesteer.generation import GateVerdict
     from studio.gating import verdict_lines
 
@@ -50,4 +50,4 @@ def test_the_preview_says_when_another_category_lay_closer():
         [GateVerdict(2.0, 1.0, True), GateVerdict(1.5, 1.0, False), GateVerdict(-3.0, 1.0, False)],
     ).splitlines()
     assert "**fired**" in lines[0] and "steered" in lines[0]
-    assert "another category lies closer" in lines[1] and "did not fire" in lines[2]
+    assert "fits another category better" in lines[1] and "did not fire" in lines[2]
