@@ -97,12 +97,17 @@ def gate_summary(gate: Gate | None, baselines: Sequence[BaselineRates] = ()) -> 
         if gate.mode == "gated"
         else "**always**: every prompt is steered (the gate is kept but not used)"
     )
-    reads = (
-        " It reads the whole prompt and recognises any of the policy's categories, plain or dressed up in role-play;"
-        " among the categories that recognise a prompt, the closest one steers it."
-        if gate.routed
-        else ""
-    )
+    reads = ""
+    if gate.routed:
+        chooser = (
+            "the one its router (the policy's categories told apart from each other) claims most"
+            if gate.route is not None
+            else "the closest one"
+        )
+        reads = (
+            " It reads the whole prompt and recognises any of the policy's categories, plain or dressed up in"
+            f" role-play; among the categories that recognise a prompt, {chooser} steers it."
+        )
     caught = wilson_interval(round(rates.catch_rate * rates.n_harmful), rates.n_harmful)
     false = wilson_interval(round(rates.false_positive_rate * rates.n_safe), rates.n_safe)
     return (

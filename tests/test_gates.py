@@ -288,6 +288,9 @@ def test_a_routed_gate_survives_the_round_trip_and_older_readers_refuse_it(tiny_
         and _gate_for(tiny_lm, HARMFUL[0], SAFE[0], layer=1).metadata()["format_version"] == 1
     )
     assert json.loads(json.dumps(gate.summary()))["recipe"] == "policy"
+    from studio.gating import gate_summary  # the author is told which rule routes
+
+    assert "router" in gate_summary(gate) and "closest" in gate_summary(older)
     newer = {**gate.metadata(), "format_version": ROUTER_FORMAT_VERSION + 1}
     with pytest.raises(SafeSteerError, match="newer SafeSteer"):
         Gate.from_parts(gate.to_tensors(), newer)
