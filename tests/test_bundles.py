@@ -302,6 +302,30 @@ def test_gates_round_trip_through_bundles_and_the_store(tmp_path):
     assert changed.settings_changed["gate_threshold"][1] > changed.settings_changed["gate_threshold"][0]
 
 
+def test_a_policy_gate_keeps_its_router_through_bundles_and_the_store(tmp_path):
+    from safesteer.gates import train_policy_gate
+
+    g = torch.Generator().manual_seed(3)
+    n, shape = 24, (IDENTITY.n_layers, IDENTITY.hidden_size)
+    pool = torch.randn(n, *shape, generator=g) + 2.0
+    pool[: n // 2, :, :8] += 3.0  # this category's half of the pool stands apart from the other's
+    safe = torch.randn(n, *shape, generator=g)
+    noise = lambda a: a + 0.1 * torch.randn(a.shape, generator=g)  # noqa: E731  (the prompts, dressed up)
+    gate = train_policy_gate(
+        pool, torch.arange(n) < n // 2, safe, noise(pool), noise(safe), torch.randn(8, *shape, generator=g)
+    )
+    assert gate.route is not None and gate.format_version == 3
+    version = _gated_version()
+    version.categories[0].vectors = version.categories[0].vectors.with_gate(gate)
+    back = read_bundle(bundle_bytes(version)).categories[0].gate
+    assert back is not None and back.route is not None and torch.equal(back.route, gate.route)
+    assert back.route_bias == gate.route_bias and torch.equal(back.centroid, gate.centroid)
+    store = PolicyStore(f"sqlite:///{tmp_path / 'r.db'}")
+    import_bundle(store, bundle_bytes(version), target=IDENTITY)
+    stored = store.load_version("gated").categories[0].gate
+    assert stored is not None and stored.route is not None and torch.equal(stored.route, gate.route)
+
+
 def test_an_old_bundle_without_gates_imports_as_always():
     version = _gated_version()
     members = _members(bundle_bytes(version))
