@@ -144,8 +144,8 @@ def main() -> None:
     }
 
     def routing(k: int, area: str) -> dict[str, dict[str, float]]:
-        mine = set(harmful[area])
-        own = [p in mine for p in heldout_areas]
+        area_prompts = set(harmful[area])
+        own = [p in area_prompts for p in heldout_areas]
         return {
             rule: {
                 "own_steered_here": rate([row[k] for row, mine in zip(rows, own, strict=True) if mine]),
