@@ -23,7 +23,7 @@ from gates import WRAPPERS, phrasings
 
 from safesteer import datasets, load_model
 from safesteer.activations import record_activations
-from safesteer.gates import SPLIT, auroc, fit_two_sides, threshold_for
+from safesteer.gates import SPLIT, auroc, fit_router, fit_two_sides, threshold_for
 from safesteer.models import generation_precision
 from safesteer.text_gates import tfidf_features, tfidf_vocabulary
 
@@ -269,18 +269,9 @@ def compare_routers(sets: dict[str, list[str]], features, layer: int) -> dict[st
     optimizer.step(loss)
     with torch.no_grad():
         router = (z_test @ weights + bias).argmax(1)
-    # one router per category, as each category's gate could train it: its prompts against the rest
-    plain_and_framed = features(train_names).float()
-    test_all_layers = features(["harmful_test"]).float()
-    one_vs_rest = []
-    for k in range(len(AREAS)):
-        center_k, scale_k, w_k, b_k = fit_two_sides(
-            plain_and_framed[y_train == k], plain_and_framed[y_train != k], 1e-3
-        )
-        one_vs_rest.append(
-            torch.einsum("nld,ld->nl", (test_all_layers - center_k) / scale_k, w_k)[:, layer] + b_k[layer]
-        )
-    per_category = torch.stack(one_vs_rest, dim=1).argmax(1)
+    # one router per category, as each category's gate trains it (`gates.fit_router`): its prompts against the rest
+    routers = [fit_router(z_train[y_train == k], z_train[y_train != k]) for k in range(len(AREAS))]
+    per_category = torch.stack([z_test @ w + b for w, b in routers], dim=1).argmax(1)
 
     def rates(predicted: torch.Tensor) -> dict[str, object]:
         others = {
