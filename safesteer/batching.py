@@ -36,6 +36,7 @@ from .errors import SafeSteerError
 from .gates import GateReading
 from .generation import _eos_ids, check_prompt_lengths, generate_ids
 from .models import LoadedModel, Prompt
+from .prompt_passes import template_start
 from .sampling import Sampling
 from .steering import SteeringSpec
 from .threads import use_cores
@@ -43,6 +44,8 @@ from .threads import use_cores
 log = logging.getLogger(__name__)
 
 RECENT_BATCHES = 10_000
+HOLD_S = 1.0
+"""Longest a long request's prompt pass waits behind short requests' passes."""
 
 
 class QueueFull(SafeSteerError):
@@ -78,6 +81,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0  # set by an engine that counts them as it admits the request
     fired: list[str] = field(default_factory=list)  # the categories whose gates fired, set at admission
+    arrived: float = field(default_factory=time.monotonic)
 
     def visible(self, text: str) -> tuple[str, bool]:
         """What of `text` may be shown now, and whether a stop string ended it.
@@ -334,16 +338,30 @@ class Batcher:
         if not decoding.supports(self.lm):  # a GPU, or a layer structure the lean loop does not reproduce
             self._run_closed()
             return
+        template_start(self.lm).exact()  # checked once, before the first request rather than during it
         running = RunningBatch(self.lm, eos_token_ids=_eos_ids(self.lm))
         active: dict[int, Job] = {}
+        held: list[Job] = []  # taken from the queue, not yet admitted
         lane = FastLane() if self.fast_lane else None
-        while not (self._closing.is_set() and self._queue.empty() and not active):
+        while not (self._closing.is_set() and self._queue.empty() and not active and not held):
             try:
+                room = self.max_batch - len(active) - len(held)
+                if room > 0:
+                    held += self._gather(room, wait=not active and not held)
                 # Rows about to finish go first, before new requests' prompt passes: theirs is the
                 # least work left (a prompt pass costs as much as several of their steps).
                 within = lane.choose(running) if lane is not None and active else None
-                if within is None and len(active) < self.max_batch:
-                    self._admit(running, active, wait=not active)
+                if within is None and held:
+                    # Shortest work first: requests about to finish once started take their pass
+                    # first; long ones wait until no running request is about to finish (`HOLD_S` at most).
+                    soon = [job for job in held if job.max_new_tokens <= FastLane.within]
+                    overdue = any(time.monotonic() - job.arrived > HOLD_S for job in held)
+                    finishing = bool(active) and bool(running.finishing(FastLane.within))
+                    chosen = held if overdue or not (soon or finishing) else soon
+                    taken = {id(job) for job in chosen}
+                    held = [job for job in held if id(job) not in taken]
+                    if chosen:
+                        self._admit(running, active, chosen)
                 if active:
                     if within is None and lane is not None:
                         within = lane.choose(running)  # a request just admitted may be about to finish
@@ -354,17 +372,19 @@ class Batcher:
             except BaseException as exc:  # a step's failure is its requests' failure, never the worker's
                 self.failed_batches += 1
                 log.error("a decoding step failed", exc_info=exc)
-                for job in active.values():
+                for job in [*active.values(), *held]:
                     job.settle(error=exc if isinstance(exc, Exception) else SafeSteerError("the worker stopped"))
                 active.clear()
+                held = []
                 running = RunningBatch(self.lm, eos_token_ids=_eos_ids(self.lm))
                 if not isinstance(exc, Exception):
                     raise  # the thread ends; `ensure_running` starts another
 
-    def _admit(self, running: RunningBatch, active: dict[int, Job], *, wait: bool) -> None:
-        """Prompt passes for newly arrived jobs, grouped by prompt length; their rows join at the next step."""
-        by_length: dict[int, list[tuple[Job, torch.Tensor]]] = {}
-        for job in self._gather(self.max_batch - len(active), wait):
+    def _admit(self, running: RunningBatch, active: dict[int, Job], jobs: Sequence[Job]) -> None:
+        """One prompt pass for newly arrived jobs (prompts of several lengths share it where that is
+        exact, see `RunningBatch.admit`); their rows join at the next step."""
+        admitted: list[tuple[Job, torch.Tensor]] = []
+        for job in jobs:
             if job.cancelled.is_set():
                 job.settle()  # went away while waiting: never starts
                 continue
@@ -374,29 +394,29 @@ class Batcher:
             except Exception as exc:  # this request's own problem (a prompt too long, say)
                 job.settle(error=exc)
                 continue
-            by_length.setdefault(ids.shape[1], []).append((job, ids))
-        for length, members in by_length.items():
-            jobs = [job for job, _ in members]
-            specs, users = _merge(jobs)
-            try:
-                reading = running.admit(
-                    torch.cat([ids for _, ids in members]),
-                    specs,
-                    owners=[id(job) for job in jobs],
-                    max_new_tokens=[job.max_new_tokens for job in jobs],
-                    sampling=[job.sampling for job in jobs],
-                )
-            except Exception as exc:  # these requests' own problem (a gate that does not fit, say)
-                for job in jobs:
-                    job.settle(error=exc)
-                continue
-            for job, names in zip(jobs, _fired_names(specs, users, reading, len(jobs)), strict=True):
-                job.fired.extend(names)
+            admitted.append((job, ids[0]))
+        if not admitted:
+            return
+        jobs = [job for job, _ in admitted]
+        specs, users = _merge(jobs)
+        try:
+            reading = running.admit(
+                [ids for _, ids in admitted],
+                specs,
+                owners=[id(job) for job in jobs],
+                max_new_tokens=[job.max_new_tokens for job in jobs],
+                sampling=[job.sampling for job in jobs],
+            )
+        except Exception as exc:  # these requests' own problem (a gate that does not fit, say)
             for job in jobs:
-                job.prompt_tokens = length
-                active[id(job)] = job
-        if by_length:
-            self.batches.append(len(active))
+                job.settle(error=exc)
+            return
+        for job, names in zip(jobs, _fired_names(specs, users, reading, len(jobs)), strict=True):
+            job.fired.extend(names)
+        for job, ids in admitted:
+            job.prompt_tokens = int(ids.shape[0])
+            active[id(job)] = job
+        self.batches.append(len(active))
 
     def _step(self, running: RunningBatch, active: dict[int, Job], within: int | None = None) -> None:
         """One decoding step: each running job gets its next token; finished and cancelled jobs leave.

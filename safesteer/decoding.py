@@ -31,6 +31,7 @@ from .gates import GateReading
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
 from .operations import Shift, apply_steering
+from .prompt_passes import TemplateStart, prompt_pass, right_padded, template_start
 from .sampling import Sampling, TokenChooser
 from .steering import SteeringSpec, SteeringState, steer
 
@@ -207,12 +208,6 @@ class _Cohort:
         """Whether every row finishes within `within` more tokens (a cohort's rows share a budget)."""
         return max(self.left) <= within
 
-    def split(self, members: Sequence[int], dtype: torch.dtype, device: torch.device) -> _Cohort:
-        """A cohort of rows `members` alone (caches and steering copied), this one left unchanged."""
-        part = replace(self, keys=list(self.keys), values=list(self.values), shifts={})
-        part.keep_rows(members, dtype, device)
-        return part
-
     def keep_rows(self, keep: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
         """Only rows `keep` (positions in this cohort) go on; their caches and steering follow them."""
         if len(keep) == len(self.owners):
@@ -310,7 +305,7 @@ class RunningBatch:
     @torch.inference_mode()
     def admit(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | Sequence[torch.Tensor],
         specs: Sequence[SteeringSpec],
         *,
         owners: Sequence[Any],
@@ -319,18 +314,31 @@ class RunningBatch:
         gated: Sequence[int] | None = None,
         prefix: SharedPrefix | None = None,
     ) -> GateReading | None:
-        """Run the prompt pass of unpadded prompts of one length [rows, length] and add their rows.
+        """Run the prompt pass of unpadded prompts and add their rows; returns the gates' reading of them.
 
+        `input_ids` is [rows, length] for prompts of one length, or one 1-D tensor per row. Prompts of
+        several lengths share one right-padded pass where this machine computes it exactly like a pass
+        of each alone (`prompt_passes.TemplateStart.exact`); elsewhere each length gets its own pass.
+        Each row's pass reads the chat template's start from the cache where it can.
         `specs` carry one strength or one per row; gated specs read their gates here (`gated`:
-        which specs' gates to read, see `steer`). Returns the gates' reading of these rows.
+        which specs' gates to read, see `steer`).
         With `prefix` (unsteered rows only), `input_ids` are what follows it, and the pass reads only those.
         """
-        from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
-
-        model = self.lm.model
-        rows, fed = input_ids.shape
+        rows_ids = list(input_ids)
+        rows = len(rows_ids)
+        lengths = [int(row.shape[0]) for row in rows_ids]
+        if gated is None:
+            gated = [i for i, spec in enumerate(specs) if spec.gated and not spec.is_noop()]
+        opening = template_start(self.lm)
+        shared_pass = len(set(lengths)) == 1 or (
+            prefix is None and not any(spec.where == "generated" for spec in specs) and opening.exact()
+        )
+        if not shared_pass:  # one pass per length
+            return self._admit_by_length(rows_ids, specs, owners, max_new_tokens, sampling, gated, prefix)
+        cache = _new_cache(self.lm)
         readings: list[GateReading] = []
-        cache = DynamicCache(config=model.config)
+        state = SteeringState(specs, readings, gated)
+        ids = right_padded(rows_ids)
         start = 0
         if prefix is not None:
             if any(not spec.is_noop() for spec in specs):
@@ -338,46 +346,124 @@ class RunningBatch:
             start = prefix.length
             for index, (shared_keys, shared_values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
                 cache.update(shared_keys.expand(rows, -1, -1, -1), shared_values.expand(rows, -1, -1, -1), index)
-        length = start + fed
-        positions = torch.arange(start, length, device=input_ids.device).expand(rows, fed)
-        with steer(self.lm, specs, readings, gated=gated) as state:  # the model's own pass, gates and hooks
-            logits = model(
-                input_ids=input_ids,
-                attention_mask=torch.ones(rows, length, dtype=input_ids.dtype, device=input_ids.device),
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **cache_kwargs(model, cache),
-            ).logits[:, -1]
-        capacity = length + max(max_new_tokens)
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
-        for index in range(len(self.plans)):
-            layer: Any = cache.layers[index]
-            for source, target in ((layer.keys, keys), (layer.values, values)):
-                buffer = source.new_empty(rows, source.shape[1], capacity, source.shape[3], dtype=self.cache_dtype)
-                buffer[:, :, :length] = source
-                target.append(buffer)
-        given = list(sampling) if sampling is not None else [None] * rows
-        cohort = _Cohort(
-            owners=list(owners),
-            keys=keys,
-            values=values,
-            length=length,
-            state=state,
-            decided=rows,
-            kept=list(range(rows)),
-            left=list(max_new_tokens),
-            choosers=[None if s is None or s.greedy else TokenChooser([s]) for s in given],
-            logits=logits,
-        )
-        cohort.shifts = _shifts(state, rows, self.dtype, self.device)
-        # One cohort per token budget: its rows then near their end together, and `step(within=)` can
-        # step a cohort about to finish on its own.
-        for budget in dict.fromkeys(max_new_tokens):
-            members = [r for r, b in enumerate(max_new_tokens) if b == budget]
-            self.cohorts.append(cohort if len(members) == rows else cohort.split(members, self.dtype, self.device))
+            if state.gated:
+                raise SafeSteerError("gates read the whole prompt: a shared prefix cannot serve gated rows")
+        else:
+            mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < torch.tensor(lengths)[:, None]).to(ids)
+            if state.gated:
+                state.decide(self.lm, ids, mask)
+            if all(opening.usable_for(row[None]) for row in rows_ids):
+                self._fill_start(opening, state, specs, rows, cache)
+                start = opening.length
+                ids = ids[:, start:]
+                lengths = [n - start for n in lengths]
+        whole = [start + n for n in lengths]
+        with steer(self.lm, specs, decided=state):  # the model's own pass, steered as the gates decided
+            logits = prompt_pass(self.lm, ids, whole, start, cache)
+        self._add_cohorts(cache, whole, state, owners, max_new_tokens, sampling, logits)
         return readings[0] if readings else None
+
+    def _admit_by_length(
+        self,
+        rows_ids: Sequence[torch.Tensor],
+        specs: Sequence[SteeringSpec],
+        owners: Sequence[Any],
+        max_new_tokens: Sequence[int],
+        sampling: Sequence[Sampling | None] | None,
+        gated: Sequence[int],
+        prefix: SharedPrefix | None,
+    ) -> GateReading | None:
+        """`admit` one length at a time; the readings are put back together in the rows' order."""
+        groups: dict[int, list[int]] = {}
+        for row, ids in enumerate(rows_ids):
+            groups.setdefault(int(ids.shape[0]), []).append(row)
+        scores: list[list[float]] = [[] for _ in rows_ids]
+        fired: list[list[bool]] = [[] for _ in rows_ids]
+        any_reading = False
+        for members in groups.values():
+            reading = self.admit(
+                torch.stack([rows_ids[r] for r in members]),
+                [_rows(spec, members) for spec in specs],
+                owners=[owners[r] for r in members],
+                max_new_tokens=[max_new_tokens[r] for r in members],
+                sampling=None if sampling is None else [sampling[r] for r in members],
+                gated=gated,
+                prefix=prefix,
+            )
+            if reading is not None:
+                any_reading = True
+                for j, row in enumerate(members):
+                    scores[row], fired[row] = reading.scores[j], reading.fired[j]
+        return GateReading(scores=scores, fired=fired) if any_reading else None
+
+    def _fill_start(
+        self, opening: TemplateStart, state: SteeringState, specs: Sequence[SteeringSpec], rows: int, cache: Any
+    ) -> None:
+        """Fill `cache` with each row's template start, under the steering the gates gave that row."""
+        strengths = [state.strengths(index, rows) for index in range(len(specs))]
+        entries = [
+            opening.keys_values(
+                [(spec, s[row] if len(s) > 1 else s[0]) for spec, s in zip(specs, strengths, strict=True)]
+            )
+            for row in range(rows)
+        ]
+        for index in range(len(self.plans)):
+            keys = [entry.keys[index] for entry in entries]
+            values = [entry.values[index] for entry in entries]
+            cache.update(
+                keys[0].expand(rows, -1, -1, -1) if all(k is keys[0] for k in keys) else torch.cat(keys),
+                values[0].expand(rows, -1, -1, -1) if all(v is values[0] for v in values) else torch.cat(values),
+                index,
+            )
+
+    def _add_cohorts(
+        self,
+        cache: Any,
+        lengths: Sequence[int],
+        state: SteeringState,
+        owners: Sequence[Any],
+        max_new_tokens: Sequence[int],
+        sampling: Sequence[Sampling | None] | None,
+        logits: torch.Tensor,
+    ) -> None:
+        """The prompt pass's rows join the batch: one cohort per (prompt length, token budget).
+
+        Rows of one length have caches that line up; rows of one budget near their end together, so
+        `step(within=)` can step a cohort about to finish on its own.
+        """
+        rows = len(lengths)
+        given = list(sampling) if sampling is not None else [None] * rows
+        choosers = [None if s is None or s.greedy else TokenChooser([s]) for s in given]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, key in enumerate(zip(lengths, max_new_tokens, strict=True)):
+            groups.setdefault(key, []).append(row)
+        layers: list[Any] = [cache.layers[index] for index in range(len(self.plans))]
+        for (length, budget), members in groups.items():
+            index = torch.tensor(members, dtype=torch.long, device=self.device)
+            keys: list[torch.Tensor] = []
+            values: list[torch.Tensor] = []
+            for layer in layers:
+                for source, target in ((layer.keys, keys), (layer.values, values)):
+                    kv_heads, head_dim = source.shape[1], source.shape[3]
+                    buffer = source.new_empty(len(members), kv_heads, length + budget, head_dim, dtype=self.cache_dtype)
+                    buffer[:, :, :length] = source[:, :, :length] if len(members) == rows else source[index, :, :length]
+                    target.append(buffer)
+            cohort = _Cohort(
+                owners=[owners[r] for r in members],
+                keys=keys,
+                values=values,
+                length=length,
+                state=state,
+                decided=rows,
+                kept=list(members),
+                left=[max_new_tokens[r] for r in members],
+                choosers=[choosers[r] for r in members],
+                logits=logits if len(members) == rows else logits.index_select(0, index),
+            )
+            cohort.shifts = _shifts(
+                state, rows, self.dtype, self.device, keep=None if len(members) == rows else members
+            )
+            self.cohorts.append(cohort)
 
     def drop(self, owners: set[Any]) -> None:
         """Rows of these owners leave now (their requests were cancelled)."""
@@ -490,6 +576,12 @@ class RunningBatch:
             cohort.logits = logits[a:b]
 
 
+def _new_cache(lm: LoadedModel) -> Any:
+    from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
+
+    return DynamicCache(config=lm.model.config)
+
+
 def _rows(spec: SteeringSpec, members: Sequence[int]) -> SteeringSpec:
     """`spec` for the batch rows `members` only (one strength for all rows stays as it is)."""
     strengths = spec.strengths()
@@ -514,45 +606,39 @@ def greedy_decode(
     """New token ids [rows, <= max_new_tokens] for a left-padded batch, steered by `specs`.
 
     Tokens are greedy unless `sampling` (one per row) samples some rows, each from its own stream.
-    Rows of one prompt length share a prompt pass; padding is stripped, so every row gets exactly
-    the tokens it gets alone. Rows that finish (emit end-of-text) are padded with `pad_token_id`
-    like transformers does; `suppress_eos` forbids end-of-text (fixed length).
+    Padding is stripped and prompts share a pass only where that is exact (`RunningBatch.admit`), so
+    every row gets exactly the tokens it gets alone. Rows that finish (emit end-of-text) are padded
+    with `pad_token_id` like transformers does; `suppress_eos` forbids end-of-text (fixed length).
 
     `share_prefix` (unsteered batches whose prompts start alike, such as one long instruction) reads
-    the common prefix once. Its float sums then differ from a whole prompt pass at the last bits, so a
-    row's tokens are those it gets alone with the same prefix, not those of a prompt pass of its own.
+    the common prefix once. Where split passes are not exact on this machine, its float sums differ
+    from a whole prompt pass at the last bits, so a row's tokens are those it gets alone with the same
+    prefix, not those of a prompt pass of its own.
     """
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     rows = input_ids.shape[0]
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    groups: dict[int, list[int]] = {}
-    for row, length in enumerate(mask.sum(dim=1).tolist()):
-        groups.setdefault(int(length), []).append(row)
+    lengths = [int(n) for n in mask.sum(dim=1).tolist()]
+    width = input_ids.shape[1]
+    prompts = [input_ids[row, width - n :] for row, n in enumerate(lengths)]  # left padding: prompts end the rows
     running = RunningBatch(lm, eos_token_ids=eos_token_ids, suppress_eos=suppress_eos)
     gated = [i for i, spec in enumerate(specs) if spec.gated and not spec.is_noop()]
-    width = input_ids.shape[1]
     prefix = None
     if share_prefix and all(spec.is_noop() for spec in specs):
-        prefix = running.shared_prefix([input_ids[row, width - n :] for n in groups for row in groups[n]])
+        prefix = running.shared_prefix(prompts)
     skip = 0 if prefix is None else prefix.length
-    scores: list[list[float]] = [[] for _ in range(rows)]
-    fired: list[list[bool]] = [[] for _ in range(rows)]
-    for length, members in groups.items():
-        reading = running.admit(
-            input_ids[members][:, width - length + skip :],  # left padding: the prompt is at the end
-            [_rows(spec, members) for spec in specs],
-            owners=members,
-            max_new_tokens=[max_new_tokens] * len(members),
-            sampling=None if sampling is None else [sampling[r] for r in members],
-            gated=gated,
-            prefix=prefix,
-        )
-        for j, row in enumerate(members):
-            if reading is not None:
-                scores[row], fired[row] = reading.scores[j], reading.fired[j]
-    if gated and gate_readings is not None:
-        gate_readings.append(GateReading(scores=scores, fired=fired))
+    reading = running.admit(
+        [prompt[skip:] for prompt in prompts],
+        specs,
+        owners=list(range(rows)),
+        max_new_tokens=[max_new_tokens] * rows,
+        sampling=sampling,
+        gated=gated,
+        prefix=prefix,
+    )
+    if gated and gate_readings is not None and reading is not None:
+        gate_readings.append(reading)
     produced: list[list[int]] = [[] for _ in range(rows)]
     while len(running):
         step = torch.full((rows,), pad_token_id, dtype=torch.long)

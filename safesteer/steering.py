@@ -334,12 +334,15 @@ def steer(
     gate_readings: list[GateReading] | None = None,
     *,
     gated: Sequence[int] | None = None,
+    decided: SteeringState | None = None,
 ) -> Iterator[SteeringState]:
     """Apply the specs to `lm` inside the block, for the calling thread only; always clean up.
 
     The block yields its `SteeringState`; the gates' reading of every prompt pass inside it is
     appended to `gate_readings` (when given) as soon as it is made, so a stream can show it early.
     `gated` names the specs whose gates are read (default: the gated specs that steer some row).
+    `decided`: a state whose gates were already read for the coming pass (`SteeringState.decide`);
+    the block applies its decisions and reads no gate again.
     """
     hidden = lm.identity.hidden_size
     for spec in specs:
@@ -355,11 +358,17 @@ def steer(
                     f"a gate of hidden size {spec.gate.hidden_size} does not fit this model ({hidden})"
                 )
             lm.architecture.module(spec.gate.layer, spec.gate.site)
-    state = SteeringState(specs, gate_readings, gated)
+    state = decided if decided is not None else SteeringState(specs, gate_readings, gated)
+    if decided is not None and (
+        len(decided.specs) != len(specs)
+        or any(a is not b for a, b in zip(decided.specs, specs, strict=False))
+        or (decided.gated and decided.fired is None)
+    ):
+        raise SafeSteerError("a steering state was given for other specs, or before its gates were read")
     token = object()
     block = id(token)
     with ExitStack() as stack:
-        if state.gated:
+        if state.gated and decided is None:
             handle = lm.model.register_forward_pre_hook(_gate_hook(block, lm, state), with_kwargs=True)
             stack.callback(handle.remove)
         for index, spec in enumerate(specs):

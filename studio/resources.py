@@ -133,10 +133,12 @@ def warm_up() -> threading.Thread | None:
 
     def work() -> None:
         from safesteer.extraction import warm_gate_negatives, warm_policy_pool
+        from safesteer.prompt_passes import template_start
         from safesteer.vectors import ExtractionSettings
 
         try:
             studio_model()
+            template_start(preview_model()).exact()  # the preview's prompt passes: checked once, here
             warm_gate_negatives(preview_model(), datasets.benign_prompts(), ExtractionSettings())
             ready_probe()
             # Then each built-in category's gate pool (about 20 s each), the default name's first, so a

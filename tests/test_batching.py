@@ -227,3 +227,24 @@ def test_the_fast_lane_serves_rows_about_to_finish_within_its_share_of_time():
         lane.record(within, seconds)
         lane_time, full_time = (lane_time + seconds, full_time) if within else (lane_time, full_time + seconds)
     assert 0.30 < lane_time / (lane_time + full_time) <= 0.5 / 1.5 + 0.01
+
+
+def test_a_short_request_takes_its_prompt_pass_before_a_long_one_that_came_with_it(tiny_lm, batcher, monkeypatch):
+    """Shortest work first: the long request's pass waits until the short one, about to finish, has."""
+    from safesteer.decoding import RunningBatch
+
+    admitted = []
+    real = RunningBatch.admit
+    monkeypatch.setattr(
+        RunningBatch,
+        "admit",
+        lambda self, ids, specs, **options: (
+            admitted.append(list(options["max_new_tokens"])) or real(self, ids, specs, **options)
+        ),
+    )
+    long, short = Job(SAFE[0], max_new_tokens=120), Job(SAFE[1], max_new_tokens=4)
+    batcher.submit(long)
+    batcher.submit(short)  # within the batcher's 0.2 s wait: taken from the queue together
+    answers = short.result.result(timeout=60), long.result.result(timeout=120)
+    assert admitted == [[4], [120]]
+    assert [answer.text for answer in answers] == [answer_alone(tiny_lm, short), answer_alone(tiny_lm, long)]

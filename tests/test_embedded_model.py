@@ -86,3 +86,39 @@ def test_int4_lean_loop_matches_transformers_on_the_real_model(embedded_int4, ma
     lean = generate(embedded_int4, prompts, [spec], max_new_tokens=32)
     reference = generate(embedded_int4, prompts, [spec], max_new_tokens=32, decoder="transformers")
     assert lean == reference
+
+
+def test_int4_reads_the_template_start_from_the_cache_and_changes_no_token(
+    embedded_int4, malicious_vectors, monkeypatch
+):
+    """The chat template's start (a 23-token system prompt) is read once per steering; prompts of several
+    lengths share one pass after it; every answer is still transformers' answer to the prompt alone."""
+    from safesteer import decoding
+    from safesteer.prompt_passes import template_start
+
+    opening = template_start(embedded_int4)
+    assert opening.exact()  # this machine's int4 products are exact row by row
+    assert embedded_int4.tokenizer.decode(opening.ids).startswith("<|im_start|>system\nYou are a helpful")
+    starts = []
+    real = decoding.prompt_pass
+    monkeypatch.setattr(
+        decoding,
+        "prompt_pass",
+        lambda lm, ids, lengths, start, cache: starts.append(start) or real(lm, ids, lengths, start, cache),
+    )
+    layer = malicious_vectors.recommended_layer
+    prompts = datasets.harmful_prompts("malicious-uses", limit=3, seed=9)
+    assert len({len(embedded_int4.encode([p])["input_ids"][0]) for p in prompts}) > 1
+    strengths = (0.0, 4.0, 4.0)
+    lean = generate(
+        embedded_int4, prompts, [SteeringSpec(malicious_vectors.vector(layer), layer, strengths)], max_new_tokens=24
+    )
+    assert starts == [opening.length]  # one pass for all three, after the cached start
+    for prompt, strength, answer in zip(prompts, strengths, lean, strict=True):
+        own = [SteeringSpec(malicious_vectors.vector(layer), layer, strength)]
+        assert [answer] == generate(embedded_int4, [prompt], own, max_new_tokens=24, decoder="transformers")
+    conversation = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": prompts[0]}]
+    starts.clear()
+    own_system = generate(embedded_int4, [conversation], max_new_tokens=16)
+    assert starts == [0]  # another start: the whole prompt is read
+    assert own_system == generate(embedded_int4, [conversation], max_new_tokens=16, decoder="transformers")

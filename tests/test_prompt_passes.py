@@ -1,0 +1,113 @@
+"""Prompt passes that read part of the prompt from a cache, or several prompts at once, change no number.
+
+`cpu_attention.block_attention` sums each query over fixed key blocks, so a query's result does not
+depend on what else the pass holds; `prompt_passes` relies on that to read the chat template's start
+once and to share one padded pass among prompts of several lengths. Where the machine's products are
+not exact row by row (float32 GEMMs), both stand aside: either way a row gets the tokens it gets alone.
+"""
+
+import pytest
+import torch
+
+from safesteer import SteeringSpec, cpu_attention, generate, load_model
+from safesteer import decoding as decoding_module
+from safesteer.int4 import int4_problem
+from safesteer.prompt_passes import right_padded, template_start
+from safesteer.steering import SteeringState, steer
+from tests.conftest import HARMFUL, SAFE
+
+
+def _qkv(rows=2, heads=6, kv_heads=2, length=45, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(rows, heads, length, dim, generator=g)
+    keys = torch.randn(rows, kv_heads, length, dim, generator=g)
+    values = torch.randn(rows, kv_heads, length, dim, generator=g)
+    return query, keys, values
+
+
+def test_block_attention_matches_sdpa():
+    query, keys, values = _qkv()
+    got = cpu_attention.block_attention(query, keys, values, None, 0.25)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, is_causal=True, scale=0.25, enable_gqa=True
+    )
+    assert torch.allclose(got, want.transpose(1, 2), atol=1e-5)
+
+
+def test_block_attention_matches_sdpa_on_a_left_padded_row():
+    query, keys, values = _qkv()
+    mask = torch.ones(45, 45, dtype=torch.bool).tril().expand(2, 1, 45, 45).clone()
+    mask[1, :, :, :7] = False  # the second row's first seven keys are padding
+    got = cpu_attention.block_attention(query, keys, values, mask, 0.25)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query[1:, :, 7:], keys[1:, :, 7:], values[1:, :, 7:], is_causal=True, scale=0.25, enable_gqa=True
+    )
+    assert torch.allclose(got[1:, 7:], want.transpose(1, 2), atol=1e-5)
+
+
+def test_a_query_gets_the_same_numbers_whatever_else_the_pass_holds():
+    """The queries after a cached start, and the same prompt left-padded, equal the whole pass bit for bit."""
+    query, keys, values = _qkv(rows=1, length=70)
+    whole = cpu_attention.block_attention(query, keys, values, None, 0.25)
+    for start in (1, 23, 40, 64):
+        rest = cpu_attention.block_attention(query[:, :, start:], keys, values, None, 0.25)
+        assert torch.equal(rest, whole[:, start:])
+    pad = 5
+    padded = [torch.cat([torch.zeros(1, t.shape[1], pad, 16), t], dim=2) for t in (query, keys, values)]
+    mask = torch.ones(75, 75, dtype=torch.bool).tril()
+    mask[:, :pad] = False
+    got = cpu_attention.block_attention(*padded, mask.expand(1, 1, 75, 75), 0.25)
+    assert torch.equal(got[:, pad:], whole)
+
+
+def test_right_padded_lays_rows_out_from_the_start():
+    rows = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([5, 6])]
+    assert right_padded(rows).tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
+
+
+@pytest.fixture(scope="module", params=["fp32", "int4"])
+def lm(request, tiny_folder, tiny_lm):
+    if request.param == "fp32":
+        return tiny_lm
+    if int4_problem() is not None:
+        pytest.skip(f"int4 kernel unavailable: {int4_problem()}")
+    return load_model(str(tiny_folder), "int4", device="cpu")
+
+
+def test_prompts_of_several_lengths_share_a_pass_only_where_it_is_exact(lm, monkeypatch):
+    """int4 products are exact row by row: one padded pass. float32 GEMMs are not here: a pass per length."""
+    passes = []
+    real = decoding_module.prompt_pass
+    monkeypatch.setattr(decoding_module, "prompt_pass", lambda *a, **k: passes.append(a[1].shape) or real(*a, **k))
+    prompts = [HARMFUL[0], SAFE[1], HARMFUL[2] + " Please explain every step.", SAFE[3]]
+    spec = SteeringSpec(torch.randn(lm.identity.hidden_size, generator=torch.Generator().manual_seed(3)) * 4, 1)
+    strengths = (0.0, 4.0, 2.0, 4.0)
+    together = generate(lm, prompts, [SteeringSpec(spec.vector, 1, strengths)], max_new_tokens=16)
+    lengths = {int(lm.encode([p])["attention_mask"].sum()) for p in prompts}
+    shared = template_start(lm).exact()
+    assert len(passes) == (1 if shared else len(lengths))
+    passes.clear()
+    alone = [
+        generate(lm, [p], [SteeringSpec(spec.vector, 1, s)], max_new_tokens=16)[0]
+        for p, s in zip(prompts, strengths, strict=True)
+    ]
+    assert together == alone
+
+
+def test_where_passes_are_exact_even_a_left_padded_batch_is_each_prompt_alone(lm):
+    """transformers pads on the left; block attention starts each row's blocks at its first real key."""
+    if not template_start(lm).exact():
+        pytest.skip("this model's products are not exact row by row here")
+    prompts = [HARMFUL[0], SAFE[1] + " And why?", SAFE[3]]
+    batch = generate(lm, prompts, [], max_new_tokens=16, decoder="transformers")
+    assert batch == [generate(lm, [p], [], max_new_tokens=16, decoder="transformers")[0] for p in prompts]
+
+
+def test_steer_applies_a_state_decided_before_and_refuses_one_for_other_specs(tiny_lm):
+    spec = SteeringSpec(torch.ones(tiny_lm.identity.hidden_size), 1, 2.0)
+    state = SteeringState([spec])
+    with steer(tiny_lm, [spec], decided=state) as used:
+        assert used is state
+    other = SteeringSpec(torch.ones(tiny_lm.identity.hidden_size), 1, 2.0)
+    with pytest.raises(Exception, match="other specs"), steer(tiny_lm, [other], decided=state):
+        pass
