@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 RECENT_BATCHES = 10_000
 HOLD_S = 1.0
-"""Longest a long request's prompt pass waits behind short requests' passes."""
+"""Longest a long request's prompt pass waits while shorter work goes first."""
 
 
 class QueueFull(SafeSteerError):
@@ -351,17 +351,11 @@ class Batcher:
                 # Rows about to finish go first, before new requests' prompt passes: theirs is the
                 # least work left (a prompt pass costs as much as several of their steps).
                 within = lane.choose(running) if lane is not None and active else None
-                if within is None and held:
-                    # Shortest work first: requests about to finish once started take their pass
-                    # first; long ones wait until no running request is about to finish (`HOLD_S` at most).
-                    soon = [job for job in held if job.max_new_tokens <= FastLane.within]
-                    overdue = any(time.monotonic() - job.arrived > HOLD_S for job in held)
-                    finishing = bool(active) and bool(running.finishing(FastLane.within))
-                    chosen = held if overdue or not (soon or finishing) else soon
+                chosen = self._next_admissions(running, active, held) if within is None else []
+                if chosen:
                     taken = {id(job) for job in chosen}
                     held = [job for job in held if id(job) not in taken]
-                    if chosen:
-                        self._admit(running, active, chosen)
+                    self._admit(running, active, chosen)
                 if active:
                     if within is None and lane is not None:
                         within = lane.choose(running)  # a request just admitted may be about to finish
@@ -379,6 +373,19 @@ class Batcher:
                 running = RunningBatch(self.lm, eos_token_ids=_eos_ids(self.lm))
                 if not isinstance(exc, Exception):
                     raise  # the thread ends; `ensure_running` starts another
+
+    def _next_admissions(self, running: RunningBatch, active: dict[int, Job], held: Sequence[Job]) -> list[Job]:
+        """Which waiting requests take their prompt pass now: shortest work first.
+
+        Requests that finish within the fast lane's reach once started go first, together. A long
+        request's pass waits until no running request is about to finish, `HOLD_S` at most.
+        """
+        if not held or any(time.monotonic() - job.arrived > HOLD_S for job in held):
+            return list(held)
+        soon = [job for job in held if job.max_new_tokens <= FastLane.within]
+        if soon:
+            return soon
+        return [] if active and running.finishing(FastLane.within) else list(held)
 
     def _admit(self, running: RunningBatch, active: dict[int, Job], jobs: Sequence[Job]) -> None:
         """One prompt pass for newly arrived jobs (prompts of several lengths share it where that is

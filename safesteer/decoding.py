@@ -31,7 +31,7 @@ from .gates import GateReading
 from .int4 import Int4Linear, Int8Linear
 from .models import LoadedModel
 from .operations import Shift, apply_steering
-from .prompt_passes import TemplateStart, prompt_pass, right_padded, template_start
+from .prompt_passes import TemplateStart, new_cache, prompt_pass, right_padded, template_start
 from .sampling import Sampling, TokenChooser
 from .steering import SteeringSpec, SteeringState, steer
 
@@ -335,7 +335,7 @@ class RunningBatch:
         )
         if not shared_pass:  # one pass per length
             return self._admit_by_length(rows_ids, specs, owners, max_new_tokens, sampling, gated, prefix)
-        cache = _new_cache(self.lm)
+        cache = new_cache(self.lm)
         readings: list[GateReading] = []
         state = SteeringState(specs, readings, gated)
         ids = right_padded(rows_ids)
@@ -574,12 +574,6 @@ class RunningBatch:
         for cohort, a, b in spans:
             cohort.length += 1
             cohort.logits = logits[a:b]
-
-
-def _new_cache(lm: LoadedModel) -> Any:
-    from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
-
-    return DynamicCache(config=lm.model.config)
 
 
 def _rows(spec: SteeringSpec, members: Sequence[int]) -> SteeringSpec:

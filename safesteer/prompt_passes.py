@@ -41,7 +41,7 @@ SHORTEST = 8
 ENTRIES = 16
 """Steerings kept at once (unsteered, and each category and strength in use); the least recent goes."""
 _CHECK_TEXTS = ("Hi", "ok then", "What is 2 + 2?", "one two three four", "Name three colours of the rainbow.")
-"""Requests whose rests (after the start) run from 7 to 14 tokens: few rows are where GEMMs switch kernels."""
+"""Requests whose rests (after the start) run from 8 to 15 tokens: few rows are where GEMMs switch kernels."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ def right_padded(rows: Sequence[torch.Tensor], pad: int = 0) -> torch.Tensor:
     return out
 
 
-def _new_cache(lm: LoadedModel) -> Any:
+def new_cache(lm: LoadedModel) -> Any:
+    """An empty key/value cache for one prompt pass of `lm`."""
     from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
 
     return DynamicCache(config=lm.model.config)
@@ -149,20 +150,20 @@ class TemplateStart:
         prompts = [self.lm.encode([text])["input_ids"][0] for text in (*_CHECK_TEXTS, " ".join(["word"] * 40))]
         wholes = []
         for ids in prompts:
-            whole_cache = _new_cache(self.lm)
+            whole_cache = new_cache(self.lm)
             whole = prompt_pass(self.lm, ids[None], [ids.shape[0]], 0, whole_cache)
             wholes.append((whole, whole_cache))
             if self.ids is None:
                 continue
             if ids.shape[0] < self.length + 2 or not bool((ids[: self.length] == self.ids.to(ids.device)).all()):
                 return False  # the start does not tokenize apart from what follows it
-            split_cache = _new_cache(self.lm)
+            split_cache = new_cache(self.lm)
             prompt_pass(self.lm, ids[None, : self.length], [self.length], 0, split_cache)
             split = prompt_pass(self.lm, ids[None, self.length :], [ids.shape[0]], self.length, split_cache)
             if not (torch.equal(whole, split) and _same_keys(whole_cache, split_cache, [ids.shape[0]])):
                 return False
         lengths = [int(ids.shape[0]) for ids in prompts]
-        padded_cache = _new_cache(self.lm)
+        padded_cache = new_cache(self.lm)
         padded = prompt_pass(self.lm, right_padded(prompts), lengths, 0, padded_cache)
         for row, (whole, whole_cache) in enumerate(wholes):
             if not (torch.equal(padded[row : row + 1], whole) and _same_keys(whole_cache, padded_cache, lengths, row)):
@@ -178,7 +179,7 @@ class TemplateStart:
                 return self._entries[key]
         # `generated` shifts touch only a prompt's last position, never the start
         specs = [replace(spec, gate=None, strength=s) for spec, s in steering if s != 0.0 and spec.where != "generated"]
-        cache = _new_cache(self.lm)
+        cache = new_cache(self.lm)
         assert self.ids is not None
         ids = self.ids.to(self.lm.device).unsqueeze(0)
         with torch.inference_mode(), steer(self.lm, specs):

@@ -248,3 +248,24 @@ def test_a_short_request_takes_its_prompt_pass_before_a_long_one_that_came_with_
     answers = short.result.result(timeout=60), long.result.result(timeout=120)
     assert admitted == [[4], [120]]
     assert [answer.text for answer in answers] == [answer_alone(tiny_lm, short), answer_alone(tiny_lm, long)]
+
+
+def test_waiting_requests_take_their_pass_shortest_work_first(batcher):
+    """Requests about to finish once started go first; a long one waits for a quiet moment, not for ever."""
+    from safesteer.batching import HOLD_S
+
+    class Running:  # a running batch whose rows have these many tokens left
+        def __init__(self, *left):
+            self.left = left
+
+        def finishing(self, within):
+            return [row for row, n in enumerate(self.left) if n <= within]
+
+    short, long = Job(SAFE[0], max_new_tokens=4), Job(SAFE[1], max_new_tokens=300)
+    choose = batcher._next_admissions
+    assert choose(Running(), {}, [long, short]) == [short]
+    assert choose(Running(250), {1: long}, [long, short]) == [short]
+    assert choose(Running(250, 3), {1: long, 2: short}, [long]) == []  # a request is about to finish
+    assert choose(Running(250), {1: long}, [long]) == [long]
+    long.arrived -= HOLD_S + 0.1
+    assert choose(Running(250, 3), {1: long, 2: short}, [long, short]) == [long, short]  # waited long enough
