@@ -3,9 +3,11 @@
 A server receives requests one by one, each with its own policy version (or none). Generating them
 one after another wastes the model: a decode step of a small model costs about the same for one row
 as for eight. The `Batcher` keeps one `decoding.RunningBatch`: a new request joins it at the next
-decoding step, after its own prompt pass (iteration-level scheduling), and leaves it as soon as it
-is done, so a short request is never held behind a long one. Each request's steering becomes its
-own rows' strengths and its gates are read from its own prompt; rows are never padded, so a request
+decoding step, after a prompt pass it shares with the requests that arrived with it (iteration-level
+scheduling), and leaves it as soon as it is done, so a short request is never held behind a long one;
+requests about to finish take their pass first (`Batcher._next_admissions`). Each request's steering
+becomes its own rows' strengths and its gates are read from its own prompt; decoding steps never pad,
+and prompt passes share one padded pass only where that is exact (`RunningBatch.admit`), so a request
 gets exactly the tokens it gets alone, whatever its neighbours (the tests compare them token for token).
 
 Requests stream: each step's new token goes to its request's queue as soon as the batch makes it.
@@ -81,7 +83,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0  # set by an engine that counts them as it admits the request
     fired: list[str] = field(default_factory=list)  # the categories whose gates fired, set at admission
-    arrived: float = field(default_factory=time.monotonic)
+    arrived: float = field(default_factory=time.monotonic)  # when it was made: how long it has waited
 
     def visible(self, text: str) -> tuple[str, bool]:
         """What of `text` may be shown now, and whether a stop string ended it.

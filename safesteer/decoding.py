@@ -349,7 +349,11 @@ class RunningBatch:
             if state.gated:
                 raise SafeSteerError("gates read the whole prompt: a shared prefix cannot serve gated rows")
         else:
-            mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < torch.tensor(lengths)[:, None]).to(ids)
+            mask = (
+                torch.arange(ids.shape[1], device=ids.device)[None, :]
+                < torch.tensor(lengths, device=ids.device)[:, None]
+            )
+            mask = mask.to(ids.dtype)
             if state.gated:
                 state.decide(self.lm, ids, mask)
             if all(opening.usable_for(row[None]) for row in rows_ids):
