@@ -109,6 +109,18 @@ def tiny_lm(tiny_folder: Path) -> LoadedModel:
     return load_model(str(tiny_folder), "fp32")
 
 
+@pytest.fixture(scope="module", params=["fp32", "int4"])
+def tiny_fp32_and_int4(request: pytest.FixtureRequest, tiny_folder: Path, tiny_lm: LoadedModel) -> LoadedModel:
+    """The tiny model in float32, then in the int4 CPU kernels (skipped where this PyTorch lacks them)."""
+    from safesteer.int4 import int4_problem
+
+    if request.param == "fp32":
+        return tiny_lm
+    if int4_problem() is not None:
+        pytest.skip(f"int4 kernel unavailable: {int4_problem()}")
+    return load_model(str(tiny_folder), "int4", device="cpu")
+
+
 @pytest.fixture(scope="session")
 def embedded_lm() -> LoadedModel:
     """The real SmolLM2-135M-Instruct in 4-bit NF4 (prepared from its GGUF on first use)."""

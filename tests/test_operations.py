@@ -5,9 +5,8 @@ import itertools
 import pytest
 import torch
 
-from safesteer import SteeringSpec, generate, load_model
+from safesteer import SteeringSpec, generate
 from safesteer.errors import SafeSteerError
-from safesteer.int4 import int4_problem
 from safesteer.operations import HOW, LEGACY, WHERE, SteeringOptions, apply_steering, prepare_shift
 from safesteer.steering import steer
 from tests.conftest import HARMFUL, SAFE
@@ -32,13 +31,9 @@ def _spec(lm, option: SteeringOptions, strength, layer: int = 1, seed: int = 1) 
     )
 
 
-@pytest.fixture(scope="module", params=["fp32", "int4"])
-def lm(request, tiny_folder, tiny_lm):
-    if request.param == "fp32":
-        return tiny_lm
-    if int4_problem() is not None:
-        pytest.skip(f"int4 kernel unavailable: {int4_problem()}")
-    return load_model(str(tiny_folder), "int4", device="cpu")
+@pytest.fixture(scope="module")
+def lm(tiny_fp32_and_int4):
+    return tiny_fp32_and_int4
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.label())

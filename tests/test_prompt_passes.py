@@ -9,9 +9,8 @@ not exact row by row (float32 GEMMs), both stand aside: either way a row gets th
 import pytest
 import torch
 
-from safesteer import SteeringSpec, cpu_attention, generate, load_model
+from safesteer import SteeringSpec, cpu_attention, generate
 from safesteer import decoding as decoding_module
-from safesteer.int4 import int4_problem
 from safesteer.prompt_passes import right_padded, template_start
 from safesteer.steering import SteeringState, steer
 from tests.conftest import HARMFUL, SAFE
@@ -65,13 +64,9 @@ def test_right_padded_lays_rows_out_from_the_start():
     assert right_padded(rows).tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0]]
 
 
-@pytest.fixture(scope="module", params=["fp32", "int4"])
-def lm(request, tiny_folder, tiny_lm):
-    if request.param == "fp32":
-        return tiny_lm
-    if int4_problem() is not None:
-        pytest.skip(f"int4 kernel unavailable: {int4_problem()}")
-    return load_model(str(tiny_folder), "int4", device="cpu")
+@pytest.fixture(scope="module")
+def lm(tiny_fp32_and_int4):
+    return tiny_fp32_and_int4
 
 
 def test_prompts_of_several_lengths_share_a_pass_only_where_it_is_exact(lm, monkeypatch):
