@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .compat import cache_kwargs
+from .errors import SafeSteerError
 from .models import LoadedModel
 from .steering import SteeringSpec, steer
 
@@ -116,11 +117,19 @@ class TemplateStart:
     """One model's template start: its token ids, whether a split pass is exact here, and the cached keys."""
 
     def __init__(self, lm: LoadedModel) -> None:
-        self.lm = lm
+        # Weakly: `_STARTS` keys on the model, and a strong reference here would keep it alive for ever.
+        self._lm = weakref.ref(lm)
         self.ids = _template_start_ids(lm)
         self._exact: bool | None = None
         self._entries: OrderedDict[tuple[Any, ...], CachedStart] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def lm(self) -> LoadedModel:
+        lm = self._lm()
+        if lm is None:
+            raise SafeSteerError("the model of this template start was unloaded")
+        return lm
 
     @property
     def length(self) -> int:
@@ -218,6 +227,6 @@ def template_start(lm: LoadedModel) -> TemplateStart:
     """The model's shared `TemplateStart` (one per loaded model, for every thread that runs it)."""
     with _STARTS_LOCK:
         found = _STARTS.get(lm.model)
-        if found is None or found.lm is not lm:
+        if found is None or found._lm() is not lm:
             found = _STARTS[lm.model] = TemplateStart(lm)
         return found

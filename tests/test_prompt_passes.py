@@ -106,3 +106,19 @@ def test_steer_applies_a_state_decided_before_and_refuses_one_for_other_specs(ti
     other = SteeringSpec(torch.ones(tiny_lm.identity.hidden_size), 1, 2.0)
     with pytest.raises(Exception, match="other specs"), steer(tiny_lm, [other], decided=state):
         pass
+
+
+def test_a_template_start_does_not_keep_its_model_alive(tiny_lm):
+    """The cache is per loaded model; a model its callers drop is freed, cache and all."""
+    import copy
+    import gc
+    import weakref
+
+    from safesteer.models import wrap_model
+
+    lm = wrap_model(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, "tiny", "fp32")
+    template_start(lm).exact()
+    model = weakref.ref(lm.model)
+    del lm
+    gc.collect()
+    assert model() is None
