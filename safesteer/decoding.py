@@ -25,7 +25,6 @@ from torch import nn
 
 from . import cpu_attention
 from .architectures import ARCHITECTURES, family
-from .compat import cache_kwargs
 from .errors import SafeSteerError
 from .gates import GateReading
 from .int4 import Int4Linear, Int8Linear
@@ -275,8 +274,6 @@ class RunningBatch:
         Unsteered rows only: steering would change the prefix's keys and values. None when the prefix
         is shorter than `shortest` tokens (not worth a pass of its own).
         """
-        from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
-
         first = rows[0]
         length = min(int(row.shape[0]) for row in rows) - 1
         for row in rows[1:]:
@@ -284,17 +281,8 @@ class RunningBatch:
             length = int(same.cumprod(0).sum())
         if length < shortest:
             return None
-        model = self.lm.model
-        ids = first[:length].unsqueeze(0)
-        cache = DynamicCache(config=model.config)
-        model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            position_ids=torch.arange(length, device=ids.device).unsqueeze(0),
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_kwargs(model, cache),
-        )
+        cache = new_cache(self.lm)
+        prompt_pass(self.lm, first[:length].unsqueeze(0), [length], 0, cache)
         layers: list[Any] = [cache.layers[i] for i in range(len(self.plans))]
         return SharedPrefix(first[:length], [layer.keys for layer in layers], [layer.values for layer in layers])
 
@@ -405,12 +393,9 @@ class RunningBatch:
     ) -> None:
         """Fill `cache` with each row's template start, under the steering the gates gave that row."""
         strengths = [state.strengths(index, rows) for index in range(len(specs))]
-        entries = [
-            opening.keys_values(
-                [(spec, s[row] if len(s) > 1 else s[0]) for spec, s in zip(specs, strengths, strict=True)]
-            )
-            for row in range(rows)
-        ]
+        each = [tuple(s[row] if len(s) > 1 else s[0] for s in strengths) for row in range(rows)]
+        found = {given: opening.keys_values(list(zip(specs, given, strict=True))) for given in set(each)}
+        entries = [found[given] for given in each]  # rows steered alike share one entry, looked up once
         for index in range(len(self.plans)):
             keys = [entry.keys[index] for entry in entries]
             values = [entry.values[index] for entry in entries]
