@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TEST_ENV := HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False SAFESTEER_WARMUP=0
 PARALLEL := -n auto --dist loadfile
 
-.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-answers bench-judges bench-gates bench-gate-study soak bench-serve bench-gpu bench-peers test-vllm bench-vllm clean
+.PHONY: install lock browser run serve test test-fast test-latest lint format bench bench-sweep bench-quality bench-answers bench-judges bench-gates bench-gate-study soak bench-serve bench-prompts bench-gpu bench-peers test-vllm bench-vllm clean
 
 # Installs from the locks (requirements.txt, requirements-dev.txt: exact pins made by `make lock`).
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
@@ -127,6 +127,10 @@ bench-gate-study: install
 # The policy server soaked for two minutes on loopback: timeouts, hang-ups, long and short requests mixed.
 soak: install
 	HF_HUB_OFFLINE=1 SAFESTEER_SOAK_S=120 $(PY) -m pytest -q -s tests/test_server_soak.py
+
+# Prompt passes on the embedded int4 model: bfloat16 prompt weights against the 4-bit kernel (docs/serving.md).
+bench-prompts: install
+	HF_HUB_OFFLINE=1 $(PY) bench/prompt_passes.py
 
 # The policy server under 8 concurrent clients vs one at a time (docs/serving.md).
 bench-serve: install

@@ -11,6 +11,14 @@ bfloat16): the model behaves like the GGUF file itself and decodes about 3x fast
 The LM head (tied to the embeddings, Q8_0 in the GGUF) becomes int8 with one scale per output
 row (`_weight_int8pack_mm`); everything else runs in bfloat16. Layers whose shapes the kernel
 cannot take stay as bfloat16 `nn.Linear`.
+
+Prompt passes are another workload: many rows per product, bound by arithmetic rather than by
+reading weights. There the 4-bit kernel computes about 1.4 ms per token on 2 cores, and a bfloat16
+GEMM on the same weights, decoded once, about 0.55 ms (docs/serving.md). So a layer may keep a
+bfloat16 copy of its decoded weights for passes that read several tokens per row (`prompt_weight`),
+while decoding steps (one token per row) keep the 4-bit kernel. Each phase always uses the same
+kernel, so a row's numbers still do not depend on its batch, provided the GEMM computes each row on
+its own: that is checked on this machine for every shape before a copy is made.
 """
 
 from __future__ import annotations
@@ -23,13 +31,21 @@ from torch import nn
 
 GROUP_SIZE = 32
 """Input elements per scale/zero pair: GGUF Q4_1's block size."""
+PROMPT_WEIGHTS_BUDGET = 2 * 1024**3
+"""Bytes of bfloat16 prompt-pass weights a model may keep beside its 4-bit ones (the embedded model
+needs 0.2 GB); a larger model reads its prompts through the 4-bit kernel."""
+_INVARIANCE_ROWS = (2, 3, 5, 8, 15, 16, 17, 31, 33, 64, 100, 160)
+"""Row counts a GEMM is tried at: kernels switch at small counts and at block boundaries. A prompt
+pass feeds at least two tokens, so one row (a matrix-vector product, summed in another order) never
+occurs."""
 _LEVELS = 15
-# Every product runs through the 4-bit and int8 kernels, whatever the batch: each output row is
+# Every decoding step runs through the 4-bit and int8 kernels, whatever the batch: each output row is
 # computed on its own, with one reduction order, so a row's answer does not depend on how many rows
 # share its batch (a preview's naive row, a server request with neighbours, a sweep's cell all get
 # the tokens they get alone). Float32 GEMM on dequantized weights was once used from 64 rows on; its
 # reduction order changes with the number of rows, so answers moved with the batch, and on
-# torch 2.13 it is no faster for the decoder's products (measured in docs/serving.md).
+# torch 2.13 it is no faster for the decoder's products (measured in docs/serving.md). The bfloat16
+# GEMM of prompt passes is used only where `rows_computed_alone` finds it row by row too.
 
 
 def _pack_codes(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +73,8 @@ class Int4Linear(nn.Module):
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
     bias: torch.Tensor | None
+    prompt_weight: torch.Tensor | None
+    """The decoded weights in bfloat16 [out, in] for passes of several tokens per row, or None."""
 
     def __init__(
         self,
@@ -74,6 +92,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.register_buffer("bias", bias)
+        self.prompt_weight = None  # not a buffer: derived from `packed`, so never saved or compared
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = GROUP_SIZE) -> Int4Linear:
@@ -93,8 +112,17 @@ class Int4Linear(nn.Module):
         """The product with bfloat16 [rows, in_features] activations, no bias (hot loops use this)."""
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
 
+    def decoded(self) -> torch.Tensor:
+        """The weights as the kernel decodes them, rounded to bfloat16, [out, in]."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        return self.matmul(eye).t().contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernel takes no strides
+        if self.prompt_weight is not None and x.dim() >= 3 and x.shape[-2] > 1:  # a prompt pass (as `steering`)
+            out = dense_product(flat, self.prompt_weight)
+        else:
+            out = self.matmul(flat)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -125,10 +153,50 @@ class Int8Linear(nn.Module):
         return torch._weight_int8pack_mm(x, self.codes, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))
+        out = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def dense_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[rows, in] @ [out, in]^T in bfloat16: the prompt-pass product, and the one `rows_computed_alone` checks."""
+    return torch.matmul(x, weight.t())
+
+
+@functools.cache
+def rows_computed_alone(in_features: int, out_features: int) -> bool:
+    """Whether the bfloat16 GEMM gives each row the same bits whatever rows share its product.
+
+    oneDNN picks kernels and blockings by shape; where one of them splits the reduction differently
+    for some row count, a prompt's numbers would move with its neighbours, so the layer keeps the
+    4-bit kernel for prompts too.
+    """
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    x = torch.randn(max(_INVARIANCE_ROWS) + 7, in_features, generator=generator).to(torch.bfloat16)
+    reference = dense_product(x, weight)
+    for rows in _INVARIANCE_ROWS:
+        for offset in (0, 7):
+            if not torch.equal(dense_product(x[offset : offset + rows], weight), reference[offset : offset + rows]):
+                return False
+    return True
+
+
+def keep_prompt_weights(model: Any, budget: int = PROMPT_WEIGHTS_BUDGET) -> int:
+    """Give each 4-bit layer bfloat16 weights for prompt passes, where they fit `budget` and are exact.
+
+    Returns how many layers got them: all or none, so that every prompt pass runs one kind of product.
+    """
+    layers = [module for module in model.modules() if isinstance(module, Int4Linear)]
+    size = sum(2 * layer.in_features * layer.out_features for layer in layers)
+    shapes = {(layer.in_features, layer.out_features) for layer in layers}
+    if not layers or size > budget or not all(rows_computed_alone(*shape) for shape in shapes):
+        return 0
+    with torch.no_grad():
+        for layer in layers:
+            layer.prompt_weight = layer.decoded()
+    return len(layers)
 
 
 @functools.cache
@@ -144,7 +212,8 @@ def int4_problem() -> str | None:
 
 
 def quantize_int4(model: Any, group_size: int = GROUP_SIZE) -> int:
-    """Repack a float CPU causal LM in place: 4-bit decoder linears, int8 head, bfloat16 elsewhere.
+    """Repack a float CPU causal LM in place: 4-bit decoder linears, int8 head, bfloat16 elsewhere,
+    and bfloat16 prompt-pass weights where `keep_prompt_weights` allows.
 
     Returns how many layers became 4-bit. The head gets its own int8 copy, so a head tied to the
     input embeddings is untied (the embeddings stay bfloat16 for lookups).
@@ -162,4 +231,5 @@ def quantize_int4(model: Any, group_size: int = GROUP_SIZE) -> int:
     if int8_head is not None:
         model.config.tie_word_embeddings = False
         model.set_output_embeddings(int8_head)
+    keep_prompt_weights(model)
     return swapped

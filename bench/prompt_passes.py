@@ -1,0 +1,139 @@
+"""Speed of prompt passes on the embedded int4 model: bfloat16 prompt weights against the 4-bit kernel.
+
+Run with `make bench-prompts`. Both ways run in the same process, interleaved, so drift on a shared
+machine hits them alike; each figure is a median over repeats (with min-max). Writes
+`bench/results/prompt_passes.json` and prints a Markdown table (docs/serving.md, "Prompt passes
+that read less").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from timing import summary
+
+from safesteer import datasets, load_model
+from safesteer.activations import record_activations
+from safesteer.int4 import Int4Linear, keep_prompt_weights
+from safesteer.models import LoadedModel
+from safesteer.prompt_passes import new_cache, prompt_pass, right_padded, template_start
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@contextlib.contextmanager
+def four_bit_prompts(lm: LoadedModel) -> Iterator[None]:
+    """Prompt passes through the 4-bit kernel, as before the model kept bfloat16 prompt weights."""
+    layers = [m for m in lm.model.modules() if isinstance(m, Int4Linear)]
+    kept = [layer.prompt_weight for layer in layers]
+    for layer in layers:
+        layer.prompt_weight = None
+    try:
+        yield
+    finally:
+        for layer, weight in zip(layers, kept, strict=True):
+            layer.prompt_weight = weight
+
+
+def after_start(lm: LoadedModel, rows: list[torch.Tensor]) -> Callable[[], object]:
+    """One padded pass over `rows` after the template start taken from its cache (the server's path)."""
+    start = template_start(lm)
+    entry = start.keys_values([])
+
+    def run() -> object:
+        cache = new_cache(lm)
+        for layer, (keys, values) in enumerate(zip(entry.keys, entry.values, strict=True)):
+            cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
+        rests = [row[start.length :] for row in rows]
+        return prompt_pass(lm, right_padded(rests), [int(row.shape[0]) for row in rows], start.length, cache)
+
+    return run
+
+
+def whole(lm: LoadedModel, row: torch.Tensor) -> Callable[[], object]:
+    return lambda: prompt_pass(lm, row[None], [int(row.shape[0])], 0, new_cache(lm))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    lm = load_model(None, "int4", device="cpu")
+    layers = [m for m in lm.model.modules() if isinstance(m, Int4Linear)]
+    if any(layer.prompt_weight is None for layer in layers):
+        raise SystemExit("this machine keeps no bfloat16 prompt weights (see int4.rows_computed_alone)")
+    started = time.perf_counter()
+    with four_bit_prompts(lm):
+        keep_prompt_weights(lm.model)  # what loading adds, timed on its own
+    decode_s = time.perf_counter() - started
+    if not template_start(lm).exact():
+        raise SystemExit("split prompt passes are not exact here; the server reads whole prompts")
+
+    encode = lambda text: lm.encode([text])["input_ids"][0]  # noqa: E731
+    short = [encode(p) for p in datasets.harmful_prompts("malicious-uses", limit=56, seed=1)[40:46]]
+    one = min(short, key=lambda row: abs(int(row.shape[0]) - 44))
+    long = [" ".join(datasets.harmful_prompts("malicious-uses", limit=64, seed=s)[:10]) for s in range(16)]
+    work = {
+        "one prompt, whole": whole(lm, one),
+        "one prompt, after the cached start": after_start(lm, [one]),
+        "six prompts, one padded pass after the start": after_start(lm, short),
+        "16 long prompts, recorded at every layer": lambda: record_activations(lm, long),
+    }
+    samples: dict[str, dict[str, list[float]]] = {name: {"bf16": [], "int4": []} for name in work}
+    with torch.inference_mode():
+        for repeat in range(args.repeats + 1):  # the first round warms up and is not kept
+            for name, fn in work.items():
+                for way in ("bf16", "int4"):
+                    with four_bit_prompts(lm) if way == "int4" else contextlib.nullcontext():
+                        begun = time.perf_counter()
+                        fn()
+                        took = time.perf_counter() - begun
+                    if repeat:
+                        samples[name][way].append(took)
+
+    tokens = {
+        "one prompt, whole": int(one.shape[0]),
+        "one prompt, after the cached start": int(one.shape[0]) - template_start(lm).length,
+        "six prompts, one padded pass after the start": sum(int(r.shape[0]) - template_start(lm).length for r in short),
+        "16 long prompts, recorded at every layer": sum(int(encode(p).shape[0]) for p in long),
+    }
+    report = {
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "model": lm.identity.to_dict(),
+        "decoding_prompt_weights_s": round(decode_s, 3),
+        "prompt_weight_bytes": sum(2 * m.in_features * m.out_features for m in layers),
+        "passes": {
+            name: {"tokens": tokens[name], **{way: summary(values) for way, values in ways.items()}}
+            for name, ways in samples.items()
+        },
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "prompt_passes.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"| pass (embedded int4, {torch.get_num_threads()} threads) | tokens | 4-bit kernel | bfloat16 prompt weights |"
+    )
+    print("| --- | --- | --- | --- |")
+    for name, row in report["passes"].items():
+        cells = [
+            f"{1000 * row[w]['median']:.0f} ms ({1000 * row[w]['min']:.0f}-{1000 * row[w]['max']:.0f})"
+            for w in ("int4", "bf16")
+        ]
+        print(f"| {name} | {row['tokens']} | {cells[0]} | {cells[1]} |")
+    print(f"decoding the prompt weights at load: {decode_s:.2f} s, {report['prompt_weight_bytes'] / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
