@@ -160,7 +160,7 @@ def test_a_prompts_logits_are_bit_identical_alone_and_in_a_batch_of_copies(tmp_p
 
 def test_prompt_passes_read_bfloat16_copies_of_the_decoded_weights_and_steps_the_4bit_kernel():
     """Several tokens per row take the bfloat16 GEMM (compute bound); one token per row the 4-bit kernel."""
-    from safesteer.int4 import dense_product, keep_prompt_weights, rows_computed_alone
+    from safesteer.int4 import keep_prompt_weights, rows_computed_alone
 
     weight, _ = _q4_1_weight(64, 128, seed=2)
     linear = nn.Linear(128, 64, bias=False)
@@ -174,15 +174,19 @@ def test_prompt_passes_read_bfloat16_copies_of_the_decoded_weights_and_steps_the
     assert keep_prompt_weights(model, budget=0) == 0 and layer.prompt_weight is None  # over budget: none kept
     assert keep_prompt_weights(model) == 1
     # the kernel's own decoding, rounded once to bfloat16
-    assert torch.equal(layer.prompt_weight, layer.matmul(torch.eye(128, dtype=torch.bfloat16)).t())
-    assert torch.allclose(layer.prompt_weight.float(), weight, atol=2e-3)
+    kept = layer.prompt_weight.dense()
+    assert torch.equal(kept, layer.matmul(torch.eye(128, dtype=torch.bfloat16)).t())
+    assert torch.allclose(kept.float(), weight, atol=2e-3)
     x = torch.randn(3, 5, 128).to(torch.bfloat16)
-    assert torch.equal(layer(x), dense_product(x.reshape(-1, 128), layer.prompt_weight).reshape(3, 5, 64))
+    assert torch.equal(layer(x), layer.prompt_weight.product(x.reshape(-1, 128)).reshape(3, 5, 64))
+    assert torch.allclose(layer(x).float(), (x.reshape(-1, 128) @ kept.t()).reshape(3, 5, 64).float(), atol=1e-2)
     step = x[:, :1]
     assert torch.equal(layer(step), layer.matmul(step.reshape(-1, 128).contiguous()).reshape(3, 1, 64))
     # a row's bits do not depend on how many rows share the prompt pass
     prompt = x[:1]
     assert torch.equal(layer(torch.cat([prompt, x[1:]]))[:1], layer(prompt))
+    copied = copy.deepcopy(model)[0]  # a prepacked weight has no storage: copies re-pack it
+    assert torch.equal(copied(x), layer(x))
 
 
 def test_a_loaded_int4_model_keeps_prompt_weights_where_they_are_exact(tiny_int4):
