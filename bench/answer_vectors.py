@@ -102,6 +102,7 @@ def everyday_sets() -> tuple[list[str], list[str]]:
 
 
 def confirm(args: argparse.Namespace) -> None:
+    out = args.out
     _, set_b, _ = prompt_sets()
     everyday = everyday_sets()[1]
     lm = load_model(None, "int4")
@@ -126,15 +127,15 @@ def confirm(args: argparse.Namespace) -> None:
         "gate": gate,
         "arms": {name: _row(cell) for name, cell in arms.items()},
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "confirm.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "confirm.json").write_text(json.dumps(summary, indent=2) + "\n")
     rows = []
     for arm in ("naive", "gated"):
         for answer in arms[arm].answers:
             prompts = set_b if answer["kind"] == "harmful" else everyday
             rows.append((arm, answer["kind"], answer["index"], prompts[answer["index"]], answer["text"], answer))
     random.Random(13).shuffle(rows)
-    with (OUT / "blind.jsonl").open("w") as blind, (OUT / "blind-provenance.jsonl").open("w") as made:
+    with (out / "blind.jsonl").open("w") as blind, (out / "blind-provenance.jsonl").open("w") as made:
         for number, (arm, kind, index, prompt, text, answer) in enumerate(rows, start=1):
             blind.write(json.dumps({"id": number, "kind": kind, "prompt": prompt, "answer": text}) + "\n")
             verdicts = {k: Judgement(**v) for k, v in answer["verdicts"].items()}
@@ -145,9 +146,10 @@ def confirm(args: argparse.Namespace) -> None:
 
 
 def score(args: argparse.Namespace) -> None:
-    labels = {r["id"]: r["label"] for r in map(json.loads, (OUT / "blind-labels.jsonl").open())}
-    made = [json.loads(line) for line in (OUT / "blind-provenance.jsonl").open()]
-    kinds = {r["id"]: r["kind"] for r in map(json.loads, (OUT / "blind.jsonl").open())}
+    out = args.out
+    labels = {r["id"]: r["label"] for r in map(json.loads, (out / "blind-labels.jsonl").open())}
+    made = [json.loads(line) for line in (out / "blind-provenance.jsonl").open()]
+    kinds = {r["id"]: r["kind"] for r in map(json.loads, (out / "blind.jsonl").open())}
     arms: dict[str, dict[str, Any]] = {}
     agree = 0
     for row in made:
@@ -159,7 +161,7 @@ def score(args: argparse.Namespace) -> None:
     for arm in arms.values():
         arm["rates"] = {name: vars(wilson_interval(count, arm["n"])) for name, count in sorted(arm["labels"].items())}
     result = {"n": len(made), "arms": arms, "judges_agree_with_reader": round(agree / len(made), 3)}
-    (OUT / "blind-score.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "blind-score.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
@@ -176,7 +178,9 @@ def main() -> None:
     second.add_argument("--layer", type=int, required=True)
     second.add_argument("--strength", type=float, required=True)
     second.add_argument("--new-tokens", type=int, default=48)
-    sub.add_parser("score")
+    second.add_argument("--out", type=Path, default=OUT, help="where the arms and the blind sample go")
+    third = sub.add_parser("score")
+    third.add_argument("--out", type=Path, default=OUT, help="the folder confirm wrote and the reader labelled")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     {"choose": choose, "confirm": confirm, "score": score}[args.step](args)
