@@ -209,12 +209,15 @@ def rows_computed_alone(in_features: int, out_features: int) -> bool:
     generator = torch.Generator().manual_seed(0)
     weight = PromptWeight(torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16))
     x = torch.randn(max(_INVARIANCE_ROWS) + 7, in_features, generator=generator).to(torch.bfloat16)
-    with torch.inference_mode():
-        reference = weight.product(x)
-        for rows in _INVARIANCE_ROWS:
-            for offset in (0, 7):
-                if not torch.equal(weight.product(x[offset : offset + rows]), reference[offset : offset + rows]):
-                    return False
+    try:
+        with torch.inference_mode():
+            reference = weight.product(x)
+            for rows in _INVARIANCE_ROWS:
+                for offset in (0, 7):
+                    if not torch.equal(weight.product(x[offset : offset + rows]), reference[offset : offset + rows]):
+                        return False
+    except (NotImplementedError, RuntimeError):  # a build whose GEMM cannot take these: the 4-bit kernel
+        return False
     return True
 
 

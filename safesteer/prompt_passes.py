@@ -8,10 +8,11 @@ pays the pass's fixed cost (30 layers of Python and small products) once instead
 
 Neither may change a single number: answers are compared token for token between the server, the
 preview and `generate`. `cpu_attention.block_attention` sums every query in an order fixed by key
-position, and the 4-bit kernels compute each row on its own, so a split or padded pass equals a
-whole one of each prompt alone. That is checked once per model on this machine (`TemplateStart.exact`)
-with requests of many lengths; where any number differs (float32 GEMMs pick other kernels for a few
-rows), both stand aside and every prompt gets a whole pass of its own length.
+position, and an int4 model's prompt products (`int4.PromptWeight`, checked row by row) and head
+compute each row on its own, so a split or padded pass equals a whole one of each prompt alone.
+That is checked once per model on this machine (`TemplateStart.exact`) with requests of many
+lengths; where any number differs (float32 GEMMs pick other kernels for a few rows), both stand
+aside and every prompt gets a whole pass of its own length.
 
 The start's keys and values depend on the steering applied to its positions, so entries are kept
 per steering: unsteered, and one per (category vector, strength) a prompt pass applies.
