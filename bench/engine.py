@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
-from timing import summary, timed
+from timing import machine, summary, timed
 
 from safesteer import SteeringSpec, datasets, extract_vectors, generate, generate_side_by_side, load_model
 from safesteer.models import generation_precision
@@ -83,11 +82,7 @@ def main() -> None:
     generate_side_by_side(previewer, prompt, [spec], max_new_tokens=8)  # the public path works too
 
     report = {
-        "machine": {
-            "cpu_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "model": lm.identity.to_dict(),
         "preview_model": previewer.identity.to_dict(),
         "extraction": {

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from timing import summary
+from timing import machine, summary
 
 from safesteer import datasets, load_model
 from safesteer.activations import record_activations
@@ -107,11 +106,7 @@ def main() -> None:
         "16 long prompts, recorded at every layer": sum(int(encode(p).shape[0]) for p in long),
     }
     report = {
-        "machine": {
-            "cpu_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "model": lm.identity.to_dict(),
         "decoding_prompt_weights_s": round(decode_s, 3),
         "prompt_weight_bytes": sum(2 * m.in_features * m.out_features for m in layers),

@@ -21,3 +21,12 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[dict[str, float], Any]:
         result = fn()
         samples.append(time.perf_counter() - start)
     return summary(samples), result
+
+
+def machine() -> dict[str, Any]:
+    """Threads, Python and PyTorch of the measuring machine (PyTorch imported here: only our own benches call this)."""
+    import platform
+
+    import torch
+
+    return {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__}

@@ -35,11 +35,17 @@ def test_q4_1_codes_are_recovered_exactly():
     assert torch.allclose(rebuilt, weight, atol=1e-6)
 
 
-def test_int4_linear_matches_its_dequantized_weights():
-    weight, _ = _q4_1_weight(64, 128, seed=1)
-    linear = nn.Linear(128, 64, bias=True)
+def _linear_on_grid(out_features: int, in_features: int, seed: int, bias: bool) -> tuple[nn.Linear, torch.Tensor]:
+    """A float linear layer whose weight is on the Q4_1 grid, and that weight."""
+    weight, _ = _q4_1_weight(out_features, in_features, seed=seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
     with torch.no_grad():
         linear.weight.copy_(weight)
+    return linear, weight
+
+
+def test_int4_linear_matches_its_dequantized_weights():
+    linear, _ = _linear_on_grid(64, 128, seed=1, bias=True)
     packed = Int4Linear.from_linear(linear)
     x = torch.randn(5, 128)
     expected = linear(x)
@@ -162,10 +168,7 @@ def test_prompt_passes_read_bfloat16_copies_of_the_decoded_weights_and_steps_the
     """Several tokens per row take the bfloat16 GEMM (compute bound); one token per row the 4-bit kernel."""
     from safesteer.int4 import keep_prompt_weights, rows_computed_alone
 
-    weight, _ = _q4_1_weight(64, 128, seed=2)
-    linear = nn.Linear(128, 64, bias=False)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
+    linear, weight = _linear_on_grid(64, 128, seed=2, bias=False)
     layer = Int4Linear.from_linear(linear)
     model = nn.Sequential(layer)
     if not rows_computed_alone(128, 64):
