@@ -168,12 +168,7 @@ class PromptWeight:
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.shape = tuple(weight.shape)
         self.weight = _prepacked(weight)
-
-    @property
-    def packed(self) -> bool:
-        return self.weight.is_mkldnn
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, in] bfloat16 activations times the weights: [rows, out]."""
@@ -198,14 +193,19 @@ def _prepacked(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-@functools.cache
 def rows_computed_alone(in_features: int, out_features: int) -> bool:
     """Whether the bfloat16 GEMM gives each row the same bits whatever rows share its product.
 
-    oneDNN picks kernels and blockings by shape; where one of them splits the reduction differently
-    for some row count, a prompt's numbers would move with its neighbours, so the layer keeps the
-    4-bit kernel for prompts too.
+    oneDNN picks kernels and blockings by shape (and threads); where one of them splits the
+    reduction differently for some row count, a prompt's numbers would move with its neighbours, so
+    the layer keeps the 4-bit kernel for prompts too. Checked at this thread's thread count; the
+    threads that run prompt passes later check their passes again (`prompt_passes.TemplateStart.exact`).
     """
+    return _rows_computed_alone(in_features, out_features, torch.get_num_threads())
+
+
+@functools.cache
+def _rows_computed_alone(in_features: int, out_features: int, threads: int) -> bool:
     generator = torch.Generator().manual_seed(0)
     weight = PromptWeight(torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16))
     x = torch.randn(max(_INVARIANCE_ROWS) + 7, in_features, generator=generator).to(torch.bfloat16)
@@ -235,6 +235,16 @@ def keep_prompt_weights(model: Any, budget: int = PROMPT_WEIGHTS_BUDGET) -> int:
         for layer in layers:
             layer.prompt_weight = PromptWeight(layer.decoded())
     return len(layers)
+
+
+def drop_prompt_weights(model: Any) -> int:
+    """Send every prompt pass back to the 4-bit kernel; returns how many layers had prompt weights."""
+    dropped = 0
+    for module in model.modules():
+        if isinstance(module, Int4Linear) and module.prompt_weight is not None:
+            module.prompt_weight = None
+            dropped += 1
+    return dropped
 
 
 @functools.cache

@@ -33,6 +33,7 @@ import torch
 
 from .compat import cache_kwargs
 from .errors import SafeSteerError
+from .int4 import drop_prompt_weights
 from .models import LoadedModel
 from .steering import SteeringSpec, steer
 
@@ -147,12 +148,22 @@ class TemplateStart:
         """Whether split and padded passes give exactly the numbers of a whole pass of each prompt (checked once)."""
         with self._lock:
             if self._exact is None:
-                try:
-                    self._exact = self._check()
-                except Exception:  # a model this check cannot run on: every pass reads the whole prompt
-                    log.warning("could not check split prompt passes; reading whole prompts", exc_info=True)
-                    self._exact = False
+                self._exact = self._checked()
+                if not self._exact and drop_prompt_weights(self.lm.model):
+                    # this thread's GEMM does not compute rows alone: prompts go back to the 4-bit kernel,
+                    # which does, so that no prompt's numbers depend on its neighbours
+                    log.warning(
+                        "prompt passes differ with their neighbours here; reading prompts with the 4-bit kernel"
+                    )
+                    self._exact = self._checked()
             return self._exact
+
+    def _checked(self) -> bool:
+        try:
+            return self._check()
+        except Exception:  # a model this check cannot run on: every pass reads the whole prompt
+            log.warning("could not check split prompt passes; reading whole prompts", exc_info=True)
+            return False
 
     @torch.inference_mode()
     def _check(self) -> bool:

@@ -122,3 +122,25 @@ def test_a_template_start_does_not_keep_its_model_alive(tiny_lm):
     del lm
     gc.collect()
     assert model() is None
+
+
+def test_prompt_weights_whose_gemm_depends_on_the_row_count_are_dropped(tmp_path_factory, monkeypatch, caplog):
+    """Where the prompt GEMM sums rows differently with their number (other CPUs, thread counts), the
+    int4 model reads prompts with the 4-bit kernel again, which computes rows alone, rather than let a
+    prompt's numbers depend on its neighbours."""
+    from safesteer import load_model
+    from safesteer.int4 import Int4Linear, PromptWeight, int4_problem
+    from tests.tiny import build_tiny_model
+
+    if int4_problem() is not None:
+        pytest.skip(f"int4 kernel unavailable: {int4_problem()}")
+    lm = load_model(str(build_tiny_model(tmp_path_factory.mktemp("rows"))), "int4", device="cpu")  # its own copy
+    layers = [m for m in lm.model.modules() if isinstance(m, Int4Linear)]
+    if any(layer.prompt_weight is None for layer in layers):
+        pytest.skip("this machine's bfloat16 GEMM keeps no prompt weights")
+    product = PromptWeight.product
+    # a GEMM whose last bits move with the number of rows it is given
+    monkeypatch.setattr(PromptWeight, "product", lambda self, x: product(self, x) * (1 + 2**-7 * (x.shape[0] % 2)))
+    assert template_start(lm).exact()  # exact again, on the 4-bit kernel
+    assert all(layer.prompt_weight is None for layer in layers)
+    assert "prompt passes differ with their neighbours" in caplog.text
