@@ -342,9 +342,11 @@ class RunningBatch:
                 < torch.tensor(lengths, device=ids.device)[:, None]
             )
             mask = mask.to(ids.dtype)
+            usable = all(opening.usable_for(row[None]) for row in rows_ids)
             if state.gated:
-                state.decide(self.lm, ids, mask)
-            if all(opening.usable_for(row[None]) for row in rows_ids):
+                wanted = {(spec.gate.layer, spec.gate.site) for spec in (specs[i] for i in state.gated) if spec.gate}
+                state.decide(self.lm, ids, mask, start=opening.for_gates(wanted) if usable else None)
+            if usable:
                 self._fill_start(opening, state, specs, rows, cache)
                 start = opening.length
                 ids = ids[:, start:]

@@ -31,7 +31,7 @@ from typing import Any, cast
 import torch
 
 from .architectures import Site
-from .compat import passed_cache
+from .compat import cache_kwargs, passed_cache
 from .errors import SafeSteerError
 from .gates import Gate, GateReading
 from .limits import check_layer, check_site, check_strength
@@ -106,6 +106,22 @@ class SteeringSpec:
         return prepare_shift(vector, share, dtype, device, ndim, self.how, self.where, projection)
 
 
+@dataclass(frozen=True)
+class KnownStart:
+    """The first `length` positions of every row, read before without steering (the chat template's start).
+
+    `keys` and `values` are every layer's [1, kv_heads, length, head_dim]; `states` the hidden states
+    [1, length, hidden] where gates read, by (layer, site). A gate pass then reads only what follows,
+    and puts the start's states back in front: the same tensor a whole pass gives, where split
+    passes are exact (`prompt_passes.TemplateStart.exact`), so the same features bit for bit.
+    """
+
+    length: int
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    states: dict[tuple[int, Site], torch.Tensor]
+
+
 class _StopPass(Exception):
     """Ends a gate pass once the deepest gate layer has been read: later layers are not needed."""
 
@@ -122,11 +138,13 @@ def read_gate_features(
     attention_mask: torch.Tensor | None,
     gates: Sequence[Gate],
     inputs_embeds: torch.Tensor | None = None,
+    start: KnownStart | None = None,
 ) -> list[torch.Tensor]:
     """Each gate's features `[rows, hidden]` from one unsteered pass over the prompt, stopped early.
 
     The pass runs the decoder without its LM head up to the deepest gate layer only, with
-    steering hooks of this context standing aside, so gates see what they were trained on.
+    steering hooks of this context standing aside, so gates see what they were trained on. With
+    `start` (every row begins with it), the pass reads only what follows it.
     """
     source = input_ids if input_ids is not None else inputs_embeds
     if source is None:
@@ -140,14 +158,47 @@ def read_gate_features(
             torch.cat([input_ids, mask.to(input_ids.dtype)], dim=1), dim=0, return_inverse=True
         )
         if unique.shape[0] < rows:
-            once = read_gate_features(lm, unique[:, :width], unique[:, width:], gates)
+            once = read_gate_features(lm, unique[:, :width], unique[:, width:], gates, start=start)
             return [features[inverse] for features in once]
     wanted = {(g.layer, g.site) for g in gates}
-    captured: dict[tuple[int, str], torch.Tensor] = {}
+    captured = gate_states(lm, input_ids, mask, wanted, inputs_embeds if input_ids is None else None, start)
     last = _last_index(mask)
+    features = []
+    for gate in gates:
+        hidden = captured[(gate.layer, gate.site)].float()
+        if gate.token == "last":
+            features.append(hidden[torch.arange(rows, device=hidden.device), last.to(hidden.device)])
+        else:
+            weights = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+            features.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
+    return features
+
+
+def gate_states(
+    lm: LoadedModel,
+    input_ids: torch.Tensor | None,
+    mask: torch.Tensor,
+    wanted: set[tuple[int, Site]],
+    inputs_embeds: torch.Tensor | None = None,
+    start: KnownStart | None = None,
+) -> dict[tuple[int, Site], torch.Tensor]:
+    """The hidden states [rows, n, hidden] at each wanted (layer, site), from one unsteered pass stopped
+    at the deepest; with `start`, the pass reads the positions after it and the start's states lead."""
+    captured: dict[tuple[int, Site], torch.Tensor] = {}
+    rows = mask.shape[0]
+    skip = 0
+    pass_kwargs: dict[str, Any] = {"use_cache": False}
+    if start is not None and input_ids is not None:
+        from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
+
+        skip = start.length
+        cache = DynamicCache(config=lm.model.config)
+        for index, (keys, values) in enumerate(zip(start.keys, start.values, strict=True)):
+            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+        pass_kwargs = {"use_cache": True, **cache_kwargs(lm.architecture.decoder, cache)}
     token = object()
 
-    def capture(key: tuple[int, str]):
+    def capture(key: tuple[int, Site]):
         def hook(module: torch.nn.Module, args: object, output: object) -> None:
             if _READING_GATES.get() != id(token):
                 return  # another caller's pass
@@ -166,25 +217,21 @@ def read_gate_features(
         reset = _READING_GATES.set(id(token))
         try:
             lm.architecture.decoder(
-                input_ids=input_ids,
+                input_ids=None if input_ids is None else input_ids[:, skip:],
                 inputs_embeds=inputs_embeds if input_ids is None else None,
                 attention_mask=mask,
-                position_ids=positions,
-                use_cache=False,
+                position_ids=positions[:, skip:],
+                **pass_kwargs,
             )
         except _StopPass:
             pass
         finally:
             _READING_GATES.reset(reset)
-        features = []
-        for gate in gates:
-            hidden = captured[(gate.layer, gate.site)].float()
-            if gate.token == "last":
-                features.append(hidden[torch.arange(rows, device=hidden.device), last.to(hidden.device)])
-            else:
-                weights = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
-                features.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
-    return features
+    if start is not None and skip:
+        return {
+            key: torch.cat([start.states[key].expand(rows, -1, -1), found], dim=1) for key, found in captured.items()
+        }
+    return captured
 
 
 def decide_rows(
@@ -258,9 +305,16 @@ class SteeringState:
         self.readings: list[GateReading] = readings if readings is not None else []  # appended as passes run
         self.generation = 0  # bumped at every decision, so cached shifts are rebuilt
 
-    def decide(self, lm: LoadedModel, input_ids: Any, attention_mask: Any, inputs_embeds: Any = None) -> None:
+    def decide(
+        self,
+        lm: LoadedModel,
+        input_ids: Any,
+        attention_mask: Any,
+        inputs_embeds: Any = None,
+        start: KnownStart | None = None,
+    ) -> None:
         gates = [cast(Gate, self.specs[i].gate) for i in self.gated]
-        features = read_gate_features(lm, input_ids, attention_mask, gates, inputs_embeds)
+        features = read_gate_features(lm, input_ids, attention_mask, gates, inputs_embeds, start)
         rows = features[0].shape[0]
         active = torch.tensor(
             [[s != 0.0 for s in self._given(i, rows)] for i in self.gated], dtype=torch.bool

@@ -122,3 +122,28 @@ def test_int4_reads_the_template_start_from_the_cache_and_changes_no_token(
     own_system = generate(embedded_int4, [conversation], max_new_tokens=16)
     assert starts == [0]  # another start: the whole prompt is read
     assert own_system == generate(embedded_int4, [conversation], max_new_tokens=16, decoder="transformers")
+
+
+@pytest.mark.parametrize("token", ["last", "mean"])
+def test_int4_gates_read_after_the_cached_start_get_the_features_of_a_whole_pass(embedded_int4, token):
+    """A gate pass that reads only what follows the template start, with the start's states put back in
+    front, gives every gate the same features bit for bit, prompts of several lengths right-padded."""
+    from types import SimpleNamespace
+
+    from safesteer.prompt_passes import right_padded, template_start
+    from safesteer.steering import read_gate_features
+
+    opening = template_start(embedded_int4)
+    prompts = [*datasets.harmful_prompts("malicious-uses", limit=2, seed=9), *datasets.benign_prompts(limit=2, seed=9)]
+    rows = [embedded_int4.encode([p])["input_ids"][0] for p in prompts]
+    assert len({len(row) for row in rows}) > 1 and all(opening.usable_for(row[None]) for row in rows)
+    ids = right_padded(rows)
+    mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    gates = [SimpleNamespace(layer=layer, site="residual", token=token) for layer in (0, 13, 29)]
+    start = opening.for_gates({(g.layer, g.site) for g in gates})
+    whole = read_gate_features(embedded_int4, ids, mask, gates)
+    split = read_gate_features(embedded_int4, ids, mask, gates, start=start)
+    assert all(torch.equal(a, b) for a, b in zip(whole, split, strict=True))
+    # the same prompt twice is read once, and still after the start
+    twice = read_gate_features(embedded_int4, ids[[0, 0, 1]], mask[[0, 0, 1]], gates, start=start)
+    assert all(torch.equal(t, w[[0, 0, 1]]) for t, w in zip(twice, whole, strict=True))
