@@ -144,4 +144,3 @@ def test_prompt_weights_whose_gemm_depends_on_the_row_count_are_dropped(tmp_path
     assert template_start(lm).exact()  # exact again, on the 4-bit kernel
     assert all(layer.prompt_weight is None for layer in layers)
     assert "prompt passes differ with their neighbours" in caplog.text
-
