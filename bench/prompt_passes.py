@@ -20,6 +20,7 @@ from timing import machine, summary
 
 from safesteer import datasets, load_model
 from safesteer.activations import record_activations
+from safesteer.compat import key_value_cache
 from safesteer.int4 import Int4Linear, keep_prompt_weights
 from safesteer.models import LoadedModel
 from safesteer.prompt_passes import new_cache, prompt_pass, right_padded, template_start
@@ -47,9 +48,7 @@ def after_start(lm: LoadedModel, rows: list[torch.Tensor]) -> Callable[[], objec
     entry = start.keys_values([])
 
     def run() -> object:
-        cache = new_cache(lm)
-        for layer, (keys, values) in enumerate(zip(entry.keys, entry.values, strict=True)):
-            cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
+        cache = key_value_cache(lm.model.config, entry.keys, entry.values, len(rows))
         rests = [row[start.length :] for row in rows]
         return prompt_pass(lm, right_padded(rests), [int(row.shape[0]) for row in rows], start.length, cache)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import cpu_attention
 from .architectures import ARCHITECTURES, family
+from .compat import key_value_cache
 from .errors import SafeSteerError
 from .gates import GateReading
 from .int4 import Int4Linear, Int8Linear
@@ -323,7 +324,6 @@ class RunningBatch:
         )
         if not shared_pass:  # one pass per length
             return self._admit_by_length(rows_ids, specs, owners, max_new_tokens, sampling, gated, prefix)
-        cache = new_cache(self.lm)
         readings: list[GateReading] = []
         state = SteeringState(specs, readings, gated)
         ids = right_padded(rows_ids)
@@ -332,11 +332,11 @@ class RunningBatch:
             if any(not spec.is_noop() for spec in specs):
                 raise SafeSteerError("a shared prefix is read unsteered: it cannot serve steered rows")
             start = prefix.length
-            for index, (shared_keys, shared_values) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
-                cache.update(shared_keys.expand(rows, -1, -1, -1), shared_values.expand(rows, -1, -1, -1), index)
+            cache = key_value_cache(self.lm.model.config, prefix.keys, prefix.values, rows)
             if state.gated:
                 raise SafeSteerError("gates read the whole prompt: a shared prefix cannot serve gated rows")
         else:
+            cache = new_cache(self.lm)
             mask = (
                 torch.arange(ids.shape[1], device=ids.device)[None, :]
                 < torch.tensor(lengths, device=ids.device)[:, None]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .architectures import Site
-from .compat import cache_kwargs
+from .compat import cache_kwargs, key_value_cache
 from .errors import SafeSteerError
 from .int4 import drop_prompt_weights
 from .models import LoadedModel
@@ -98,9 +98,7 @@ def right_padded(rows: Sequence[torch.Tensor], pad: int = 0) -> torch.Tensor:
 
 def new_cache(lm: LoadedModel) -> Any:
     """An empty key/value cache for one prompt pass of `lm`."""
-    from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
-
-    return DynamicCache(config=lm.model.config)
+    return key_value_cache(lm.model.config)
 
 
 def _layers(cache: Any) -> list[Any]:

@@ -31,7 +31,7 @@ from typing import Any, cast
 import torch
 
 from .architectures import Site
-from .compat import cache_kwargs, passed_cache
+from .compat import cache_kwargs, key_value_cache, passed_cache
 from .errors import SafeSteerError
 from .gates import Gate, GateReading
 from .limits import check_layer, check_site, check_strength
@@ -189,12 +189,8 @@ def gate_states(
     skip = 0
     pass_kwargs: dict[str, Any] = {"use_cache": False}
     if start is not None and input_ids is not None:
-        from transformers import DynamicCache  # heavy: deferred so `import safesteer` stays quick
-
         skip = start.length
-        cache = DynamicCache(config=lm.model.config)
-        for index, (keys, values) in enumerate(zip(start.keys, start.values, strict=True)):
-            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+        cache = key_value_cache(lm.model.config, start.keys, start.values, rows)
         pass_kwargs = {"use_cache": True, **cache_kwargs(lm.architecture.decoder, cache)}
     token = object()
 
