@@ -14,9 +14,10 @@ from safesteer.extraction import extract_vectors
 from safesteer.generation import generate_side_by_side
 from safesteer.identity import check_compatible
 from safesteer.limits import check_layer, check_strength
+from safesteer.models import LoadedModel
 from safesteer.policy import PolicyCategory, category_spec, check_name, suggested_point
 from safesteer.vectors import CategoryVectors, ExtractionSettings, check_prompt_counts
-from safesteer.workflows import other_categories_prompts
+from safesteer.workflows import other_categories_prompts, save_category
 
 from .common import ProgressBar, load_for, open_store, print_json, prompts_from_argument
 
@@ -81,10 +82,14 @@ def cmd_extract(args: argparse.Namespace) -> int:
             strength=suggested_point(result).strength if args.strength is None else args.strength,
             options=args.steer,
         )
-        number = store.save_version(
-            args.policy, [category], author=args.author, note=args.note, keep_other_categories=True
-        )
+
+        def router_reader() -> LoadedModel:  # the model that reads the gates learns their routers
+            return gate_lm or load_for(args, args.model, generating=True)
+
+        saving = time.perf_counter()
+        number = save_category(store, args.policy, category, router_reader, author=args.author, note=args.note)
         summary["saved"] = {"policy": args.policy, "version": number}
+        summary["timing_s"]["save"] = round(time.perf_counter() - saving, 2)  # routers are learnt as it saves
     print_json(summary)
     return 0
 

@@ -8,6 +8,7 @@ concurrent savers get consecutive numbers and a failure part-way leaves nothing 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -160,17 +161,22 @@ class PolicyStore:
         create: bool = True,
         restored_from: int | None = None,
         keep_other_categories: bool = False,
+        amend: Callable[[list[PolicyCategory]], list[PolicyCategory]] | None = None,
     ) -> int:
         """Store a new immutable version and return its number (the policy is created if needed).
 
         With `keep_other_categories`, the new version is the latest one with these categories
         added or replaced, read inside the same write transaction, so two authors adding
-        different categories at once both end up in the newest version.
+        different categories at once both end up in the newest version. `amend` then sees the
+        version's final categories, in the same transaction, and returns them as they are stored
+        (`workflows.save_category` learns the routers among them).
         """
         version = PolicyVersion(policy=policy, categories=categories, note=note, evaluation=evaluation)
         for attempt in range(3):
             try:
-                return self._insert_version(version, author, description, create, restored_from, keep_other_categories)
+                return self._insert_version(
+                    version, author, description, create, restored_from, keep_other_categories, amend
+                )
             except IntegrityError:  # another writer won a race the write lock should prevent; try again
                 if attempt == 2:
                     raise
@@ -184,6 +190,7 @@ class PolicyStore:
         create: bool,
         restored_from: int | None,
         keep_other_categories: bool,
+        amend: Callable[[list[PolicyCategory]], list[PolicyCategory]] | None = None,
     ) -> int:
         with self._session() as session, session.begin():
             policy = session.scalar(select(Policy).where(Policy.name == version.policy))
@@ -204,6 +211,8 @@ class PolicyStore:
                 for category in version.categories:
                     merged = replace(merged, categories=merged.with_category(category))
                 version = replace(version, categories=merged.categories)  # re-validated by __post_init__
+            if amend is not None:
+                version = replace(version, categories=amend(list(version.categories)))
             number = (latest or 0) + 1
             row = PolicyVersionRow(
                 policy_id=policy.id,

@@ -15,7 +15,7 @@ import torch
 from .activations import Token, record_activations
 from .datasets import edgy_benign_prompts, framed
 from .errors import SafeSteerError
-from .gates import Gate, train_gate, train_policy_gate
+from .gates import Gate, train_gate, train_policy_gate, with_router
 from .methods.prompt import guided_needs_labels
 from .models import LoadedModel
 from .progress import ProgressCallback, no_progress, scaled
@@ -197,6 +197,32 @@ def record_policy_gate(
     """Record what the category's policy gate learns from, with the model that will read it, and train it."""
     sets = PolicyGateSets.record(gate_lm, [*harmful, *others], safe, settings, progress, span)
     return sets.gate_for(harmful, settings)
+
+
+def refit_router(
+    gate_lm: LoadedModel,
+    gate: Gate,
+    harmful: Sequence[str],
+    safe: Sequence[str],
+    others: Sequence[str],
+    settings: ExtractionSettings,
+) -> Gate:
+    """A category's policy gate with its router learnt again against `others`, the policy's other harmful prompts.
+
+    Reads the pool its extraction would have recorded (`pool_sets`, through the recording cache:
+    usually the very recording the newest category's extraction just made), with the model that
+    reads the gate, so the router learns from exactly what it will be shown.
+    """
+    if gate.precision and gate.precision != gate_lm.identity.precision:
+        raise SafeSteerError(
+            f"this gate reads {gate.precision} activations; a router for it cannot learn from a "
+            f"{gate_lm.identity.precision} model"
+        )
+    at_gate = replace(settings, site=gate.site)
+    prompts = pool_sets(harmful, distinct_others(harmful, safe, others), at_gate)
+    pool, framed_pool = _record_sets(gate_lm, prompts, at_gate, None, (0.0, 1.0), token="mean", shared=(True, True))
+    mine = set(harmful)
+    return with_router(gate, pool, framed_pool, torch.tensor([p in mine for p in prompts[0]]), at_gate.seed)
 
 
 def extract_vectors(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -532,23 +532,10 @@ def train_policy_gate(
     def at_layer(acts: torch.Tensor) -> list[float]:
         return scores(acts)[:, layer].tolist()
 
-    own_train, others_train, others_test = rows_of(0, True), rows_of(0, False), rows_of(2, False)
-    centroid = pool[own_train][:, layer].float().mean(0)
+    centroid = pool[rows_of(0, True)][:, layer].float().mean(0)
     held_out = {"harmful": at_layer(pool[rows_of(2, True)]), "safe": at_layer(safe[safe_split[2]])}
-    route: tuple[torch.Tensor, float] | None = None
-    if len(others_train) >= 3:
-
-        def standardised(acts: torch.Tensor) -> torch.Tensor:
-            return (acts[:, layer].float() - center[layer]) / scale[layer]
-
-        route = fit_router(
-            standardised(torch.cat([pool[own_train], framed_pool[own_train]])),
-            standardised(torch.cat([pool[others_train], framed_pool[others_train]])),
-        )
-        if others_test:  # would this category's router claim another category's held-out prompt?
-            held_out["other"] = at_layer(pool[others_test])
-            claims = standardised(pool[others_test]) @ route[0] + route[1]
-            held_out["other_routed"] = (claims > 0).float().tolist()
+    route, routed_scores = _routing(pool, framed_pool, own, pool_split, layer, (center[layer], scale[layer]), at_layer)
+    held_out.update(routed_scores)
     calibration_scores = {"calibration_safe": at_layer(safe[safe_split[1]])}
     test_auroc = float(auroc(torch.tensor(held_out["harmful"])[:, None], torch.tensor(held_out["safe"])[:, None])[0])
     return _gate_at(
@@ -567,6 +554,66 @@ def train_policy_gate(
         route=None if route is None else route[0].clone(),
         route_bias=0.0 if route is None else route[1],
     )
+
+
+def _routing(
+    pool: torch.Tensor,
+    framed_pool: torch.Tensor,
+    own: torch.Tensor,
+    pool_split: tuple[list[int], ...],
+    layer: int,
+    standard: tuple[torch.Tensor, torch.Tensor],
+    admission: Callable[[torch.Tensor], list[float]],
+) -> tuple[tuple[torch.Tensor, float] | None, dict[str, list[float]]]:
+    """A category's router against the policy's other categories, and its held-out figures on theirs.
+
+    `pool`/`framed_pool` `[n, L, d]` are every harmful prompt of the policy, plain and framed; `own`
+    marks the category's rows; `standard` is the gate's (center, scale) at `layer`; `admission` scores
+    `[n, L, d]` by the gate's admission. No router (and no figures) with fewer than 3 other training prompts.
+    """
+    own_train = [i for i in pool_split[0] if bool(own[i])]
+    others_train = [i for i in pool_split[0] if not bool(own[i])]
+    others_test = [i for i in pool_split[2] if not bool(own[i])]
+    if len(others_train) < 3:
+        return None, {}
+    center, scale = standard
+
+    def standardised(acts: torch.Tensor) -> torch.Tensor:
+        return (acts[:, layer].float() - center) / scale
+
+    route = fit_router(
+        standardised(torch.cat([pool[own_train], framed_pool[own_train]])),
+        standardised(torch.cat([pool[others_train], framed_pool[others_train]])),
+    )
+    if not others_test:
+        return route, {}
+    claims = standardised(pool[others_test]) @ route[0] + route[1]  # would it claim another category's prompt?
+    return route, {"other": admission(pool[others_test]), "other_routed": (claims > 0).float().tolist()}
+
+
+def with_router(gate: Gate, pool: torch.Tensor, framed_pool: torch.Tensor, own: torch.Tensor, seed: int = 0) -> Gate:
+    """A policy gate given the router `train_policy_gate` fits, against the categories now in `pool`.
+
+    Why: a category extracted while it was its policy's only one had nothing to learn a router
+    from, and a router learnt earlier never saw the categories saved since. Its admission (layer,
+    weights, threshold, and the rates shown for them) stays as the author accepted it; only whom it
+    claims among the policy's categories is learnt again, on the pool's training split as at extraction.
+    """
+    if not gate.routed:
+        raise SafeSteerError("only a policy gate routes: this gate has no centroid")
+    if pool.shape != framed_pool.shape or own.shape[0] != pool.shape[0] or pool.shape[-1] != gate.hidden_size:
+        raise SafeSteerError("a router learns from a pool of the gate's width, framed row for row")
+    pool_split, _ = policy_splits(pool.shape[0], 0, seed)
+
+    def admission(acts: torch.Tensor) -> list[float]:
+        return gate.score(acts[:, gate.layer]).tolist()
+
+    standard = (gate.center, gate.scale)
+    route, scores = _routing(pool, framed_pool, own.bool(), pool_split, gate.layer, standard, admission)
+    kept = {k: v for k, v in gate.scores.items() if k not in ("other", "other_routed")}
+    if route is None:
+        return replace(gate, route=None, route_bias=0.0, scores=kept)
+    return replace(gate, route=route[0].clone(), route_bias=route[1], scores={**kept, **scores})
 
 
 def fit_router(own: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, float]:

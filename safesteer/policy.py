@@ -82,6 +82,7 @@ class PolicyCategory:
             "gate_layer": gate.layer if gate else None,
             "gate_threshold": round(gate.threshold, 6) if gate else None,
             "gate_fpr": gate.target_fpr if gate else None,
+            "gate_routes_by": _routes_by(gate),
         }
 
     def steering_spec(
@@ -157,6 +158,13 @@ def category_spec(
         how=options.how,
         safe_projection=None if projection is None else tuple(float(projection[i]) for i in span),
     )
+
+
+def _routes_by(gate: Gate | None) -> str | None:
+    """How a gate picks among its policy's categories that all admit a request (docs/gates.md)."""
+    if gate is None or not gate.routed:
+        return None
+    return "centroid" if gate.route is None else "router"
 
 
 @dataclass

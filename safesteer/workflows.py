@@ -21,9 +21,11 @@ from . import datasets
 from .bundles import export_bundle, read_bundle
 from .errors import SafeSteerError
 from .evaluation import Evaluation
+from .extraction import refit_router
 from .identity import ModelIdentity, check_made_for
 from .llama_cpp import export_llama_cpp
 from .llama_cpp import export_warning as llama_cpp_warning
+from .models import LoadedModel
 from .policy import PolicyCategory, PolicyVersion
 from .reports import report_markdown, write_plots
 
@@ -46,6 +48,10 @@ class VersionStore(Protocol):
         note: str = "",
         evaluation: dict[str, Any] | None = None,
         description: str = "",
+        create: bool = True,
+        restored_from: int | None = None,
+        keep_other_categories: bool = False,
+        amend: Callable[[list[PolicyCategory]], list[PolicyCategory]] | None = None,
     ) -> int: ...
 
     def record(self, actor: str, action: str, policy: str, version: int | None = None, **detail: Any) -> None: ...
@@ -62,6 +68,73 @@ def other_categories_prompts(store: VersionStore, policy: str | None, category: 
     except SafeSteerError:
         return []  # a new policy, or one without versions yet
     return [p for c in latest.categories if c.name != category for p in c.harmful]
+
+
+def routes_here(category: PolicyCategory, gate_lm: LoadedModel) -> bool:
+    """Whether `category`'s gate is a policy gate this model reads: one whose router it can teach."""
+    gate, model = category.gate, category.vectors.model
+    return (
+        gate is not None
+        and gate.routed
+        and gate.token == "mean"
+        and gate.precision == gate_lm.identity.precision
+        and (model.model_id, model.model_type, model.hidden_size) == _same_model(gate_lm.identity)
+    )
+
+
+def _same_model(identity: ModelIdentity) -> tuple[str, str, int]:
+    return identity.model_id, identity.model_type, identity.hidden_size
+
+
+def routed_together(categories: Sequence[PolicyCategory], gate_lm: Callable[[], LoadedModel]) -> list[PolicyCategory]:
+    """`categories` with every policy gate's router learnt against the other categories saved with it.
+
+    A router decides which of a policy's categories steers a request their gates all admit. It
+    learns from the categories beside it, so one extracted while its policy had no others has
+    none (and routes by centroid), and one learnt earlier never saw the categories saved since.
+    Gates another model reads (an imported bundle's, another precision) are left as they are.
+    `gate_lm` is called only when there are at least two gates to route between.
+    """
+    if sum(c.gate is not None and c.gate.routed for c in categories) < 2:
+        return list(categories)
+    lm = gate_lm()
+    out = []
+    for category in categories:
+        if not routes_here(category, lm):
+            out.append(category)
+            continue
+        others = [p for other in categories if other.name != category.name for p in other.harmful]
+        assert category.gate is not None
+        gate = refit_router(lm, category.gate, category.harmful, category.safe, others, category.vectors.settings)
+        out.append(replace(category, vectors=category.vectors.with_gate(gate)))
+    return out
+
+
+def save_category(
+    store: VersionStore,
+    policy: str,
+    category: PolicyCategory,
+    gate_lm: Callable[[], LoadedModel],
+    author: str = "",
+    note: str = "",
+) -> int:
+    """Save `category` into a new version of `policy` beside its other categories, routers learnt among them all.
+
+    The routers are learnt inside the store's write transaction, on the categories that version
+    really holds (another author may have saved one meanwhile). The recordings they read are made
+    first, outside it, so the write lock is held for a few logistic fits, not for a model's passes.
+    """
+
+    def amend(categories: list[PolicyCategory]) -> list[PolicyCategory]:
+        return routed_together(categories, gate_lm)
+
+    try:
+        latest = store.load_version(policy)
+    except SafeSteerError:  # a new policy, or one without versions yet: nothing to route against
+        latest = None
+    if latest is not None:
+        amend(latest.with_category(category))  # records what the routers read into the cache
+    return store.save_version(policy, [category], author=author, note=note, keep_other_categories=True, amend=amend)
 
 
 def import_bundle(

@@ -12,10 +12,10 @@ import pandas as pd
 from safesteer.bundles import MAX_BUNDLE_BYTES
 from safesteer.errors import SafeSteerError
 from safesteer.policy import PolicyCategory
-from safesteer.workflows import export_file_name, export_version, export_warning, import_bundle
+from safesteer.workflows import export_file_name, export_version, export_warning, import_bundle, save_category
 
 from .category import Draft, require_draft, steering_options
-from .resources import author_of, plain_text, studio_model, studio_store
+from .resources import author_of, plain_text, preview_model, studio_model, studio_store
 
 
 def policy_names() -> list[str]:
@@ -74,13 +74,15 @@ def save_version(
         strength=float(strength),
         options=steering_options(where, how, spread),
     )
-    number = store.save_version(
-        policy, [category], author=author_of(request), note=note or "", keep_other_categories=True
-    )
+    number = save_category(store, policy, category, preview_model, author=author_of(request), note=note or "")
     categories = store.load_version(policy, number).categories
     names = policy_names()
     count = f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'}"
     message = f"Saved **{plain_text(policy)}** version **{number}** ({count})."
+    routed = [c.name for c in categories if c.gate is not None and c.gate.route is not None]
+    if len(routed) > 1:  # the gates were taught whom to claim among the categories saved together
+        names_routed = ", ".join(plain_text(name) for name in routed)
+        message += f" A request several gates admit goes to the category that fits it best ({names_routed})."
     return message, versions_table(policy), gr.Dropdown(choices=names, value=policy)
 
 

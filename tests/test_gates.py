@@ -296,3 +296,39 @@ def test_a_routed_gate_survives_the_round_trip_and_older_readers_refuse_it(tiny_
         Gate.from_parts(gate.to_tensors(), newer)
     with pytest.raises(SafeSteerError, match="router must also have a centroid"):
         replace(gate, centroid=None)
+
+
+def test_a_gate_learnt_alone_gets_the_router_its_policy_would_teach_it(tiny_lm):
+    from safesteer.extraction import refit_router
+    from safesteer.steering import decide_rows
+    from safesteer.vectors import ExtractionSettings
+
+    endings = ("", " Now.", " Quickly please.", " Step by step.")
+    first = [p + e for p in HARMFUL[:4] for e in endings]
+    second = [p + e for p in HARMFUL[4:] for e in endings]
+    alone = _routed_gate(tiny_lm, first, [])  # its policy's only category: nothing to learn a router from
+    assert alone.routed and alone.route is None and "other" not in alone.scores
+    taught = refit_router(tiny_lm, alone, first, SAFE * 2, second, ExtractionSettings())
+    assert taught.route is not None and "other_routed" in taught.scores
+    # what the author accepted stays: the admission and its held-out rates
+    for name in ("center", "scale", "weights", "centroid"):
+        assert torch.equal(getattr(taught, name), getattr(alone, name))
+    assert (taught.layer, taught.threshold, taught.bias) == (alone.layer, alone.threshold, alone.bias)
+    assert all(taught.scores[k] == alone.scores[k] for k in alone.scores)
+    # the router is the very one extraction fits beside the other category, on the same standardisation
+    beside = _routed_gate(tiny_lm, first, second)
+    again = refit_router(tiny_lm, replace(beside, route=None), first, SAFE * 2, second, ExtractionSettings())
+    assert torch.equal(again.route, beside.route) and again.route_bias == beside.route_bias
+    assert again.scores["other_routed"] == beside.scores["other_routed"]
+    torch.testing.assert_close(torch.tensor(again.scores["other"]), torch.tensor(beside.scores["other"]))
+    # and it routes: each category's prompts go to their own gate
+    other = _routed_gate(tiny_lm, second, first)
+    threshold = min(taught.threshold, other.threshold) - 1e6  # admit every row, so the routing shows
+    gates = [taught.with_threshold(threshold), other.with_threshold(threshold)]
+    batch = tiny_lm.encode(first + second)
+    _, fired = decide_rows(gates, read_gate_features(tiny_lm, batch["input_ids"], batch["attention_mask"], gates))
+    assert fired[: len(first), 0].float().mean() > 0.8 and fired[len(first) :, 1].float().mean() > 0.8
+    with pytest.raises(SafeSteerError, match="cannot learn from"):
+        refit_router(tiny_lm, replace(alone, precision="int4"), first, SAFE * 2, second, ExtractionSettings())
+    with pytest.raises(SafeSteerError, match="only a policy gate routes"):
+        refit_router(tiny_lm, replace(alone, centroid=None), first, SAFE * 2, second, ExtractionSettings())

@@ -196,6 +196,33 @@ def test_adding_a_category_replaces_one_of_the_same_name(store):
     assert [(c.name, c.strength) for c in latest.categories] == [("weapons", 5.0), ("fraud", 2.0)]
 
 
+def test_an_amendment_sees_the_categories_the_new_version_really_holds(store):
+    from dataclasses import replace
+
+    store.save_version("p", [category("weapons", strength=1.0)])
+    store.save_version("p", [category("fraud", seed=2)], keep_other_categories=True)  # another author, meanwhile
+    seen: list[list[str]] = []
+
+    def amend(categories):
+        seen.append([c.name for c in categories])
+        return [replace(c, strength=c.strength + 0.5) for c in categories]
+
+    number = store.save_version("p", [category("spam", seed=3)], keep_other_categories=True, amend=amend)
+    assert seen == [["weapons", "fraud", "spam"]]
+    assert [(c.name, c.strength) for c in store.load_version("p", number).categories] == [
+        ("weapons", 1.5),
+        ("fraud", 2.5),
+        ("spam", category("spam", seed=3).strength + 0.5),
+    ]
+
+    def fails(categories):
+        raise SafeSteerError("no model to learn the routers with")
+
+    with pytest.raises(SafeSteerError, match="no model"):
+        store.save_version("p", [category("malware", seed=4)], keep_other_categories=True, amend=fails)
+    assert store.load_version("p").number == number  # nothing half-saved
+
+
 def test_upgrading_a_0001_database_keeps_its_policies(tmp_path):
     from alembic import command
     from alembic.config import Config
