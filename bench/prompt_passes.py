@@ -1,8 +1,9 @@
-"""Speed of prompt passes on the embedded int4 model: bfloat16 prompt weights against the 4-bit kernel.
+"""Speed of the embedded int4 model's bfloat16 copies: prompt passes against the 4-bit kernel, and
+the head's products against the int8 kernel in decoding steps.
 
 Run with `make bench-prompts`. Both ways run in the same process, interleaved, so drift on a shared
 machine hits them alike; each figure is a median over repeats (with min-max). Writes
-`bench/results/prompt_passes.json` and prints a Markdown table (docs/serving.md, "Prompt passes
+`bench/results/prompt_passes.json` and prints two Markdown tables (docs/serving.md, "Prompt passes
 that read less").
 """
 
@@ -21,6 +22,7 @@ from timing import machine, summary
 from safesteer import datasets, load_model
 from safesteer.activations import record_activations
 from safesteer.compat import key_value_cache
+from safesteer.decoding import RunningBatch
 from safesteer.int4 import Int4Linear, keep_prompt_weights
 from safesteer.models import LoadedModel
 from safesteer.prompt_passes import new_cache, prompt_pass, right_padded, template_start
@@ -40,6 +42,29 @@ def four_bit_prompts(lm: LoadedModel) -> Iterator[None]:
     finally:
         for layer, weight in zip(layers, kept, strict=True):
             layer.prompt_weight = weight
+
+
+@contextlib.contextmanager
+def int8_head(lm: LoadedModel) -> Iterator[None]:
+    """The head's products through the int8 kernel, as before it kept bfloat16 weights."""
+    head = lm.model.get_output_embeddings()
+    kept, head.product_weight = head.product_weight, None
+    try:
+        yield
+    finally:
+        head.product_weight = kept
+
+
+def running(lm: LoadedModel, rows: list[torch.Tensor], cohorts: int, tokens: int) -> RunningBatch:
+    """A running batch of `rows` in `cohorts` admissions, `tokens` into their answers (a busy server's)."""
+    batch = RunningBatch(lm, eos_token_ids=[], suppress_eos=True)
+    size = len(rows) // cohorts
+    for c in range(cohorts):
+        part = rows[c * size : (c + 1) * size]
+        batch.admit(part, [], owners=list(range(c * size, (c + 1) * size)), max_new_tokens=[10_000] * len(part))
+    for _ in range(tokens):
+        batch.step()
+    return batch
 
 
 def after_start(lm: LoadedModel, rows: list[torch.Tensor]) -> Callable[[], object]:
@@ -67,10 +92,11 @@ def main() -> None:
 
     lm = load_model(None, "int4", device="cpu")
     layers = [m for m in lm.model.modules() if isinstance(m, Int4Linear)]
-    if any(layer.prompt_weight is None for layer in layers):
-        raise SystemExit("this machine keeps no bfloat16 prompt weights (see int4.rows_computed_alone)")
+    head = lm.model.get_output_embeddings()
+    if any(layer.prompt_weight is None for layer in layers) or head.product_weight is None:
+        raise SystemExit("this machine keeps no bfloat16 copies (see int4.rows_computed_alone)")
     started = time.perf_counter()
-    with four_bit_prompts(lm):
+    with four_bit_prompts(lm), int8_head(lm):
         keep_prompt_weights(lm.model)  # what loading adds, timed on its own
     decode_s = time.perf_counter() - started
     if not template_start(lm).exact():
@@ -98,6 +124,28 @@ def main() -> None:
                     if repeat:
                         samples[name][way].append(took)
 
+    chat = [lm.encode([[{"role": "user", "content": p}]])["input_ids"][0] for p in datasets.benign_prompts(limit=14)]
+    steps = {
+        "1 row": running(lm, chat[:1], 1, 100).step,
+        "2 rows (a preview: naive and steered)": running(lm, chat[:2], 1, 100).step,
+        "6 rows": running(lm, chat[:6], 1, 20).step,
+        "8 rows in 4 cohorts, 150 tokens in": running(lm, chat[:8], 4, 150).step,
+        "14 rows in 7 cohorts, 150 tokens in": running(lm, chat[:14], 7, 150).step,
+    }
+    step_samples: dict[str, dict[str, list[float]]] = {name: {"bf16": [], "int8": []} for name in steps}
+    with torch.inference_mode():
+        for repeat in range(args.repeats + 1):
+            for name, step in steps.items():
+                for way in ("bf16", "int8"):
+                    with int8_head(lm) if way == "int8" else contextlib.nullcontext():
+                        took = []
+                        for _ in range(5):  # one step is short: the median of five
+                            begun = time.perf_counter()
+                            step()
+                            took.append(time.perf_counter() - begun)
+                    if repeat:
+                        step_samples[name][way].append(sorted(took)[2])
+
     tokens = {
         "one prompt, whole": int(one.shape[0]),
         "one prompt, after the cached start": int(one.shape[0]) - template_start(lm).length,
@@ -113,6 +161,10 @@ def main() -> None:
             name: {"tokens": tokens[name], **{way: summary(values) for way, values in ways.items()}}
             for name, ways in samples.items()
         },
+        "head_weight_bytes": 2 * head.in_features * head.out_features,
+        "decoding_steps": {
+            name: {way: summary(values) for way, values in ways.items()} for name, ways in step_samples.items()
+        },
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "prompt_passes.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -126,7 +178,17 @@ def main() -> None:
             for w in ("int4", "bf16")
         ]
         print(f"| {name} | {row['tokens']} | {cells[0]} | {cells[1]} |")
-    print(f"decoding the prompt weights at load: {decode_s:.2f} s, {report['prompt_weight_bytes'] / 1e9:.2f} GB")
+    kept_gb = (report["prompt_weight_bytes"] + report["head_weight_bytes"]) / 1e9
+    print(f"decoding the bfloat16 copies at load: {decode_s:.2f} s, {kept_gb:.2f} GB")
+    print()
+    print(f"| decoding step (embedded int4, {torch.get_num_threads()} threads) | int8 head | bfloat16 head |")
+    print("| --- | --- | --- |")
+    for name, row in report["decoding_steps"].items():
+        cells = [
+            f"{1000 * row[w]['median']:.1f} ms ({1000 * row[w]['min']:.1f}-{1000 * row[w]['max']:.1f})"
+            for w in ("int8", "bf16")
+        ]
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

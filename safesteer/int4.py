@@ -9,8 +9,9 @@ checkpoint recovers the original 4-bit codes exactly (only the group scales are 
 bfloat16): the model behaves like the GGUF file itself and decodes about 3x faster than NF4.
 
 The LM head (tied to the embeddings, Q8_0 in the GGUF) becomes int8 with one scale per output
-row (`_weight_int8pack_mm`); everything else runs in bfloat16. Layers whose shapes the kernel
-cannot take stay as bfloat16 `nn.Linear`.
+row (`_weight_int8pack_mm`), computed by a bfloat16 GEMM on its decoded weights where that is
+exact (`Int8Linear`); everything else runs in bfloat16. Layers whose shapes the kernel cannot
+take stay as bfloat16 `nn.Linear`.
 
 Prompt passes are another workload: many rows per product, bound by arithmetic rather than by
 reading weights. There the 4-bit kernel computes about 1.4 ms per token on 2 cores, and a bfloat16
@@ -32,20 +33,22 @@ from torch import nn
 GROUP_SIZE = 32
 """Input elements per scale/zero pair: GGUF Q4_1's block size."""
 PROMPT_WEIGHTS_BUDGET = 2 * 1024**3
-"""Bytes of bfloat16 prompt-pass weights a model may keep beside its 4-bit ones (the embedded model
-needs 0.2 GB); a larger model reads its prompts through the 4-bit kernel."""
+"""Bytes of bfloat16 weights a model may keep beside its 4-bit and int8 ones (the embedded model
+needs 0.27 GB: 0.21 for its decoder's prompt passes, 0.06 for its head); a larger model keeps
+what fits, the decoder first, and computes the rest with the 4-bit and int8 kernels."""
 _INVARIANCE_ROWS = (2, 3, 5, 8, 15, 16, 17, 31, 33, 64, 100, 160)
-"""Row counts a GEMM is tried at: kernels switch at small counts and at block boundaries. A prompt
-pass feeds at least two tokens, so one row (a matrix-vector product, summed in another order) never
-occurs."""
+"""Row counts a GEMM is tried at: kernels switch at small counts and at block boundaries. One row
+(a matrix-vector product, summed in another order) is never fed to it: a prompt pass feeds at least
+two tokens, and the head computes a lone row as a pair."""
 _LEVELS = 15
-# Every decoding step runs through the 4-bit and int8 kernels, whatever the batch: each output row is
-# computed on its own, with one reduction order, so a row's answer does not depend on how many rows
-# share its batch (a preview's naive row, a server request with neighbours, a sweep's cell all get
-# the tokens they get alone). Float32 GEMM on dequantized weights was once used from 64 rows on; its
-# reduction order changes with the number of rows, so answers moved with the batch, and on
-# torch 2.13 it is no faster for the decoder's products (measured in docs/serving.md). The bfloat16
-# GEMM of prompt passes is used only where `rows_computed_alone` finds it row by row too.
+# Every decoding step runs through the 4-bit kernel and the head's one product, whatever the batch:
+# each output row is computed on its own, with one reduction order, so a row's answer does not
+# depend on how many rows share its batch (a preview's naive row, a server request with neighbours,
+# a sweep's cell all get the tokens they get alone). Float32 GEMM on dequantized weights was once
+# used from 64 rows on; its reduction order changes with the number of rows, so answers moved with
+# the batch, and on torch 2.13 it is no faster for the decoder's products (measured in
+# docs/serving.md). The bfloat16 GEMMs of prompt passes and of the head are used only where
+# `rows_computed_alone` finds them row by row too.
 
 
 def _pack_codes(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,11 +135,21 @@ class Int4Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights and one scale per output row (the LM head)."""
+    """A linear layer with int8 weights and one scale per output row (the LM head).
+
+    The int8 kernel computes each row on its own, reading the whole weight again for every row: 2.8
+    ms for one row of the embedded model's head on 2 cores, 16 ms for 14. A bfloat16 GEMM on the
+    same weights, decoded once (`product_weight`), takes 2.6 and 4.3 ms, so where it computes rows
+    alone (`rows_computed_alone`) every product of the head uses it, prompt passes and decoding
+    steps alike. One row goes through it as a pair: a lone row would take a matrix-vector kernel
+    with another summation order, and its logits would then depend on whether it had neighbours.
+    """
 
     codes: torch.Tensor
     scales: torch.Tensor
     bias: torch.Tensor | None
+    product_weight: PromptWeight | None
+    """The decoded weights in bfloat16 for every product, or None (the int8 kernel)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -147,10 +160,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("codes", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scale.to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.product_weight = None  # not a buffer: derived from `codes`, so never saved or compared
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """The product with bfloat16 [rows, in_features] activations, no bias (hot loops use this)."""
-        return torch._weight_int8pack_mm(x, self.codes, self.scales)
+        weight = self.product_weight
+        if weight is None:
+            return torch._weight_int8pack_mm(x, self.codes, self.scales)
+        if x.shape[0] == 1:  # as a pair: the GEMM's own kernel, so the row gets the bits it gets in any batch
+            return weight.product(x.expand(2, -1).contiguous())[:1]
+        return weight.product(x)
+
+    def decoded(self) -> torch.Tensor:
+        """The weights as the int8 kernel decodes them, rounded to bfloat16, [out, in]."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.codes.device)
+        return torch._weight_int8pack_mm(eye, self.codes, self.scales).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous())
@@ -222,29 +246,58 @@ def _rows_computed_alone(in_features: int, out_features: int, threads: int) -> b
 
 
 def keep_prompt_weights(model: Any, budget: int = PROMPT_WEIGHTS_BUDGET) -> int:
-    """Give each 4-bit layer bfloat16 weights for prompt passes, where they fit `budget` and are exact.
+    """Give each 4-bit layer bfloat16 weights for prompt passes, and the int8 head bfloat16 weights for
+    every product, where they fit `budget` and are exact.
 
-    Returns how many layers got them: all or none, so that every prompt pass runs one kind of product.
+    Returns how many layers got them. The 4-bit layers get them all or none, so that every prompt
+    pass runs one kind of product; the head decides on its own, since it runs one kind everywhere.
     """
     layers = [module for module in model.modules() if isinstance(module, Int4Linear)]
+    heads = [module for module in model.modules() if isinstance(module, Int8Linear)]
     size = sum(2 * layer.in_features * layer.out_features for layer in layers)
     shapes = {(layer.in_features, layer.out_features) for layer in layers}
-    if not layers or size > budget or not all(rows_computed_alone(*shape) for shape in shapes):
-        return 0
+    kept = 0
     with torch.no_grad():
-        for layer in layers:
-            layer.prompt_weight = PromptWeight(layer.decoded())
-    return len(layers)
+        if layers and size <= budget and all(rows_computed_alone(*shape) for shape in shapes):
+            for layer in layers:
+                layer.prompt_weight = PromptWeight(layer.decoded())
+            kept, budget = len(layers), budget - size
+        for head in heads:
+            head_size = 2 * head.in_features * head.out_features
+            if head_size <= budget and rows_computed_alone(head.in_features, head.out_features):
+                head.product_weight = PromptWeight(head.decoded())
+                kept, budget = kept + 1, budget - head_size
+    return kept
+
+
+def _with_bfloat16_weights(model: Any) -> list[Int4Linear | Int8Linear]:
+    return [
+        module
+        for module in model.modules()
+        if (isinstance(module, Int4Linear) and module.prompt_weight is not None)
+        or (isinstance(module, Int8Linear) and module.product_weight is not None)
+    ]
 
 
 def drop_prompt_weights(model: Any) -> int:
-    """Send every prompt pass back to the 4-bit kernel; returns how many layers had prompt weights."""
-    dropped = 0
-    for module in model.modules():
-        if isinstance(module, Int4Linear) and module.prompt_weight is not None:
+    """Send every product back to the 4-bit and int8 kernels; returns how many layers had bfloat16 weights."""
+    layers = _with_bfloat16_weights(model)
+    for module in layers:
+        if isinstance(module, Int4Linear):
             module.prompt_weight = None
-            dropped += 1
-    return dropped
+        else:
+            module.product_weight = None
+    return len(layers)
+
+
+def computed_alone_here(model: Any) -> bool:
+    """Whether this thread's GEMMs compute rows alone for every layer that keeps bfloat16 weights.
+
+    `keep_prompt_weights` checks at the loading thread's thread count; a server computes in a
+    worker thread that may run another count (`prompt_passes.TemplateStart.exact` asks again there).
+    """
+    shapes = {(module.in_features, module.out_features) for module in _with_bfloat16_weights(model)}
+    return all(rows_computed_alone(*shape) for shape in shapes)
 
 
 @functools.cache

@@ -34,7 +34,7 @@ import torch
 from .architectures import Site
 from .compat import cache_kwargs, key_value_cache
 from .errors import SafeSteerError
-from .int4 import drop_prompt_weights
+from .int4 import computed_alone_here, drop_prompt_weights
 from .models import LoadedModel
 from .steering import KnownStart, SteeringSpec, gate_states, steer
 
@@ -168,6 +168,8 @@ class TemplateStart:
     @torch.inference_mode()
     def _check(self) -> bool:
         """Each check request whole, split after the start, and all of them in one padded pass: same numbers."""
+        if not computed_alone_here(self.lm.model):  # this thread's GEMMs, at every row count a step may have
+            return False
         prompts = [self.lm.encode([text])["input_ids"][0] for text in (*_CHECK_TEXTS, " ".join(["word"] * 40))]
         wholes = []
         for ids in prompts:

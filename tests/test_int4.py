@@ -192,10 +192,42 @@ def test_prompt_passes_read_bfloat16_copies_of_the_decoded_weights_and_steps_the
     assert torch.equal(copied(x), layer(x))
 
 
+def test_the_head_computes_every_product_with_its_decoded_weights_and_a_lone_row_as_a_pair():
+    """One GEMM for every product of the head, steps and prompts alike; one row gets the bits of any batch."""
+    from safesteer.int4 import computed_alone_here, drop_prompt_weights, keep_prompt_weights, rows_computed_alone
+
+    linear, weight = _linear_on_grid(96, 64, seed=3, bias=False)
+    head = Int8Linear(linear)
+    model = nn.Sequential(head)
+    if not rows_computed_alone(64, 96):
+        assert keep_prompt_weights(model) == 0 and head.product_weight is None
+        pytest.skip("this machine's bfloat16 GEMM does not compute rows alone: the head keeps the int8 kernel")
+    assert keep_prompt_weights(model, budget=0) == 0 and head.product_weight is None  # over budget
+    assert keep_prompt_weights(model) == 1 and computed_alone_here(model)
+    kept = head.product_weight.dense()  # the int8 kernel's own decoding, rounded once to bfloat16
+    assert torch.equal(
+        kept, torch._weight_int8pack_mm(torch.eye(64, dtype=torch.bfloat16), head.codes, head.scales).t()
+    )
+    assert torch.allclose(kept.float(), weight, atol=0.01)
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    together = head.matmul(x)
+    assert torch.equal(together, head.product_weight.product(x))
+    assert torch.allclose(together.float(), (x @ kept.t()).float(), atol=1e-2)
+    for row in (0, 7, 39):  # alone, in pairs and in any batch: the same bits
+        assert torch.equal(head.matmul(x[row : row + 1]), together[row : row + 1])
+        assert torch.equal(head(x[row : row + 1][None]), together[row : row + 1][None])
+    assert torch.equal(copy.deepcopy(model)[0].matmul(x), together)
+    assert drop_prompt_weights(model) == 1 and head.product_weight is None
+    assert torch.equal(head.matmul(x[:4]), torch._weight_int8pack_mm(x[:4], head.codes, head.scales))
+
+
 def test_a_loaded_int4_model_keeps_prompt_weights_where_they_are_exact(tiny_int4):
     from safesteer.int4 import rows_computed_alone
 
     layers = [m for m in tiny_int4.model.modules() if isinstance(m, Int4Linear)]
     exact = all(rows_computed_alone(m.in_features, m.out_features) for m in layers)
     assert all((m.prompt_weight is not None) == exact for m in layers)
-    assert all(name.find("prompt_weight") < 0 for name in tiny_int4.model.state_dict())  # derived, never saved
+    head = tiny_int4.model.get_output_embeddings()
+    assert (head.product_weight is not None) == rows_computed_alone(head.in_features, head.out_features)
+    names = list(tiny_int4.model.state_dict())
+    assert not [n for n in names if "prompt_weight" in n or "product_weight" in n]  # derived, never saved
