@@ -70,20 +70,17 @@ def other_categories_prompts(store: VersionStore, policy: str | None, category: 
     return [p for c in latest.categories if c.name != category for p in c.harmful]
 
 
-def routes_here(category: PolicyCategory, gate_lm: LoadedModel) -> bool:
+def _routes_here(category: PolicyCategory, gate_lm: LoadedModel) -> bool:
     """Whether `category`'s gate is a policy gate this model reads: one whose router it can teach."""
-    gate, model = category.gate, category.vectors.model
+    gate, made_for, reader = category.gate, category.vectors.model, gate_lm.identity
     return (
         gate is not None
         and gate.routed
         and gate.token == "mean"
-        and gate.precision == gate_lm.identity.precision
-        and (model.model_id, model.model_type, model.hidden_size) == _same_model(gate_lm.identity)
+        and gate.precision == reader.precision
+        and (made_for.model_id, made_for.model_type, made_for.hidden_size)
+        == (reader.model_id, reader.model_type, reader.hidden_size)
     )
-
-
-def _same_model(identity: ModelIdentity) -> tuple[str, str, int]:
-    return identity.model_id, identity.model_type, identity.hidden_size
 
 
 def routed_together(categories: Sequence[PolicyCategory], gate_lm: Callable[[], LoadedModel]) -> list[PolicyCategory]:
@@ -100,7 +97,7 @@ def routed_together(categories: Sequence[PolicyCategory], gate_lm: Callable[[], 
     lm = gate_lm()
     out = []
     for category in categories:
-        if not routes_here(category, lm):
+        if not _routes_here(category, lm):
             out.append(category)
             continue
         others = [p for other in categories if other.name != category.name for p in other.harmful]
