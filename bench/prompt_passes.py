@@ -84,6 +84,12 @@ def whole(lm: LoadedModel, row: torch.Tensor) -> Callable[[], object]:
     return lambda: prompt_pass(lm, row[None], [int(row.shape[0])], 0, new_cache(lm))
 
 
+def _ms(seconds: dict[str, float], digits: int) -> str:
+    """A timing summary as a table cell: the median in ms, with min-max."""
+    low, middle, high = (f"{1000 * seconds[k]:.{digits}f}" for k in ("min", "median", "max"))
+    return f"{middle} ms ({low}-{high})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -173,22 +179,14 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- |")
     for name, row in report["passes"].items():
-        cells = [
-            f"{1000 * row[w]['median']:.0f} ms ({1000 * row[w]['min']:.0f}-{1000 * row[w]['max']:.0f})"
-            for w in ("int4", "bf16")
-        ]
-        print(f"| {name} | {row['tokens']} | {cells[0]} | {cells[1]} |")
+        print(f"| {name} | {row['tokens']} | {_ms(row['int4'], 0)} | {_ms(row['bf16'], 0)} |")
     kept_gb = (report["prompt_weight_bytes"] + report["head_weight_bytes"]) / 1e9
     print(f"decoding the bfloat16 copies at load: {decode_s:.2f} s, {kept_gb:.2f} GB")
     print()
     print(f"| decoding step (embedded int4, {torch.get_num_threads()} threads) | int8 head | bfloat16 head |")
     print("| --- | --- | --- |")
     for name, row in report["decoding_steps"].items():
-        cells = [
-            f"{1000 * row[w]['median']:.1f} ms ({1000 * row[w]['min']:.1f}-{1000 * row[w]['max']:.1f})"
-            for w in ("int8", "bf16")
-        ]
-        print(f"| {name} | {cells[0]} | {cells[1]} |")
+        print(f"| {name} | {_ms(row['int8'], 1)} | {_ms(row['bf16'], 1)} |")
 
 
 if __name__ == "__main__":
