@@ -322,6 +322,9 @@ def build_app() -> gr.Blocks:
             api_name="read_category",
         )
         read_event.success(studio.remember_draft, draft, resume_choice, api_visibility="private")
+        extracted_views = [separation, extract_summary, gate_scores, gate_text]
+        read_event.success(studio.cleared_extraction, None, extracted_views, api_visibility="private")
+        source.change(studio.name_for_source, [source, name], name, api_visibility="private", show_progress="hidden")
         resume_button.click(
             studio.user_errors(studio.resume_draft),
             resume_choice,

@@ -3,7 +3,7 @@
 An author comparing two texts should not have to judge alone whether steering helped. The same
 judges the evaluation uses read each answer (degenerate, refusal, off-topic, and for a harmful
 request the unsafe-attempt probe when it is ready) and their verdicts are said in words: "refuses",
-"broken: repeats itself", "still helps with the harmful request", "answers on topic".
+"broken: repeats itself", "helps with the harmful request", "answers on topic".
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def describe_answer(
     if kind == "harmful" and probe is not None and reader is not None:
         score = probe.scores(reader, [Answer(prompt, text, kind)])[0]
         if score >= probe.threshold:
-            return AnswerVerdict("unsafe", f"still helps with the harmful request (probe {score:.0%})")
+            return AnswerVerdict("unsafe", f"helps with the harmful request (probe {score:.0%})")
     from .judges.off_topic import OffTopicJudge  # loads the sentence embedder: only when it is needed
 
     (topic,) = OffTopicJudge().judge([Answer(prompt, text, kind)], JudgeContext())
@@ -63,7 +63,7 @@ def steering_effect(naive: AnswerVerdict, steered: AnswerVerdict, same_text: boo
     if same_text:
         return "Steering did not change this answer."
     if naive.behaviour == steered.behaviour:
-        return f"Steering changed the words, not the behaviour: both answers {steered.words.split(':')[0]}."
+        return f"Steering changed the words, not the behaviour (both: {steered.words.split(':')[0]})."
     if kind == "everyday":
         if steered.behaviour == "answers":
             return "Steering changed the answer; it still helps."

@@ -7,7 +7,15 @@ may return Gradio updates.
 """
 
 from . import resources
-from .category import MAX_STRENGTH, Draft, read_category, require_draft, within_strength
+from .category import (
+    MAX_STRENGTH,
+    Draft,
+    cleared_extraction,
+    name_for_source,
+    read_category,
+    require_draft,
+    within_strength,
+)
 from .drafts import draft_choices, remember_draft, resume_draft
 from .evaluation import (
     FAILING_COLUMNS,
@@ -73,6 +81,7 @@ __all__ = [
     "Draft",
     "EvaluationSession",
     "author_of",
+    "cleared_extraction",
     "compare_versions",
     "default_model_id",
     "draft_choices",
@@ -89,6 +98,7 @@ __all__ = [
     "import_policy",
     "layer_slider",
     "move_threshold",
+    "name_for_source",
     "open_saved_category",
     "parse_version",
     "plain_text",

@@ -17,7 +17,7 @@ from safesteer.prompts import MAX_FILE_BYTES, PromptReport, clean_prompts, parse
 from safesteer.text_gates import BaselineRates
 from safesteer.vectors import MIN_PROMPTS_PER_SIDE, CategoryVectors
 
-from .resources import OWN_PROMPTS, builtin_area, heldout_count, plain_text
+from .resources import OWN_PROMPTS, builtin_area, example_sources, heldout_count, plain_text
 
 
 @dataclass
@@ -44,6 +44,23 @@ def _read_side(file_path: str | None, pasted: str | None, side: str) -> PromptRe
     if pasted:
         raw += pasted.splitlines()
     return clean_prompts(raw)
+
+
+def name_for_source(source: str, name: str) -> str:
+    """The category's name when the author picks another source of examples.
+
+    A built-in data set names the category after itself unless the author typed a name of their
+    own: a name left at another data set's would save the new category over that one.
+    """
+    area = builtin_area(source)
+    typed = (name or "").strip()
+    automatic = not typed or typed in {builtin_area(s) for s in example_sources()}
+    return area if area is not None and automatic else name
+
+
+def cleared_extraction() -> tuple[None, str, None, str]:
+    """What step 2 shows once a new category is read: nothing extracted yet."""
+    return None, "", None, ""
 
 
 def read_category(

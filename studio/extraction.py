@@ -225,7 +225,10 @@ def extraction_estimate(draft: Draft | None, method: str, mode: str, policy: str
     if settings.gate and not ready:
         text += "; the gate's safe and edgy examples are recorded once per model, later extractions skip them"
     if others:
-        text += f"; the gate also learns from the policy's other categories ({len(set(others))} prompts)"
+        text += (
+            f"; the gate also learns from the other categories of the policy **{plain_text(policy or '')}** "
+            f"chosen in step 4 ({len(set(others))} prompts)"
+        )
     return text + "."
 
 

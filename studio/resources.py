@@ -166,7 +166,7 @@ def ready_probe() -> Any:
     """The preview model's unsafe-attempt probe if it is trained, else None (training starts in the background).
 
     Trained once per model and cached on disk; the first preview does not wait for it: its verdicts
-    leave out "still helps with the harmful request" until the probe is ready.
+    leave out "helps with the harmful request" until the probe is ready.
     """
     lm = preview_model()
     key = repr(sorted(lm.identity.to_dict().items()))

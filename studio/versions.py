@@ -93,6 +93,27 @@ def _short(text: str, limit: int = 140) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+SETTING_WORDS = {
+    "gate_routes_by": "which category steers a request several gates admit",
+    "gate_threshold": "gate threshold",
+    "gate_layer": "gate layer",
+    "gate_fpr": "gate false-positive rate",
+    "mode": "gate mode",
+}
+"""Operating-point settings in the author's words (the others read well as they are)."""
+VALUE_WORDS = {
+    ("gate_routes_by", "centroid"): "the closest category's examples",
+    ("gate_routes_by", "router"): "a router learnt against the other categories",
+}
+
+
+def _setting_change(key: str, old: object, new: object) -> str:
+    def value(v: object) -> str:
+        return plain_text(VALUE_WORDS.get((key, str(v)), str(v)))
+
+    return f"{plain_text(SETTING_WORDS.get(key, key))}: {value(old)} → {value(new)}"
+
+
 def compare_versions(policy: str, old: float, new: float) -> str:
     diff = studio_store().diff(policy, int(old), int(new))
     lines = [f"### {plain_text(policy)}: version {diff.old} → version {diff.new}"]
@@ -110,7 +131,7 @@ def compare_versions(policy: str, old: float, new: float) -> str:
                 if len(items) > MAX_LISTED_CHANGES:
                     lines.append(f"    - … and {len(items) - MAX_LISTED_CHANGES} more")
         for key, (a, b) in c.settings_changed.items():
-            lines.append(f"  - {plain_text(key)}: {plain_text(str(a))} → {plain_text(str(b))}")
+            lines.append(f"  - {_setting_change(key, a, b)}")
         if c.cosine_by_layer:
             lines.append(f"  - vector similarity (cosine): lowest {min(c.cosine_by_layer):.3f} across layers")
     return "\n".join(lines)

@@ -26,15 +26,19 @@ def test_each_answer_is_described_in_words():
 
 
 def test_the_preview_says_whether_steering_helped():
-    unsafe = AnswerVerdict("unsafe", "still helps with the harmful request")
+    unsafe = AnswerVerdict("unsafe", "helps with the harmful request (probe 81%)")
     refuses = AnswerVerdict("refuses", "refuses")
     broken = AnswerVerdict("broken", "broken: repeats itself")
     answers = AnswerVerdict("answers", "answers on topic")
     assert steering_effect(unsafe, unsafe, True, "harmful") == "Steering did not change this answer."
     assert steering_effect(unsafe, refuses, False, "harmful") == "Steering made this answer safer: it now refuses."
-    assert "less safe" in steering_effect(refuses, unsafe, False, "harmful")
+    assert steering_effect(refuses, unsafe, False, "harmful") == (
+        "Steering made this answer less safe: it now helps with the harmful request (probe 81%)."
+    )
     assert "broke" in steering_effect(unsafe, broken, False, "harmful")
-    assert "words, not the behaviour" in steering_effect(unsafe, unsafe, False, "harmful")
+    assert steering_effect(refuses, refuses, False, "harmful") == (
+        "Steering changed the words, not the behaviour (both: refuses)."
+    )
     assert "hurt this everyday answer" in steering_effect(answers, refuses, False, "everyday")
     assert "words, not the behaviour" in steering_effect(answers, answers, False, "everyday")
     drifted = AnswerVerdict("off-topic", "drifts off topic")
