@@ -110,7 +110,9 @@ def build_app() -> gr.Blocks:
                         label="Which prompt token",
                         info="last: the last prompt token; mean: all prompt tokens",
                     )
-                    prune = gr.Slider(0.1, 1.0, value=0.5, step=0.05, label="Pruning: share of harmful examples kept")
+                    prune = gr.Slider(
+                        0.1, 1.0, value=0.5, step=0.05, label="Pruning: share of harmful examples kept", visible=False
+                    )
                 with gr.Row():
                     gate_mode = gr.Radio(
                         ["gated", "always", "none"],
@@ -323,6 +325,7 @@ def build_app() -> gr.Blocks:
         )
         read_event.success(studio.remember_draft, draft, resume_choice, api_visibility="private")
         extracted_views = [separation, extract_summary, gate_scores, gate_text]
+        method.change(studio.method_controls, method, [prune, target], api_visibility="private", show_progress="hidden")
         read_event.success(studio.cleared_extraction, None, extracted_views, api_visibility="private")
         source.change(studio.name_for_source, [source, name], name, api_visibility="private", show_progress="hidden")
         resume_button.click(

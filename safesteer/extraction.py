@@ -28,6 +28,23 @@ from .vectors import (
     vectors_from_activations,
 )
 
+SET_LABELS = ("harmful prompts", "safe prompts", "other categories' prompts")
+"""What a category's sets are, in their usual order: its own two sides, then its policy's other categories."""
+GATE_SET_LABELS = (
+    "the policy's harmful prompts",
+    "the policy's harmful prompts, dressed up",
+    "safe prompts",
+    "safe prompts, dressed up",
+    "edgy everyday prompts",
+)
+"""A policy gate's sets (`PolicyGateSets.record`), in order."""
+
+
+def _labelled(progress: ProgressCallback, label: str) -> ProgressCallback:
+    if not label:
+        return progress
+    return lambda fraction, description: progress(fraction, f"{label}: {description}")
+
 
 def _record_sets(
     lm: LoadedModel,
@@ -37,11 +54,13 @@ def _record_sets(
     span: tuple[float, float],
     token: Token | None = None,
     shared: Sequence[bool] = (),
+    labels: Sequence[str] = SET_LABELS,
 ) -> list[torch.Tensor]:
     """Each prompt set's activations, progress spread over `span` in proportion to the prompts.
 
     Sets marked `shared` are the same for many extractions on this model: they come from, and go
-    to, the recording cache (`recordings`).
+    to, the recording cache (`recordings`). Each set's progress lines say which set it is (`labels`),
+    since every set counts its prompts from zero again.
     """
     shared = [index < len(shared) and shared[index] for index in range(len(sets))]
     token = token or settings.token
@@ -56,7 +75,10 @@ def _record_sets(
     start, width = span
     recorded, done = [], 0
     for prompts, cached, cost in zip(sets, shared, costs, strict=True):
-        part = scaled(progress, start + width * done / total, start + width * (done + cost) / total)
+        part = _labelled(
+            scaled(progress, start + width * done / total, start + width * (done + cost) / total),
+            labels[len(recorded)] if len(recorded) < len(labels) else "",
+        )
         record = cached_recording if cached else record_activations
         recorded.append(
             record(
@@ -118,7 +140,9 @@ class PolicyGateSets:
         # every set goes through the recording cache: the negatives are shared by every category, and a
         # policy's pool by its categories and by each new extraction of the same prompts (a built-in
         # category's is recorded at start-up: `warm_policy_pool`)
-        recorded = _record_sets(gate_lm, sets, settings, progress, span, token="mean", shared=(True,) * 5)
+        recorded = _record_sets(
+            gate_lm, sets, settings, progress, span, token="mean", shared=(True,) * 5, labels=GATE_SET_LABELS
+        )
         by_name = dict(zip(("pool", "framed_pool", "safe", "framed_safe", "edgy"), recorded, strict=True))
         return cls(pool, canonical_safe(safe), {name: by_name[name] for name in names}, gate_lm.identity.precision)
 
@@ -220,7 +244,9 @@ def refit_router(
         )
     at_gate = replace(settings, site=gate.site)
     prompts = pool_sets(harmful, distinct_others(harmful, safe, others), at_gate)
-    pool, framed_pool = _record_sets(gate_lm, prompts, at_gate, None, (0.0, 1.0), token="mean", shared=(True, True))
+    pool, framed_pool = _record_sets(
+        gate_lm, prompts, at_gate, None, (0.0, 1.0), token="mean", shared=(True, True), labels=GATE_SET_LABELS
+    )
     mine = set(harmful)
     return with_router(gate, pool, framed_pool, torch.tensor([p in mine for p in prompts[0]]), at_gate.seed)
 

@@ -33,7 +33,14 @@ from .evaluation import (
     save_evaluation,
     suggested_sweep,
 )
-from .extraction import extract, extraction_estimate, layer_slider, separation_plot, suggested_controls
+from .extraction import (
+    extract,
+    extraction_estimate,
+    layer_slider,
+    method_controls,
+    separation_plot,
+    suggested_controls,
+)
 from .gating import gate_plot, gate_summary, move_threshold, set_mode, threshold_slider
 from .preview import draft_spec, preview, preview_batch
 from .resources import (
@@ -97,6 +104,7 @@ __all__ = [
     "guided_from_review",
     "import_policy",
     "layer_slider",
+    "method_controls",
     "move_threshold",
     "name_for_source",
     "open_saved_category",

@@ -232,6 +232,11 @@ def extraction_estimate(draft: Draft | None, method: str, mode: str, policy: str
     return text + "."
 
 
+def method_controls(method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Show only the settings the chosen method reads: pruning for `pruned`, the target for `answers`."""
+    return gr.update(visible=method == "pruned"), gr.update(visible=method == "answers")
+
+
 def layer_slider(draft: Draft | None) -> gr.Slider:
     """The layer slider's range for the extracted model, at the recommended layer."""
     if draft is None or draft.vectors is None:

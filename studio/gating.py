@@ -114,7 +114,8 @@ def gate_summary(gate: Gate | None, baselines: Sequence[BaselineRates] = ()) -> 
         f"Gate (layer {gate.layer}, threshold {gate.threshold:.2f}): catches **{rates.catch_rate:.0%}** of held-out "
         f"harmful prompts ({rates.n_harmful}; 95% interval {caught.low:.0%}–{caught.high:.0%}), fires on "
         f"**{rates.false_positive_rate:.0%}** of held-out safe prompts ({rates.n_safe}; {false.low:.0%}–"
-        f"{false.high:.0%}){other}.{reads} Mode: {mode}."
+        f"{false.high:.0%}){other}: a split of the examples the gate did not learn from, apart from the prompts"
+        f" step 1 kept for previews.{reads} Mode: {mode}."
         + target_text(gate.target_fpr, rates.false_positive_rate, false)
     ) + baselines_text(baselines, gate)
 

@@ -38,7 +38,12 @@ def versions_table(policy: str | None) -> pd.DataFrame:
                     else name
                     for name in v.categories
                 ),
-                "note": v.note + (f" (restored from v{v.restored_from})" if v.restored_from else ""),
+                "note": v.note
+                + (
+                    f" (restored from v{v.restored_from})"
+                    if v.restored_from and f"version {v.restored_from}" not in v.note
+                    else ""
+                ),
             }
             for v in reversed(studio_store().list_versions(policy))
         ],
@@ -82,7 +87,9 @@ def save_version(
     routed = [c.name for c in categories if c.gate is not None and c.gate.route is not None]
     if len(routed) > 1:  # the gates were taught whom to claim among the categories saved together
         names_routed = ", ".join(plain_text(name) for name in routed)
-        message += f" A request several gates admit goes to the category that fits it best ({names_routed})."
+        message += (
+            f" A request that fits several of its categories is steered by the one it fits best ({names_routed})."
+        )
     return message, versions_table(policy), gr.Dropdown(choices=names, value=policy)
 
 

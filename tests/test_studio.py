@@ -408,7 +408,9 @@ def test_saving_a_second_category_teaches_the_first_its_router(app_env):
     assert taught is not None and taught.route is not None and saved.category("fraud").gate.route is not None
     # the first category's admission is the one its author accepted; it learnt only whom to claim
     assert torch.equal(taught.weights, first.weights) and taught.threshold == first.threshold
-    assert saved.category("crime").harmful == crime.harmful and "fits it best (crime, fraud)" in message
+    assert (
+        saved.category("crime").harmful == crime.harmful and "steered by the one it fits best (crime, fraud)" in message
+    )
     change = studio.studio_store().diff("Routed", 1, 2).categories[0]  # what comparing the versions shows
     assert change.settings_changed == {"gate_routes_by": ("centroid", "router")} and change.status == "changed"
     assert (
@@ -425,3 +427,9 @@ def test_a_built_in_data_set_names_the_category_unless_the_author_named_it():
     assert studio.name_for_source(hazards, "my fraud rules") == "my fraud rules"  # typed by the author: kept
     assert studio.name_for_source(studio.OWN_PROMPTS, "malicious-uses") == "malicious-uses"
     assert studio.cleared_extraction() == (None, "", None, "")  # a new category shows nothing extracted yet
+
+
+def test_step_2_shows_only_the_settings_the_chosen_method_reads():
+    for method, prune, target in (("answers", False, True), ("pruned", True, False), ("mean-diff", False, False)):
+        shown = studio.method_controls(method)
+        assert (shown[0]["visible"], shown[1]["visible"]) == (prune, target), method

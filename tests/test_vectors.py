@@ -102,3 +102,19 @@ def test_extract_refuses_too_few_prompts_and_unknown_settings(tiny_lm):
         extract_vectors(tiny_lm, HARMFUL, SAFE, ExtractionSettings(site="mlp"))  # type: ignore[arg-type]
     with pytest.raises(SafeSteerError, match="judge"):
         extract_vectors(tiny_lm, HARMFUL, SAFE, ExtractionSettings(method="guided"))
+
+
+def test_extraction_progress_says_which_prompt_set_it_is_recording(tiny_lm):
+    """Every set counts its prompts from zero again: the line says which set, so the count never seems to jump back."""
+    from safesteer.vectors import ExtractionSettings
+
+    lines: list[str] = []
+    settings = ExtractionSettings(method="mean-diff")  # the policy gate: the category's sets, then the gate's
+    harmful, safe = ([f"{p} (progress)" for p in side] for side in (HARMFUL, SAFE))  # none from the cache
+    extract_vectors(tiny_lm, harmful, safe, settings, progress=lambda f, d: lines.append(d))
+    counted = [line for line in lines if "recorded" in line]
+    for label in ("harmful prompts: recorded", "safe prompts: recorded", "the policy's harmful prompts, dressed up:"):
+        assert any(line.startswith(label) for line in counted), label
+    from safesteer.extraction import GATE_SET_LABELS, SET_LABELS
+
+    assert all(any(line.startswith(f"{label}: ") for label in (*SET_LABELS, *GATE_SET_LABELS)) for line in counted)
