@@ -73,11 +73,12 @@ def _record_sets(
     ]
     total = sum(costs) or 1
     start, width = span
-    recorded, done = [], 0
-    for prompts, cached, cost in zip(sets, shared, costs, strict=True):
+    recorded: list[torch.Tensor] = []
+    done = 0
+    for index, (prompts, cached, cost) in enumerate(zip(sets, shared, costs, strict=True)):
         part = _labelled(
             scaled(progress, start + width * done / total, start + width * (done + cost) / total),
-            labels[len(recorded)] if len(recorded) < len(labels) else "",
+            labels[index] if index < len(labels) else "",
         )
         record = cached_recording if cached else record_activations
         recorded.append(
