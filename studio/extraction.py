@@ -229,6 +229,9 @@ def extraction_estimate(draft: Draft | None, method: str, mode: str, policy: str
             f"; the gate also learns from the other categories of the policy **{plain_text(policy or '')}** "
             f"chosen in step 4 ({len(set(others))} prompts)"
         )
+    elif settings.gate and not policy and studio_store().list_policies():
+        text += "; to add this category to a saved policy, choose the policy in step 4 first: its gate then learns"
+        text += " to tell this category from the policy's others"
     return text + "."
 
 
