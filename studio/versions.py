@@ -101,7 +101,7 @@ def _short(text: str, limit: int = 140) -> str:
 
 
 SETTING_WORDS = {
-    "gate_routes_by": "which category steers a request several gates admit",
+    "gate_routes_by": "which category steers a request that fits several",
     "gate_threshold": "gate threshold",
     "gate_layer": "gate layer",
     "gate_fpr": "gate false-positive rate",

@@ -415,7 +415,7 @@ def test_saving_a_second_category_teaches_the_first_its_router(app_env):
     change = studio.studio_store().diff("Routed", 1, 2).categories[0]  # what comparing the versions shows
     assert change.settings_changed == {"gate_routes_by": ("centroid", "router")} and change.status == "changed"
     assert (
-        "which category steers a request several gates admit: the closest category's examples → "
+        "which category steers a request that fits several: the closest category's examples → "
         "a router learnt against the other categories" in studio.compare_versions("Routed", 1, 2)
     )
 
