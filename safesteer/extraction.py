@@ -245,9 +245,7 @@ def refit_router(
         )
     at_gate = replace(settings, site=gate.site)
     prompts = pool_sets(harmful, distinct_others(harmful, safe, others), at_gate)
-    pool, framed_pool = _record_sets(
-        gate_lm, prompts, at_gate, None, (0.0, 1.0), token="mean", shared=(True, True), labels=GATE_SET_LABELS
-    )
+    pool, framed_pool = _record_sets(gate_lm, prompts, at_gate, None, (0.0, 1.0), token="mean", shared=(True, True))
     mine = set(harmful)
     return with_router(gate, pool, framed_pool, torch.tensor([p in mine for p in prompts[0]]), at_gate.seed)
 
