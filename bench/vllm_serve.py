@@ -142,7 +142,7 @@ def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8) -> dic
 
     for i in range(4):  # one-time work (the first steered start, the first pass of each kind) is not idle latency
         ask(prompts[i], 4)
-    idle = statistics.median(ask(prompts[i], 4) for i in range(9))
+    before = [ask(prompts[i], 4) for i in range(9)]
     short: list[float] = []
     long: list[float] = []
     lock = threading.Lock()
@@ -163,14 +163,19 @@ def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8) -> dic
 
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(loop, range(clients)))
+    # Timed again once the load has gone, so the idle latency spans the run as the p95 does (the
+    # machine's speed drifts within minutes).
+    after = [ask(prompts[i], 4) for i in range(9)]
+    idle = statistics.median(before + after)
     short.sort()
     p95 = short[max(0, int(0.95 * len(short)) - 1)]
     return {
-        "idle_short_s": round(idle, 2),
+        "idle_short_s": round(idle, 3),
+        "idle_before_after_s": [round(statistics.median(before), 3), round(statistics.median(after), 3)],
         "short_requests": len(short),
         "p50_short_s": round(statistics.median(short), 2),
-        "p95_short_s": round(p95, 2),
-        "ratio": round(p95 / idle, 1),
+        "p95_short_s": round(p95, 3),
+        "ratio": round(p95 / idle, 2),
         "long_requests": len(long),  # what serving the short ones first costs the long ones
         "p50_long_s": round(statistics.median(long), 2) if long else None,
     }

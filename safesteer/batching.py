@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 RECENT_BATCHES = 10_000
 HOLD_S = 1.0
 """Longest a long request's prompt pass waits while shorter work goes first."""
+RUNNING_WAIT_S = 0.005
+"""How long an idle running batch waits for company: a later request joins at the next step anyway,
+so only requests sent together are worth gathering into one prompt pass (a lone one pays this)."""
+CLOSED_WAIT_S = 0.05
+"""How long a closed batch waits for company: once started it takes nobody until it is done."""
 
 
 class QueueFull(SafeSteerError):
@@ -264,7 +269,7 @@ class Batcher:
         lm: LoadedModel,
         *,
         max_batch: int = 16,
-        max_wait_s: float = 0.01,
+        max_wait_s: float | None = None,
         max_queue: int = 64,
         cores: int | None = None,
         fast_lane: bool = True,
@@ -273,7 +278,7 @@ class Batcher:
         self.fast_lane = fast_lane  # `FastLane`: requests about to finish step on their own
         self.cores = cores  # PyTorch threads for the worker (`threads.serial_main_thread`); None: as they are
         self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
+        self.max_wait_s = max_wait_s  # None: `RUNNING_WAIT_S` or `CLOSED_WAIT_S`, as the worker batches
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._closing = threading.Event()
         # Sizes of the latest batches run (tests, benchmarks); bounded, since a server runs for weeks.
@@ -318,15 +323,16 @@ class Batcher:
         self._closing.set()
         self._worker.join(timeout)
 
-    def _gather(self, room: int, wait: bool) -> list[Job]:
-        """Up to `room` waiting jobs; when idle, wait a moment for the first and for those arriving with it."""
+    def _gather(self, room: int, wait: bool, company_s: float = RUNNING_WAIT_S) -> list[Job]:
+        """Up to `room` waiting jobs; when idle, wait for the first, then `company_s` for those arriving with it."""
         jobs: list[Job] = []
         if wait:
             try:
                 jobs.append(self._queue.get(timeout=0.1))
             except queue.Empty:
                 return []
-        deadline = time.monotonic() + (self.max_wait_s if wait else 0.0)
+        company_s = company_s if self.max_wait_s is None else self.max_wait_s
+        deadline = time.monotonic() + (company_s if wait else 0.0)
         while len(jobs) < room:
             left = deadline - time.monotonic()
             try:
@@ -458,7 +464,7 @@ class Batcher:
         """Batches closed once started, for models the running batch does not cover (transformers' generate)."""
         while not (self._closing.is_set() and self._queue.empty()):
             jobs = []
-            for job in self._gather(self.max_batch, wait=True):
+            for job in self._gather(self.max_batch, wait=True, company_s=CLOSED_WAIT_S):
                 if job.cancelled.is_set():
                     job.settle()  # went away while waiting: never starts
                 else:

@@ -52,7 +52,7 @@ class ServeSettings:
     max_messages: int = 64
     timeout_s: float = 120.0
     max_batch: int = 16
-    max_wait_s: float = 0.05  # how long the first request of a batch waits for company
+    max_wait_s: float | None = None  # how long an idle engine's first request waits for company; None: its own default
     max_queue: int = 64
     cores: int | None = None  # PyTorch threads for the batching worker (`safesteer.threads`); None: as they are
     fast_lane: bool = True  # requests about to finish step on their own (`batching.FastLane`)

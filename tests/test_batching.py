@@ -1,15 +1,18 @@
 """Continuous batching: requests with different steering decoded together, each exactly as alone."""
 
+import queue
 import threading
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from safesteer import load_model
-from safesteer.batching import Batcher, Job, QueueFull, answer_alone
+from safesteer import batching, load_model
+from safesteer.batching import CLOSED_WAIT_S, RUNNING_WAIT_S, Batcher, Job, QueueFull, answer_alone
 from safesteer.int4 import int4_problem
 from safesteer.steering import SteeringSpec
+from server import ServeSettings
 from tests.conftest import HARMFUL, SAFE
 from tests.test_gates import _gate_for
 
@@ -53,6 +56,40 @@ def test_streamed_pieces_add_up_to_the_answer(tiny_lm, batcher):
     job = batcher.submit(Job(HARMFUL[2], [_spec(tiny_lm, 3)], ["x"], max_new_tokens=16))
     pieces = list(job.stream(timeout=60))
     assert len(pieces) > 1 and "".join(pieces).strip() == job.result.result().text
+
+
+class _RecordedWaits(queue.Queue):
+    """A queue that notes how long each `get` was allowed to wait."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self.waits: list[float] = []
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Job:
+        if block and timeout is not None:
+            self.waits.append(timeout)
+        return super().get(block, timeout)
+
+
+def test_an_idle_server_waits_for_company_only_as_long_as_its_batches_gain_from_it(tiny_lm, monkeypatch):
+    """A request joins a running batch at its next step, so a lone request on an idle server waits only
+    for those sent with it; a closed batch takes nobody once started, so there it waits longer."""
+    recorded = SimpleNamespace(Queue=_RecordedWaits, Empty=queue.Empty, Full=queue.Full)
+    monkeypatch.setattr(batching, "queue", recorded)
+    idle = Batcher(tiny_lm, max_wait_s=ServeSettings().max_wait_s)  # as `safesteer serve` makes it
+    try:
+        idle.submit(Job(SAFE[0], max_new_tokens=2)).result.result(timeout=60)
+    finally:
+        idle.close()
+    for_company = [w for w in idle._queue.waits if w < 0.1]  # 0.1 s: the idle worker's wait for a first request
+    assert for_company and max(for_company) <= RUNNING_WAIT_S <= 0.005
+
+    closed = Batcher(tiny_lm)
+    closed.close()
+    closed._queue = _RecordedWaits()
+    closed._queue.put(Job(SAFE[0]))
+    assert len(closed._gather(8, wait=True, company_s=CLOSED_WAIT_S)) == 1
+    assert max(w for w in closed._queue.waits if w < 0.1) > RUNNING_WAIT_S
 
 
 def test_a_full_queue_refuses_instead_of_waiting(tiny_lm):
