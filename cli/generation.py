@@ -87,7 +87,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
             return gate_lm or load_for(args, args.model, generating=True)
 
         saving = time.perf_counter()
-        number = save_category(store, args.policy, category, router_reader, author=args.author, note=args.note)
+        bar = ProgressBar()
+        try:
+            number = save_category(
+                store, args.policy, category, router_reader, author=args.author, note=args.note, progress=bar
+            )
+        finally:
+            bar.close()
         summary["saved"] = {"policy": args.policy, "version": number}
         summary["timing_s"]["save"] = round(time.perf_counter() - saving, 2)  # routers are learnt as it saves
     print_json(summary)

@@ -18,7 +18,7 @@ from .errors import SafeSteerError
 from .gates import Gate, train_gate, train_policy_gate, with_router
 from .methods.prompt import guided_needs_labels
 from .models import LoadedModel
-from .progress import ProgressCallback, no_progress, scaled
+from .progress import ProgressCallback, labelled, no_progress, scaled
 from .recordings import cached_recording, is_cached
 from .vectors import (
     MIN_PROMPTS_PER_SIDE,
@@ -38,12 +38,6 @@ GATE_SET_LABELS = (
     "edgy everyday prompts",
 )
 """A policy gate's sets (`PolicyGateSets.record`), in order."""
-
-
-def _labelled(progress: ProgressCallback, label: str) -> ProgressCallback:
-    if not label:
-        return progress
-    return lambda fraction, description: progress(fraction, f"{label}: {description}")
 
 
 def _record_sets(
@@ -76,7 +70,7 @@ def _record_sets(
     recorded: list[torch.Tensor] = []
     done = 0
     for index, (prompts, cached, cost) in enumerate(zip(sets, shared, costs, strict=True)):
-        part = _labelled(
+        part = labelled(
             scaled(progress, start + width * done / total, start + width * (done + cost) / total),
             labels[index] if index < len(labels) else "",
         )
@@ -231,12 +225,14 @@ def refit_router(
     safe: Sequence[str],
     others: Sequence[str],
     settings: ExtractionSettings,
+    progress: ProgressCallback | None = None,
 ) -> Gate:
     """A category's policy gate with its router learnt again against `others`, the policy's other harmful prompts.
 
     Reads the pool its extraction would have recorded (`pool_sets`, through the recording cache:
     usually the very recording the newest category's extraction just made), with the model that
-    reads the gate, so the router learns from exactly what it will be shown.
+    reads the gate, so the router learns from exactly what it will be shown. `progress` hears about
+    any of the pool that is not cached yet.
     """
     if gate.precision and gate.precision != gate_lm.identity.precision:
         raise SafeSteerError(
@@ -245,7 +241,9 @@ def refit_router(
         )
     at_gate = replace(settings, site=gate.site)
     prompts = pool_sets(harmful, distinct_others(harmful, safe, others), at_gate)
-    pool, framed_pool = _record_sets(gate_lm, prompts, at_gate, None, (0.0, 1.0), token="mean", shared=(True, True))
+    pool, framed_pool = _record_sets(
+        gate_lm, prompts, at_gate, progress, (0.0, 1.0), token="mean", shared=(True, True), labels=GATE_SET_LABELS[:2]
+    )
     mine = set(harmful)
     return with_router(gate, pool, framed_pool, torch.tensor([p in mine for p in prompts[0]]), at_gate.seed)
 

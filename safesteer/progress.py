@@ -24,3 +24,10 @@ def scaled(callback: ProgressCallback | None, start: float, end: float) -> Progr
         target(start + (end - start) * min(max(fraction, 0.0), 1.0), description)
 
     return report
+
+
+def labelled(callback: ProgressCallback, label: str) -> ProgressCallback:
+    """`callback` with each description prefixed by `label` (which of several sub-tasks is running)."""
+    if not label:
+        return callback
+    return lambda fraction, description: callback(fraction, f"{label}: {description}")

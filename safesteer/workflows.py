@@ -27,6 +27,7 @@ from .llama_cpp import export_llama_cpp
 from .llama_cpp import export_warning as llama_cpp_warning
 from .models import LoadedModel
 from .policy import PolicyCategory, PolicyVersion
+from .progress import ProgressCallback, labelled, no_progress, scaled
 from .reports import report_markdown, write_plots
 
 DEFAULT_HARMFUL = 10
@@ -83,7 +84,11 @@ def _routes_here(category: PolicyCategory, gate_lm: LoadedModel) -> bool:
     )
 
 
-def routed_together(categories: Sequence[PolicyCategory], gate_lm: Callable[[], LoadedModel]) -> list[PolicyCategory]:
+def routed_together(
+    categories: Sequence[PolicyCategory],
+    gate_lm: Callable[[], LoadedModel],
+    progress: ProgressCallback | None = None,
+) -> list[PolicyCategory]:
     """`categories` with every policy gate's router learnt against the other categories saved with it.
 
     A router decides which of a policy's categories steers a request their gates all admit. It
@@ -94,16 +99,22 @@ def routed_together(categories: Sequence[PolicyCategory], gate_lm: Callable[[], 
     """
     if sum(c.gate is not None and c.gate.routed for c in categories) < 2:
         return list(categories)
+    report = progress or no_progress
+    report(0.0, "loading the model that reads the gates")
     lm = gate_lm()
-    out = []
-    for category in categories:
+    out, n = [], len(categories)
+    for index, category in enumerate(categories):
         if not _routes_here(category, lm):
             out.append(category)
             continue
         others = [p for other in categories if other.name != category.name for p in other.harmful]
         assert category.gate is not None
-        gate = refit_router(lm, category.gate, category.harmful, category.safe, others, category.vectors.settings)
+        part = scaled(labelled(report, f"teaching the gate of {category.name}"), index / n, (index + 1) / n)
+        gate = refit_router(
+            lm, category.gate, category.harmful, category.safe, others, category.vectors.settings, progress=part
+        )
         out.append(replace(category, vectors=category.vectors.with_gate(gate)))
+    report(1.0, "every gate knows whom to claim")
     return out
 
 
@@ -114,12 +125,14 @@ def save_category(
     gate_lm: Callable[[], LoadedModel],
     author: str = "",
     note: str = "",
+    progress: ProgressCallback | None = None,
 ) -> int:
     """Save `category` into a new version of `policy` beside its other categories, routers learnt among them all.
 
     The routers are learnt inside the store's write transaction, on the categories that version
     really holds (another author may have saved one meanwhile). The recordings they read are made
-    first, outside it, so the write lock is held for a few logistic fits, not for a model's passes.
+    first, outside it (with `progress`), so the write lock is held for a few logistic fits, not for
+    a model's passes.
     """
 
     def amend(categories: list[PolicyCategory]) -> list[PolicyCategory]:
@@ -130,7 +143,7 @@ def save_category(
     except SafeSteerError:  # a new policy, or one without versions yet: nothing to route against
         latest = None
     if latest is not None:
-        amend(latest.with_category(category))  # records what the routers read into the cache
+        routed_together(latest.with_category(category), gate_lm, progress)  # records what the routers read
     return store.save_version(policy, [category], author=author, note=note, keep_other_categories=True, amend=amend)
 
 

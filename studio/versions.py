@@ -61,8 +61,14 @@ def save_version(
     how: str | None = None,
     spread: float | None = None,
     request: gr.Request | None = None,
+    progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio's way of asking for a progress bar
 ) -> tuple[str, pd.DataFrame, gr.Dropdown]:
-    """Save the category into a new version of the policy (other categories of the policy are kept)."""
+    """Save the category into a new version of the policy (other categories of the policy are kept).
+
+    Saving teaches the policy's gates whom to claim among its categories; that reads the policy's
+    prompts through the model, which takes a while when they are not recorded yet (after a restart,
+    say), so it draws a progress bar.
+    """
     draft = require_draft(draft, vectors=True)
     assert draft.vectors is not None
     if not (policy or "").strip():
@@ -79,7 +85,15 @@ def save_version(
         strength=float(strength),
         options=steering_options(where, how, spread),
     )
-    number = save_category(store, policy, category, preview_model, author=author_of(request), note=note or "")
+    number = save_category(
+        store,
+        policy,
+        category,
+        preview_model,
+        author=author_of(request),
+        note=note or "",
+        progress=lambda fraction, step: progress(fraction, desc=f"Saving: {step}"),
+    )
     categories = store.load_version(policy, number).categories
     names = policy_names()
     count = f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import studio
-from safesteer import SafeSteerError, datasets, generate_side_by_side
+from safesteer import SafeSteerError, datasets, generate_side_by_side, recordings
 from safesteer.judges.reference import load_labelled
 from studio.evaluation import FAILING_COLUMNS, JUDGE_WORDS, REVIEW_LABELS
 from tests.conftest import HARMFUL, SAFE
@@ -384,7 +384,19 @@ def test_start_up_work_knows_when_an_author_is_working():
     assert not BackgroundTask.running()
 
 
-def test_saving_a_second_category_teaches_the_first_its_router(app_env):
+class _ProgressBar:
+    """What a Gradio progress bar is told, as `gr.Progress` is called."""
+
+    def __init__(self) -> None:
+        self.fractions: list[float] = []
+        self.steps: list[str] = []
+
+    def __call__(self, fraction: float, desc: str | None = None) -> None:
+        self.fractions.append(fraction)
+        self.steps.append(desc or "")
+
+
+def test_saving_a_second_category_teaches_the_first_its_router(app_env, monkeypatch, tmp_path):
     crime, *_ = _draft(app_env)
     crime, *_ = list(studio.extract(crime, "mean-diff", "residual", "last", 0.5))[-1]
     studio.save_version(crime, "Routed", "crime alone", 1, 3.0)
@@ -401,7 +413,14 @@ def test_saving_a_second_category_teaches_the_first_its_router(app_env):
         "other categories of the policy **Routed** chosen in step 4 (8 prompts)" in estimate
     )  # crime's 8 (2 held out)
     fraud, *_ = list(studio.extract(fraud, "mean-diff", "residual", "last", 0.5, "gated", 0.05, "Routed"))[-1]
-    message, *_ = studio.save_version(fraud, "Routed", "fraud too", 1, 3.0)
+    recordings.forget_memory()  # as after a restart with an empty cache: the save records the policy's prompts
+    monkeypatch.setattr(recordings, "cache_folder", lambda: tmp_path / "no-recordings-yet")
+    bar = _ProgressBar()
+    message, *_ = studio.save_version(fraud, "Routed", "fraud too", 1, 3.0, progress=bar)
+    assert bar.fractions == sorted(bar.fractions) and bar.fractions[-1] == pytest.approx(1.0)
+    pool = "the policy's harmful prompts"
+    for gate, prompts in (("crime", pool), ("fraud", f"{pool}, dressed up")):
+        assert any(step.startswith(f"Saving: teaching the gate of {gate}: {prompts}") for step in bar.steps)
 
     saved = studio.studio_store().load_version("Routed")
     assert [c.name for c in saved.categories] == ["crime", "fraud"]
