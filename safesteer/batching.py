@@ -446,6 +446,8 @@ class Batcher:
         eos = running.eos
         done: set[int] = set()
         for owner, token, finished in running.step(within):
+            if owner in done:
+                continue  # a stop string ended it at the step's first token
             job = active[owner]
             if token not in eos:
                 job.ids.append(token)

@@ -201,7 +201,8 @@ class _Cohort:
     kept: list[int]  # which of those rows are still here
     left: list[int]  # tokens each row may still make
     choosers: list[TokenChooser | None]  # None: greedy
-    logits: torch.Tensor  # [rows, vocab]: each row's scores for its next token
+    logits: torch.Tensor | None  # [rows, vocab]: each row's scores for its next token, until it is chosen
+    tokens: torch.Tensor | None = None  # [rows]: each row's chosen token, not yet fed through the model
     shifts: dict[tuple[int, str], list[Shift]] = field(default_factory=dict)
 
     def near_end(self, within: int) -> bool:
@@ -215,7 +216,10 @@ class _Cohort:
         index = torch.tensor(list(keep), dtype=torch.long, device=device)
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
-        self.logits = self.logits.index_select(0, index)
+        if self.logits is not None:
+            self.logits = self.logits.index_select(0, index)
+        if self.tokens is not None:
+            self.tokens = self.tokens.index_select(0, index)
         self.owners = [self.owners[r] for r in keep]
         self.left = [self.left[r] for r in keep]
         self.choosers = [self.choosers[r] for r in keep]
@@ -468,43 +472,53 @@ class RunningBatch:
 
     @torch.inference_mode()
     def step(self, within: int | None = None) -> list[tuple[Any, int, bool]]:
-        """Choose every row's next token, then run one decode step for the rows that go on.
+        """Feed every row's chosen token through the model, then choose each row's next token.
 
-        Returns (owner, token, finished) per row; a finished row (end of text, or its token budget
-        spent) has left the batch. `within` steps only the rows with at most that many tokens left
-        (a request about to finish is not held to the pace of a long batch); the others wait
-        unchanged. A row's tokens are the same whichever rows share its steps.
+        Returns (owner, token, finished) per token chosen, in order; a finished row (end of text, or
+        its token budget spent) has left the batch. A row's token is returned as soon as it is chosen,
+        before the step that feeds it: a row that has just finished never waits for its neighbours'
+        next step. Rows fresh from their prompt pass first get the token that pass chose, so they
+        return two tokens in their first step. `within` steps only the rows with at most that many
+        tokens left (a request about to finish is not held to the pace of a long batch); the others
+        wait unchanged. A row's tokens are the same whichever rows share its steps.
         """
         emitted: list[tuple[Any, int, bool]] = []
-        going: list[tuple[_Cohort, torch.Tensor]] = []
+        going: list[_Cohort] = []
         waiting: list[_Cohort] = []
         for cohort in self.cohorts:
             if within is not None and not cohort.near_end(within):
                 waiting.append(cohort)
                 continue
-            logits = cohort.logits
-            if self.suppress_eos and self.eos_ids.numel():
-                logits[:, self.eos_ids] = float("-inf")
-            tokens = logits.argmax(dim=-1)
-            for row, chooser in enumerate(cohort.choosers):
-                if chooser is not None:
-                    tokens[row] = chooser.choose(logits[row : row + 1])[0]
-            keep = []
-            for row, (owner, token) in enumerate(zip(cohort.owners, tokens.tolist(), strict=True)):
-                cohort.left[row] -= 1
-                finished = token in self.eos or cohort.left[row] <= 0
-                emitted.append((owner, int(token), finished))
-                if not finished:
-                    keep.append(row)
-            if keep:
-                if len(keep) < len(cohort.owners):
-                    tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
-                    cohort.keep_rows(keep, self.dtype, self.device)
-                going.append((cohort, tokens))
-        self.cohorts = waiting + [cohort for cohort, _ in going]
+            if cohort.tokens is None and not self._choose(cohort, emitted):
+                continue  # every row finished on the prompt pass's own token
+            going.append(cohort)
         if going:
             self._forward(going)
+        kept = [cohort for cohort in going if self._choose(cohort, emitted)]
+        self.cohorts = waiting + kept
         return emitted
+
+    def _choose(self, cohort: _Cohort, emitted: list[tuple[Any, int, bool]]) -> bool:
+        """Choose the cohort's next tokens from its logits; finished rows leave. Whether any row goes on."""
+        logits = cohort.logits
+        assert logits is not None
+        if self.suppress_eos and self.eos_ids.numel():
+            logits[:, self.eos_ids] = float("-inf")
+        tokens = logits.argmax(dim=-1)
+        for row, chooser in enumerate(cohort.choosers):
+            if chooser is not None:
+                tokens[row] = chooser.choose(logits[row : row + 1])[0]
+        cohort.logits, cohort.tokens = None, tokens
+        keep = []
+        for row, (owner, token) in enumerate(zip(cohort.owners, tokens.tolist(), strict=True)):
+            cohort.left[row] -= 1
+            finished = token in self.eos or cohort.left[row] <= 0
+            emitted.append((owner, int(token), finished))
+            if not finished:
+                keep.append(row)
+        if keep and len(keep) < len(cohort.owners):
+            cohort.keep_rows(keep, self.dtype, self.device)
+        return bool(keep)
 
     def _steered(
         self, states: torch.Tensor, spans: Sequence[tuple[_Cohort, int, int]], key: tuple[int, str]
@@ -534,16 +548,19 @@ class RunningBatch:
             )
         return contexts[0] if len(contexts) == 1 else torch.cat(contexts)
 
-    def _forward(self, going: Sequence[tuple[_Cohort, torch.Tensor]]) -> None:
-        """One decoding step: each row's new token through every layer; sets each cohort's next logits."""
+    def _forward(self, going: Sequence[_Cohort]) -> None:
+        """One decoding step: each row's chosen token through every layer; sets each cohort's next logits."""
         base, heads, head_dim = self.base, self.heads, self.head_dim
         spans: list[tuple[_Cohort, int, int]] = []
         start = 0
-        for cohort, _ in going:
+        chosen: list[torch.Tensor] = []
+        for cohort in going:
+            assert cohort.tokens is not None
             spans.append((cohort, start, start + len(cohort.owners)))
+            chosen.append(cohort.tokens)
             start += len(cohort.owners)
         rows = start
-        token = going[0][1] if len(going) == 1 else torch.cat([tokens for _, tokens in going])
+        token = chosen[0] if len(chosen) == 1 else torch.cat(chosen)
         position = torch.cat(
             [torch.full((b - a, 1), cohort.length, dtype=torch.long, device=self.device) for cohort, a, b in spans]
         )
@@ -564,7 +581,7 @@ class RunningBatch:
         logits = self.head(self.final_norm(hidden))
         for cohort, a, b in spans:
             cohort.length += 1
-            cohort.logits = logits[a:b]
+            cohort.logits, cohort.tokens = logits[a:b], None
 
 
 def _rows(spec: SteeringSpec, members: Sequence[int]) -> SteeringSpec:
@@ -626,12 +643,17 @@ def greedy_decode(
         gate_readings.append(reading)
     produced: list[list[int]] = [[] for _ in range(rows)]
     while len(running):
-        step = torch.full((rows,), pad_token_id, dtype=torch.long)
+        new: list[list[int]] = [[] for _ in range(rows)]
         for row, token, _ in running.step():
             produced[row].append(token)
-            step[row] = token
-        if streamer is not None:
-            streamer.put(step)
+            new[row].append(token)
+        if streamer is not None:  # one tensor per token position (a row's first step makes two)
+            for place in range(max(len(tokens) for tokens in new)):
+                step = torch.full((rows,), pad_token_id, dtype=torch.long)
+                for row, tokens in enumerate(new):
+                    if place < len(tokens):
+                        step[row] = tokens[place]
+                streamer.put(step)
     if streamer is not None:
         streamer.end()
     longest = max(len(tokens) for tokens in produced)

@@ -166,6 +166,35 @@ def test_a_lane_step_moves_only_rows_about_to_finish_and_changes_no_tokens(lm):
     assert tokens["other"] == alone(second, [], 20)
 
 
+def test_a_finished_row_is_returned_before_its_neighbours_next_step(lm):
+    """A 4-token row among a long one is done after three steps (three passes of its tokens), not four.
+
+    Its last token is chosen from the third step's logits; waiting for a fourth step, which feeds
+    only the long row's token, would add a whole step of the batch to every short request.
+    """
+    from safesteer.decoding import RunningBatch
+
+    first, second = lm.encode([SAFE[0]])["input_ids"], lm.encode([HARMFUL[3] + " Why?"])["input_ids"]
+    running = RunningBatch(lm, eos_token_ids=[])
+    running.admit(first, [], owners=["short"], max_new_tokens=[4])
+    running.admit(second, [], owners=["long"], max_new_tokens=[12])
+    short: list[int] = []
+    steps = 0
+    while len(short) < 4:
+        steps += 1
+        for owner, token, finished in running.step():
+            if owner == "short":
+                short.append(token)
+                assert finished == (len(short) == 4)
+    assert steps == 3 and running.owners == ["long"]
+    alone = RunningBatch(lm, eos_token_ids=[])
+    alone.admit(first, [], owners=[0], max_new_tokens=[4])
+    tokens = []
+    while len(alone):
+        tokens += [token for _, token, _ in alone.step()]
+    assert short == tokens
+
+
 def test_stream_ends_with_the_generated_text(lm):
     spec = SteeringSpec(_vector(lm, 1), 1, (0.0, 4.0))
     steps = list(generate_stream(lm, [HARMFUL[1]] * 2, [spec], max_new_tokens=10))
