@@ -25,11 +25,13 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from .architectures import Site
 from .compat import cache_kwargs, key_value_cache
@@ -44,6 +46,8 @@ SHORTEST = 8
 """A start shorter than this is not worth a cache entry."""
 ENTRIES = 16
 """Steerings kept at once (unsteered, and each category and strength in use); the least recent goes."""
+PACK_MIN_ROWS = 8
+"""Padding rows a pass must hold before its MLPs skip them (packing costs about 2 ms a pass; a row 0.5 ms)."""
 _CHECK_TEXTS = ("Hi", "ok then", "What is 2 + 2?", "one two three four", "Name three colours of the rainbow.")
 """Requests whose rests (after the start) run from 8 to 15 tokens: few rows are where GEMMs switch kernels."""
 
@@ -76,15 +80,62 @@ def prompt_pass(lm: LoadedModel, ids: torch.Tensor, lengths: Sequence[int], star
         ids.dtype
     )
     decoder = lm.architecture.decoder
-    hidden = decoder(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=torch.arange(start, width, device=ids.device).expand(rows, fed),
-        use_cache=True,
-        **cache_kwargs(decoder, cache),
-    ).last_hidden_state
+    real = mask[:, start:].bool()
+    with packed_mlps(lm, None if bool(real.all()) else real):
+        hidden = decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=torch.arange(start, width, device=ids.device).expand(rows, fed),
+            use_cache=True,
+            **cache_kwargs(decoder, cache),
+        ).last_hidden_state
     last = torch.tensor(lengths, device=hidden.device) - 1 - start
     return model.get_output_embeddings()(hidden[torch.arange(rows, device=hidden.device), last].unsqueeze(1))[:, -1]
+
+
+def _mlps(lm: LoadedModel) -> list[nn.Module]:
+    """Each layer's MLP, where it is one this project knows computes every position on its own."""
+    spec = lm.architecture.spec
+    mlps = [getattr(layer, "mlp", None) for layer in lm.architecture.layers]
+    if spec.lean_mlp is None or any(type(mlp).__name__ != spec.lean_mlp for mlp in mlps):
+        return []  # an MLP that may mix positions (experts with a capacity, say): nothing is packed
+    return [mlp for mlp in mlps if isinstance(mlp, nn.Module)]
+
+
+@contextmanager
+def packed_mlps(lm: LoadedModel, real: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, this thread's MLPs read only the real positions of a right-padded pass.
+
+    A padded pass of prompts of several lengths computes its padding too: for six short requests
+    about a quarter of its rows. Each MLP (three quarters of a layer's products) gets the real rows
+    packed together and gives back the padded layout, zeros where padding was: such a pass takes
+    about 8% less time. Rows are computed alone (`TemplateStart.exact`), so no number changes;
+    attention, which needs the padded layout, keeps it. Other threads pass through.
+    """
+    if real is None or real.numel() - int(real.sum()) < PACK_MIN_ROWS:
+        yield
+        return
+    modules = _mlps(lm)
+    owner = threading.get_ident()
+    packed_rows = int(real.sum())
+
+    def pack(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if threading.get_ident() != owner or args[0].shape[:2] != real.shape:
+            return None
+        return (args[0][real].unsqueeze(0), *args[1:])
+
+    def unpack(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        if threading.get_ident() != owner or output.shape[:2] != (1, packed_rows):
+            return None
+        full = output.new_zeros(*real.shape, *output.shape[2:])
+        full[real] = output[0]
+        return full
+
+    with ExitStack() as stack:
+        for module in modules:
+            stack.callback(module.register_forward_pre_hook(pack).remove)
+            stack.callback(module.register_forward_hook(unpack, prepend=True).remove)
+        yield
 
 
 def right_padded(rows: Sequence[torch.Tensor], pad: int = 0) -> torch.Tensor:

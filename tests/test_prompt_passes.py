@@ -11,7 +11,7 @@ import torch
 
 from safesteer import SteeringSpec, cpu_attention, generate
 from safesteer import decoding as decoding_module
-from safesteer.prompt_passes import right_padded, template_start
+from safesteer.prompt_passes import new_cache, prompt_pass, right_padded, template_start
 from safesteer.steering import SteeringState, steer
 from tests.conftest import HARMFUL, SAFE
 
@@ -96,6 +96,38 @@ def test_where_passes_are_exact_even_a_left_padded_batch_is_each_prompt_alone(lm
     prompts = [HARMFUL[0], SAFE[1] + " And why?", SAFE[3]]
     batch = generate(lm, prompts, [], max_new_tokens=16, decoder="transformers")
     assert batch == [generate(lm, [p], [], max_new_tokens=16, decoder="transformers")[0] for p in prompts]
+
+
+def test_a_padded_pass_s_mlps_read_only_real_positions_and_change_no_number(lm):
+    """Prompts of several lengths in one right-padded pass: each MLP gets the real rows packed, none of
+    the padding, and every prompt's logits and cache are those of its own pass."""
+    prompts = [HARMFUL[0], SAFE[1] + " Tell me about it at some length, with examples and reasons.", SAFE[3]]
+    ids = [lm.encode([p])["input_ids"][0] for p in prompts]
+    lengths = [int(row.shape[0]) for row in ids]
+    assert max(lengths) * len(lengths) - sum(lengths) >= 8  # enough padding to pack
+    seen: list[int] = []
+    hooks = [
+        layer.mlp.gate_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:-1].numel()))
+        for layer in lm.architecture.layers
+    ]
+    try:
+        cache = new_cache(lm)
+        with torch.inference_mode():
+            together = prompt_pass(lm, right_padded(ids), lengths, 0, cache)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == [sum(lengths)] * len(lm.architecture.layers)
+    if not template_start(lm).exact():
+        return  # float32 GEMMs here compute rows by their neighbours: nothing else to compare
+    for row, prompt in enumerate(ids):
+        own = new_cache(lm)
+        with torch.inference_mode():
+            alone = prompt_pass(lm, prompt[None], [lengths[row]], 0, own)
+        assert torch.equal(together[row : row + 1], alone)
+        for mine, shared in zip(own.layers, cache.layers, strict=True):
+            assert torch.equal(mine.keys[0], shared.keys[row, :, : lengths[row]])
+            assert torch.equal(mine.values[0], shared.values[row, :, : lengths[row]])
 
 
 def test_steer_applies_a_state_decided_before_and_refuses_one_for_other_specs(tiny_lm):
