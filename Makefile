@@ -128,7 +128,8 @@ bench-gate-study: install
 soak: install
 	HF_HUB_OFFLINE=1 SAFESTEER_SOAK_S=120 $(PY) -m pytest -q -s tests/test_server_soak.py
 
-# Prompt passes on the embedded int4 model: bfloat16 prompt weights against the 4-bit kernel (docs/serving.md).
+# Prompt passes on the embedded int4 model: bfloat16 prompt weights against the 4-bit kernel, packed MLPs
+# against padding computed (docs/serving.md).
 bench-prompts: install
 	HF_HUB_OFFLINE=1 $(PY) bench/prompt_passes.py
 

@@ -1,9 +1,10 @@
 """Speed of the embedded int4 model's bfloat16 copies: prompt passes against the 4-bit kernel, and
-the head's products against the int8 kernel in decoding steps.
+the head's products against the int8 kernel in decoding steps; and padded passes whose MLPs skip
+the padding against passes computing it.
 
 Run with `make bench-prompts`. Both ways run in the same process, interleaved, so drift on a shared
 machine hits them alike; each figure is a median over repeats (with min-max). Writes
-`bench/results/prompt_passes.json` and prints two Markdown tables (docs/serving.md, "Prompt passes
+`bench/results/prompt_passes.json` and prints three Markdown tables (docs/serving.md, "Prompt passes
 that read less").
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from timing import machine, summary
 
-from safesteer import datasets, load_model
+from safesteer import datasets, load_model, prompt_passes
 from safesteer.activations import record_activations
 from safesteer.compat import key_value_cache
 from safesteer.decoding import RunningBatch
@@ -53,6 +54,16 @@ def int8_head(lm: LoadedModel) -> Iterator[None]:
         yield
     finally:
         head.product_weight = kept
+
+
+@contextlib.contextmanager
+def padding_computed() -> Iterator[None]:
+    """Padded passes compute their padding in every product, as before their MLPs were packed."""
+    kept, prompt_passes.PACK_MIN_ROWS = prompt_passes.PACK_MIN_ROWS, 1 << 30
+    try:
+        yield
+    finally:
+        prompt_passes.PACK_MIN_ROWS = kept
 
 
 def running(lm: LoadedModel, rows: list[torch.Tensor], cohorts: int, tokens: int) -> RunningBatch:
@@ -152,6 +163,22 @@ def main() -> None:
                     if repeat:
                         step_samples[name][way].append(sorted(took)[2])
 
+    harmful = [encode(p) for p in datasets.harmful_prompts("malicious-uses", limit=64, seed=1)[40:64]]
+    burst_prompts = {f"{n} prompts": harmful[8 * i : 8 * i + n] for i, n in enumerate((2, 6, 8))}
+    bursts = {name: after_start(lm, rows) for name, rows in burst_prompts.items()}
+    pack_samples: dict[str, dict[str, list[float]]] = {name: {"packed": [], "padded": []} for name in bursts}
+    with torch.inference_mode():
+        for repeat in range(2 * args.repeats + 1):
+            for name, fn in bursts.items():
+                for way in ("packed", "padded"):
+                    with padding_computed() if way == "padded" else contextlib.nullcontext():
+                        begun = time.perf_counter()
+                        fn()
+                        took = time.perf_counter() - begun
+                    if repeat:
+                        pack_samples[name][way].append(took)
+    rests = {name: [int(r.shape[0]) - template_start(lm).length for r in rows] for name, rows in burst_prompts.items()}
+
     tokens = {
         "one prompt, whole": int(one.shape[0]),
         "one prompt, after the cached start": int(one.shape[0]) - template_start(lm).length,
@@ -171,6 +198,14 @@ def main() -> None:
         "decoding_steps": {
             name: {way: summary(values) for way, values in ways.items()} for name, ways in step_samples.items()
         },
+        "packed_mlps": {
+            name: {
+                "padded_rows": len(rests[name]) * max(rests[name]),
+                "real_rows": sum(rests[name]),
+                **{way: summary(values) for way, values in ways.items()},
+            }
+            for name, ways in pack_samples.items()
+        },
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "prompt_passes.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -187,6 +222,12 @@ def main() -> None:
     print("| --- | --- | --- |")
     for name, row in report["decoding_steps"].items():
         print(f"| {name} | {_ms(row['int8'], 1)} | {_ms(row['bf16'], 1)} |")
+    print()
+    print("| padded pass after the start | rows (real) | padding computed | MLPs packed |")
+    print("| --- | --- | --- | --- |")
+    for name, row in report["packed_mlps"].items():
+        rows = f"{row['padded_rows']} ({row['real_rows']})"
+        print(f"| {name} | {rows} | {_ms(row['padded'], 0)} | {_ms(row['packed'], 0)} |")
 
 
 if __name__ == "__main__":
