@@ -4,7 +4,8 @@ Every chat prompt begins with the same tokens: the embedded model's template ope
 prompt of 23 tokens, more than half of a typical short request. `TemplateStart` keeps that start's
 keys and values, so a prompt pass reads only the rest: a short request costs about half the compute.
 And requests that arrive together share one pass (`prompt_pass`), right-padded to the longest, which
-pays the pass's fixed cost (30 layers of Python and small products) once instead of once per length.
+pays the pass's fixed cost (30 layers of Python and small products) once instead of once per length;
+its MLPs skip the padding (`packed_mlps`).
 
 Neither may change a single number: answers are compared token for token between the server, the
 preview and `generate`. `cpu_attention.block_attention` sums every query in an order fixed by key
