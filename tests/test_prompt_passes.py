@@ -11,7 +11,7 @@ import torch
 
 from safesteer import SteeringSpec, cpu_attention, generate
 from safesteer import decoding as decoding_module
-from safesteer.prompt_passes import new_cache, prompt_pass, right_padded, template_start
+from safesteer.prompt_passes import PACK_MIN_ROWS, new_cache, prompt_pass, right_padded, template_start
 from safesteer.steering import SteeringState, steer
 from tests.conftest import HARMFUL, SAFE
 
@@ -101,10 +101,11 @@ def test_where_passes_are_exact_even_a_left_padded_batch_is_each_prompt_alone(lm
 def test_a_padded_pass_s_mlps_read_only_real_positions_and_change_no_number(lm):
     """Prompts of several lengths in one right-padded pass: each MLP gets the real rows packed, none of
     the padding, and every prompt's logits and cache are those of its own pass."""
-    prompts = [HARMFUL[0], SAFE[1] + " Tell me about it at some length, with examples and reasons.", SAFE[3]]
+    longer = " Tell me about it at some length, with examples, reasons, history, and what people said then."
+    prompts = [HARMFUL[0], SAFE[1] + longer, SAFE[3]]
     ids = [lm.encode([p])["input_ids"][0] for p in prompts]
     lengths = [int(row.shape[0]) for row in ids]
-    assert max(lengths) * len(lengths) - sum(lengths) >= 8  # enough padding to pack
+    assert max(lengths) * len(lengths) - sum(lengths) >= PACK_MIN_ROWS  # enough padding to pack
     seen: list[int] = []
     hooks = [
         layer.mlp.gate_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:-1].numel()))
