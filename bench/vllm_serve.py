@@ -128,8 +128,12 @@ def _load(url: str, clients: int, requests: int, models: list[str]) -> dict[str,
     }
 
 
-def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8) -> dict[str, float]:
-    """Short requests (4 tokens) among long ones (300): their latency busy, against the same request idle."""
+def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8, long_every: int = 4) -> dict[str, float]:
+    """Short requests (4 tokens) among long ones (300): their latency busy, against the same request idle.
+
+    Each client asks for a long answer every `long_every` requests. With 0 every request is short: their
+    tail with nothing else to serve, which no treatment of the long requests can get below.
+    """
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
     prompts = _prompts()
 
@@ -151,7 +155,7 @@ def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8) -> dic
     def loop(k: int) -> None:
         i = 0
         while time.perf_counter() < deadline:
-            if (i + k) % 4 == 0:  # one long request in four, the clients out of step
+            if long_every and (i + k) % long_every == 0:  # the clients out of step
                 took = ask(prompts[(i + k) % len(prompts)], 300)
                 with lock:
                     long.append(took)
@@ -178,6 +182,7 @@ def _mixed(url: str, model: str, seconds: float = 90.0, clients: int = 8) -> dic
         "ratio": round(p95 / idle, 2),
         "long_requests": len(long),  # what serving the short ones first costs the long ones
         "p50_long_s": round(statistics.median(long), 2) if long else None,
+        "long_every": long_every,
     }
 
 
@@ -187,6 +192,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DOCS / "vllm.json")
     parser.add_argument("--mixed", action="store_true", help="only the short-among-long latency test, both engines")
     parser.add_argument("--seconds", type=float, default=90.0, help="how long the mixed test runs")
+    parser.add_argument(
+        "--long-every",
+        type=int,
+        default=4,
+        help="mixed test: each client's long requests, one in N (0: only short ones, the floor of their tail)",
+    )
+    parser.add_argument("--mixed-clients", type=int, default=8, help="mixed test: how many clients")
     parser.add_argument(
         "--process", action="store_true", help="run the own engine as `safesteer serve` in its own process"
     )
@@ -233,7 +245,12 @@ def main() -> None:
                 if engine is None:  # the own engine's variants are kept side by side
                     variant += ", own process" if args.process else ""
                     variant += ", no fast lane" if args.no_fast_lane else ""
-                results[variant] = {**_mixed(url, "Uses@1", seconds=args.seconds), "seconds": args.seconds}
+                variant += ", short requests only" if args.long_every == 0 else ""
+                variant += f", {args.mixed_clients} clients" if args.mixed_clients != 8 else ""
+                measured = _mixed(
+                    url, "Uses@1", seconds=args.seconds, clients=args.mixed_clients, long_every=args.long_every
+                )
+                results[variant] = {**measured, "seconds": args.seconds}
                 results[variant]["own_process"] = bool(args.process and engine is None)
                 results[variant]["fast_lane"] = engine is None and not args.no_fast_lane
                 print(variant, results[variant], flush=True)
