@@ -245,7 +245,10 @@ def main() -> None:
                 if engine is None:  # the own engine's variants are kept side by side
                     variant += ", own process" if args.process else ""
                     variant += ", no fast lane" if args.no_fast_lane else ""
-                variant += ", short requests only" if args.long_every == 0 else ""
+                if args.long_every == 0:
+                    variant += ", short requests only"
+                elif args.long_every != 4:
+                    variant += f", one long request in {args.long_every}"
                 variant += f", {args.mixed_clients} clients" if args.mixed_clients != 8 else ""
                 measured = _mixed(
                     url, "Uses@1", seconds=args.seconds, clients=args.mixed_clients, long_every=args.long_every
