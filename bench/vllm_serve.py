@@ -209,6 +209,8 @@ def main() -> None:
         "--engines", default="own,vllm", help="which to run (own, vllm); the others' figures are kept from --out"
     )
     args = parser.parse_args()
+    if args.long_every < 0 or args.mixed_clients < 1:
+        parser.error("--long-every must be 0 or more, --mixed-clients 1 or more")
     counts = [int(c) for c in args.clients.split(",")]
     cores = serial_main_thread()  # as `safesteer serve` does: the batcher's worker computes
     fp32 = load_model(None, "fp32")
